@@ -1,0 +1,440 @@
+//! The seed's migration functions: `qmp_migrate` and friends.
+
+use std::ffi::{c_char, c_void, CString};
+use std::ptr::null_mut;
+
+use super::errors::Error;
+use super::types::*;
+use super::{cstr, guard, guard_err};
+use crate::error::MigError;
+use crate::params::{self, MigrationCapability};
+use crate::state::{self, MigrationState, MigrationStatus, NotifierRef, INCOMING, OUTGOING};
+use crate::transport::Uri;
+use crate::{incoming, outgoing};
+
+/// The current (outgoing) migration state object. Never NULL.
+#[no_mangle]
+pub extern "C" fn migrate_get_current() -> *mut MigrationState {
+    &OUTGOING as *const MigrationState as *mut MigrationState
+}
+
+fn status_of(s: *const MigrationState) -> Option<MigrationStatus> {
+    // SAFETY: a non-NULL `MigrationState *` is either from
+    // migrate_get_current (static) or a notifier argument (alive during the
+    // notifier call), by the API contract.
+    unsafe { s.as_ref() }.map(MigrationState::status)
+}
+
+/// True while a migration is in setup, active or cancelling.
+#[no_mangle]
+pub extern "C" fn migration_is_active(s: *mut MigrationState) -> bool {
+    status_of(s).is_some_and(MigrationStatus::is_active)
+}
+
+/// True once the migration completed.
+#[no_mangle]
+pub extern "C" fn migration_has_finished(s: *mut MigrationState) -> bool {
+    status_of(s) == Some(MigrationStatus::Completed)
+}
+
+/// True once the migration failed or was cancelled.
+#[no_mangle]
+pub extern "C" fn migration_has_failed(s: *mut MigrationState) -> bool {
+    matches!(status_of(s), Some(MigrationStatus::Failed | MigrationStatus::Cancelled))
+}
+
+/// The status of a state object (NULL gives NONE).
+#[no_mangle]
+pub extern "C" fn livemig_migration_status(s: *const MigrationState) -> MigrationStatus {
+    status_of(s).unwrap_or(MigrationStatus::None)
+}
+
+/// True when `s` is the destination's state (notifiers are called for both
+/// directions).
+#[no_mangle]
+pub extern "C" fn livemig_migration_is_incoming(s: *const MigrationState) -> bool {
+    // SAFETY: as in status_of.
+    unsafe { s.as_ref() }.is_some_and(MigrationState::is_incoming)
+}
+
+/// The downtime limit in nanoseconds.
+#[no_mangle]
+pub extern "C" fn migrate_max_downtime() -> u64 {
+    guard("migrate_max_downtime", 0, || params::get().downtime_ns)
+}
+
+/// True when the xbzrle capability is on.
+#[no_mangle]
+pub extern "C" fn migrate_use_xbzrle() -> bool {
+    guard("migrate_use_xbzrle", false, || params::get().cap(MigrationCapability::Xbzrle))
+}
+
+/// The XBZRLE cache size in bytes.
+#[no_mangle]
+pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
+    guard("migrate_xbzrle_cache_size", 0, || params::get().xbzrle_cache_size as i64)
+}
+
+/// Starts migrating to `uri` (`tcp:`, `unix:`, `exec:`, `fd:`). Returns at
+/// once; the connection is made on the migration thread. Refused while a
+/// migration runs, while a blocker is registered (with its message), for a
+/// bad URI, and for block migration (`blk`/`inc`). With `fd:N` livemig owns
+/// descriptor N from the call on. `detach` is accepted and ignored (the
+/// call never waits).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn qmp_migrate(uri: *const c_char, has_blk: bool, blk: bool, has_inc: bool, inc: bool, has_detach: bool, detach: bool, errp: *mut *mut Error) {
+    let _ = (has_detach, detach);
+    guard_err("qmp_migrate", errp, (), || {
+        let uri = cstr(uri, "uri")?;
+        if (has_blk && blk) || (has_inc && inc) {
+            return Err(MigError::new("block migration is not supported by livemig"));
+        }
+        let parsed = Uri::parse(uri)?;
+        outgoing::start(outgoing::Target::Uri(parsed, uri.to_string()))
+    })
+}
+
+/// Starts a migration over a stream the host opened (e.g. `qemu_fdopen`).
+/// livemig owns `f` from the call on, also when it refuses.
+#[no_mangle]
+pub extern "C" fn migrate_fd_connect(s: *mut MigrationState, f: *mut crate::qemu_file::QemuFile, errp: *mut *mut Error) {
+    guard_err("migrate_fd_connect", errp, (), || {
+        if f.is_null() {
+            return Err(MigError::new("migrate_fd_connect: file must not be NULL"));
+        }
+        // SAFETY: `f` came from qemu_fdopen (Box::into_raw) and ownership
+        // passes to livemig with this call.
+        let file = unsafe { *Box::from_raw(f) };
+        if !s.is_null() && s != migrate_get_current() {
+            return Err(MigError::new("migrate_fd_connect: not the current migration state"));
+        }
+        outgoing::start(outgoing::Target::File(file))
+    })
+}
+
+/// Fails the current migration with `error`'s message (or a generic one):
+/// the source VM is restarted and the state becomes FAILED.
+#[no_mangle]
+pub extern "C" fn migrate_fd_error(s: *mut MigrationState, error: *const Error) {
+    guard("migrate_fd_error", (), || {
+        if !s.is_null() && s != migrate_get_current() {
+            return;
+        }
+        let msg = Error::message(error).unwrap_or_else(|| "migration failed: reported by the host".to_string());
+        outgoing::host_error(msg);
+    })
+}
+
+/// Requests a cancel: the migration thread stops, cancels the handlers,
+/// restarts the VM and ends in CANCELLED. No effect when nothing runs or the
+/// migration already completed.
+#[no_mangle]
+pub extern "C" fn qmp_migrate_cancel(errp: *mut *mut Error) {
+    guard_err("qmp_migrate_cancel", errp, (), || {
+        outgoing::cancel();
+        Ok(())
+    })
+}
+
+/// Sets the bandwidth limit in bytes/s (0: unlimited); takes effect within
+/// one 100 ms window, also during a migration.
+#[no_mangle]
+pub extern "C" fn qmp_migrate_set_speed(value: i64, errp: *mut *mut Error) {
+    guard_err("qmp_migrate_set_speed", errp, (), || params::set_speed(value))
+}
+
+/// Sets the downtime limit in seconds (0 to 2000; NaN/negative refused).
+#[no_mangle]
+pub extern "C" fn qmp_migrate_set_downtime(value: f64, errp: *mut *mut Error) {
+    guard_err("qmp_migrate_set_downtime", errp, (), || params::set_downtime(value))
+}
+
+/// Sets the XBZRLE cache size in bytes (at least one page); also resizes
+/// the cache of a running migration.
+#[no_mangle]
+pub extern "C" fn qmp_migrate_set_cache_size(value: i64, errp: *mut *mut Error) {
+    guard_err("qmp_migrate_set_cache_size", errp, (), || {
+        params::set_cache_size(value)?;
+        crate::ram::cache_resized();
+        Ok(())
+    })
+}
+
+/// The XBZRLE cache size in bytes.
+#[no_mangle]
+pub extern "C" fn qmp_query_migrate_cache_size(errp: *mut *mut Error) -> i64 {
+    guard_err("qmp_query_migrate_cache_size", errp, 0, || Ok(params::get().xbzrle_cache_size as i64))
+}
+
+/// Every capability and its state; free with
+/// `qapi_free_MigrationCapabilityStatusList`.
+#[no_mangle]
+pub extern "C" fn qmp_query_migrate_capabilities(errp: *mut *mut Error) -> *mut MigrationCapabilityStatusList {
+    guard_err("qmp_query_migrate_capabilities", errp, null_mut(), || {
+        let p = params::get();
+        let mut head: *mut MigrationCapabilityStatusList = null_mut();
+        for cap in MigrationCapability::all().into_iter().rev() {
+            let value = Box::into_raw(Box::new(MigrationCapabilityStatus { capability: cap, state: p.cap(cap) }));
+            head = Box::into_raw(Box::new(MigrationCapabilityStatusList { next: head, value }));
+        }
+        Ok(head)
+    })
+}
+
+/// Applies a list of capability states, all or none. Refused while a
+/// migration runs and for capabilities livemig does not implement.
+#[no_mangle]
+pub extern "C" fn qmp_migrate_set_capabilities(params: *mut MigrationCapabilityStatusList, errp: *mut *mut Error) {
+    guard_err("qmp_migrate_set_capabilities", errp, (), || {
+        if OUTGOING.status().is_active() || INCOMING.status().is_active() {
+            return Err(MigError::new("There's a migration process in progress"));
+        }
+        let mut list = Vec::new();
+        let mut node = params as *const MigrationCapabilityStatusList;
+        // SAFETY: the caller passes a well-formed, NULL-terminated list
+        // that stays alive during the call; NULL values are refused.
+        while let Some(n) = unsafe { node.as_ref() } {
+            let v = unsafe { n.value.as_ref() }.ok_or_else(|| MigError::new("capability list node with a NULL value"))?;
+            // Read the enum as an integer first: C may pass any value.
+            // SAFETY: MigrationCapability is a repr(C) enum, i.e. a C int.
+            let raw = unsafe { *(std::ptr::addr_of!(v.capability) as *const u32) };
+            let cap = MigrationCapability::from_u32(raw).ok_or_else(|| MigError::new(format!("unknown capability {raw}")))?;
+            list.push((cap, v.state));
+            node = n.next;
+        }
+        params::set_capabilities(&list)
+    })
+}
+
+/// Frees a capability list made by livemig (NULL is ignored).
+#[no_mangle]
+pub extern "C" fn qapi_free_MigrationCapabilityStatusList(list: *mut MigrationCapabilityStatusList) {
+    let mut node = list;
+    while !node.is_null() {
+        // SAFETY: nodes and values were made with Box::into_raw by
+        // qmp_query_migrate_capabilities; each is freed once.
+        let n = unsafe { Box::from_raw(node) };
+        if !n.value.is_null() {
+            drop(unsafe { Box::from_raw(n.value) });
+        }
+        node = n.next;
+    }
+}
+
+fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
+    let mut info = MigrationInfo {
+        has_status: status != MigrationStatus::None,
+        status,
+        has_ram: false,
+        ram: null_mut(),
+        has_disk: false,
+        disk: null_mut(),
+        has_xbzrle_cache: false,
+        xbzrle_cache: null_mut(),
+        has_total_time: false,
+        total_time: 0,
+        has_expected_downtime: false,
+        expected_downtime: 0,
+        has_downtime: false,
+        downtime: 0,
+        has_setup_time: false,
+        setup_time: 0,
+        has_error_desc: false,
+        error_desc: null_mut(),
+    };
+    let error = if incoming_side {
+        incoming::error()
+    } else {
+        if status == MigrationStatus::None {
+            return info;
+        }
+        let st = outgoing::stats();
+        let (ram, xbz) = crate::ram::query_stats(&st);
+        info.has_ram = true;
+        info.ram = Box::into_raw(Box::new(ram));
+        if let Some(x) = xbz {
+            info.has_xbzrle_cache = true;
+            info.xbzrle_cache = Box::into_raw(Box::new(x));
+        }
+        info.has_total_time = true;
+        info.total_time = st.total_time_ms as i64;
+        info.has_setup_time = status != MigrationStatus::Setup;
+        info.setup_time = st.setup_time_ms as i64;
+        if status == MigrationStatus::Active {
+            info.has_expected_downtime = true;
+            info.expected_downtime = st.expected_downtime_ms as i64;
+        }
+        if let (MigrationStatus::Completed, Some(d)) = (status, st.downtime_ms) {
+            info.has_downtime = true;
+            info.downtime = d as i64;
+        }
+        st.error
+    };
+    if let (MigrationStatus::Failed, Some(e)) = (status, error) {
+        info.has_error_desc = true;
+        info.error_desc = CString::new(e.replace('\0', " ")).expect("NULs replaced").into_raw();
+    }
+    info
+}
+
+/// The state and figures of the outgoing migration or, if none has run in
+/// this process, of the incoming one (as QEMU 7.2). Free with
+/// `qapi_free_MigrationInfo`.
+#[no_mangle]
+pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo {
+    guard_err("qmp_query_migrate", errp, null_mut(), || {
+        let out = OUTGOING.status();
+        let info = if out == MigrationStatus::None && INCOMING.status() != MigrationStatus::None {
+            info_for(INCOMING.status(), true)
+        } else {
+            info_for(out, false)
+        };
+        Ok(Box::into_raw(Box::new(info)))
+    })
+}
+
+/// The state of the incoming migration (status and error_desc). Free with
+/// `qapi_free_MigrationInfo`.
+#[no_mangle]
+pub extern "C" fn livemig_query_incoming(errp: *mut *mut Error) -> *mut MigrationInfo {
+    guard_err("livemig_query_incoming", errp, null_mut(), || Ok(Box::into_raw(Box::new(info_for(INCOMING.status(), true)))))
+}
+
+/// Frees a `MigrationInfo` made by livemig (NULL is ignored).
+#[no_mangle]
+pub extern "C" fn qapi_free_MigrationInfo(info: *mut MigrationInfo) {
+    if info.is_null() {
+        return;
+    }
+    // SAFETY: `info` and its members were made with Box::into_raw /
+    // CString::into_raw by this module; each is freed once.
+    unsafe {
+        let i = Box::from_raw(info);
+        if !i.ram.is_null() {
+            drop(Box::from_raw(i.ram));
+        }
+        if !i.disk.is_null() {
+            drop(Box::from_raw(i.disk));
+        }
+        if !i.xbzrle_cache.is_null() {
+            drop(Box::from_raw(i.xbzrle_cache));
+        }
+        if !i.error_desc.is_null() {
+            drop(CString::from_raw(i.error_desc));
+        }
+    }
+}
+
+/// Frees a `MigrationStats` made by livemig.
+#[no_mangle]
+pub extern "C" fn qapi_free_MigrationStats(s: *mut MigrationStats) {
+    if !s.is_null() {
+        // SAFETY: made with Box::into_raw by this module.
+        drop(unsafe { Box::from_raw(s) });
+    }
+}
+
+/// Frees an `XBZRLECacheStats` made by livemig.
+#[no_mangle]
+pub extern "C" fn qapi_free_XBZRLECacheStats(s: *mut XBZRLECacheStats) {
+    if !s.is_null() {
+        // SAFETY: made with Box::into_raw by this module.
+        drop(unsafe { Box::from_raw(s) });
+    }
+}
+
+fn call_notifier(n: NotifierRef, snap: &MigrationState) {
+    let p = n.0 as *mut Notifier;
+    // SAFETY: the host registered this Notifier and keeps it alive until it
+    // removes it (QEMU's contract); `snap` outlives the call.
+    unsafe {
+        if let Some(f) = (*p).notify {
+            f(p, snap as *const MigrationState as *mut c_void);
+        }
+    }
+}
+
+/// Adds a state-change notifier. It is called on livemig's thread, with the
+/// host lock held, once per transition of either direction, with a
+/// `MigrationState *` valid during the call. The host keeps `notify` alive
+/// until it removes it.
+#[no_mangle]
+pub extern "C" fn add_migration_state_change_notifier(notify: *mut Notifier) {
+    guard("add_migration_state_change_notifier", (), || {
+        if notify.is_null() {
+            log::warn!("add_migration_state_change_notifier: NULL notifier ignored");
+            return;
+        }
+        state::set_notify_fn(call_notifier);
+        state::add_notifier(NotifierRef(notify as usize));
+    })
+}
+
+/// Removes a notifier (safe from inside a notifier).
+#[no_mangle]
+pub extern "C" fn remove_migration_state_change_notifier(notify: *mut Notifier) {
+    guard("remove_migration_state_change_notifier", (), || state::remove_notifier(NotifierRef(notify as usize)))
+}
+
+/// Registers a migration blocker: while it is registered `qmp_migrate`
+/// fails with `reason`'s message. The caller keeps `reason` and passes the
+/// same pointer to `migrate_del_blocker`. Refused (-EBUSY) while a
+/// migration runs.
+#[no_mangle]
+pub extern "C" fn migrate_add_blocker(reason: *mut Error, errp: *mut *mut Error) -> i32 {
+    guard_err("migrate_add_blocker", errp, -libc::EINVAL, || {
+        let msg = Error::message(reason).ok_or_else(|| MigError::new("migrate_add_blocker: reason must not be NULL"))?;
+        if OUTGOING.status().is_active() {
+            return Err(MigError::with_errno(format!("disallowing migration blocker (migration in progress) for: {msg}"), libc::EBUSY));
+        }
+        outgoing::add_blocker(reason as usize, msg);
+        Ok(0)
+    })
+}
+
+/// Removes a blocker registered with `migrate_add_blocker`.
+#[no_mangle]
+pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
+    guard("migrate_del_blocker", (), || outgoing::del_blocker(reason as usize))
+}
+
+/// Starts an incoming migration from `uri` (`tcp:HOST:PORT`, port 0 for any
+/// free port, `unix:PATH`, `exec:CMD`, `fd:N`/`fd:NAME`). Listens (or spawns)
+/// and returns; a livemig thread loads the stream, then starts the VM or
+/// sets its run state. Errors in the URI or binding are reported here;
+/// errors in the stream end in FAILED (see `livemig_query_incoming`).
+#[no_mangle]
+pub extern "C" fn qemu_start_incoming_migration(uri: *const c_char, errp: *mut *mut Error) {
+    guard_err("qemu_start_incoming_migration", errp, (), || incoming::start_uri(cstr(uri, "uri")?))
+}
+
+/// Loads an incoming migration from a stream the host opened. livemig owns
+/// `f` from the call on; a refusal is logged and the stream closed.
+#[no_mangle]
+pub extern "C" fn process_incoming_migration(f: *mut crate::qemu_file::QemuFile) {
+    guard("process_incoming_migration", (), || {
+        if f.is_null() {
+            log::error!("process_incoming_migration: NULL file");
+            return;
+        }
+        // SAFETY: `f` came from qemu_fdopen (Box::into_raw); ownership passes here.
+        let file = unsafe { *Box::from_raw(f) };
+        if let Err(e) = incoming::start_file(file) {
+            log::error!("process_incoming_migration: {e}");
+        }
+    })
+}
+
+/// The TCP port of the incoming listener (useful with port 0), or -1.
+#[no_mangle]
+pub extern "C" fn livemig_incoming_port() -> i32 {
+    guard("livemig_incoming_port", -1, || incoming::local_port().map_or(-1, i32::from))
+}
+
+/// Stops an incoming migration that has not finished; it ends FAILED and
+/// the VM is not started. Returns false if none was running.
+#[no_mangle]
+pub extern "C" fn livemig_incoming_cancel() -> bool {
+    guard("livemig_incoming_cancel", false, incoming::cancel)
+}

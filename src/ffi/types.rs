@@ -1,0 +1,239 @@
+//! `#[repr(C)]` types shared with C: QAPI result types in QEMU's layout,
+//! the host callback table, the savevm handler table, `Notifier`.
+
+use std::ffi::{c_char, c_int, c_void};
+
+use crate::host::RunState;
+use crate::params::MigrationCapability;
+use crate::qemu_file::QemuFile;
+use crate::state::MigrationStatus;
+
+/// Version of `LivemigHostOps` this library understands.
+pub const LIVEMIG_HOST_OPS_VERSION: u32 = 1;
+
+/// The host VMM's callbacks, registered with `livemig_set_host_ops`.
+///
+/// Set `version` to `LIVEMIG_HOST_OPS_VERSION` and `size` to
+/// `sizeof(LivemigHostOps)`; later versions only append fields. The table
+/// is copied; `opaque` is passed back to every call.
+///
+/// Threads and locks: every callback may be called from livemig's own
+/// threads ("livemig-out", "livemig-in"). `iothread_lock`/`unlock` guard the
+/// switchover, notifiers and device loads; `vm_stop_force_state`, `vm_start`,
+/// `runstate_*`, `system_wakeup_request` and `announce_self` are called with
+/// the host lock held. The dirty-log callbacks are called without it (the
+/// last sync of a migration runs with it held, the VM stopped).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LivemigHostOps {
+    /// `LIVEMIG_HOST_OPS_VERSION`.
+    pub version: u32,
+    /// `sizeof(LivemigHostOps)`.
+    pub size: u32,
+    /// Required: takes the host's global lock (QEMU's iothread lock).
+    pub iothread_lock: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Required: releases it.
+    pub iothread_unlock: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Required: stops the vCPUs and sets `state`; returns 0 or a negative errno.
+    pub vm_stop_force_state: Option<unsafe extern "C" fn(opaque: *mut c_void, state: RunState) -> c_int>,
+    /// Required: starts (resumes) the VM; returns 0 or a negative errno.
+    pub vm_start: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
+    /// Required: true while the vCPUs run.
+    pub runstate_is_running: Option<unsafe extern "C" fn(opaque: *mut c_void) -> bool>,
+    /// Required: records a run state without starting or stopping anything.
+    pub runstate_set: Option<unsafe extern "C" fn(opaque: *mut c_void, state: RunState)>,
+    /// Optional: the current run state (sent in "globalstate"); without it
+    /// livemig sends running or paused.
+    pub runstate_get: Option<unsafe extern "C" fn(opaque: *mut c_void) -> RunState>,
+    /// Optional: wakes a suspended guest before the switchover.
+    pub system_wakeup_request: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Optional: announces the VM on the network after an incoming migration.
+    pub announce_self: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Optional: starts dirty logging of guest RAM; 0 or a negative errno.
+    pub dirty_log_start: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
+    /// Optional: ORs the pages of block `idstr` (at `host`, `length` bytes)
+    /// written since the last sync into `bitmap` (bit i of word i/64 = page
+    /// i, as KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
+    /// errno. Without it, only `livemig_ram_mark_dirty` marks pages.
+    pub dirty_log_sync: Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, host: *mut c_void, length: u64, bitmap: *mut u64) -> c_int>,
+    /// Optional: stops dirty logging.
+    pub dirty_log_stop: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Destination: start the VM after a load whose source was running
+    /// (QEMU's `autostart`, i.e. no `-S`); otherwise it is left paused.
+    pub autostart: bool,
+}
+
+/// `Notifier`, with QEMU's layout: `notify` first, then the list links
+/// (reserved for the host; livemig does not touch them).
+#[repr(C)]
+pub struct Notifier {
+    /// Called with the notifier and a `MigrationState *` (valid during the call).
+    pub notify: Option<unsafe extern "C" fn(notifier: *mut Notifier, data: *mut c_void)>,
+    /// QLIST_ENTRY: next.
+    pub le_next: *mut Notifier,
+    /// QLIST_ENTRY: prev.
+    pub le_prev: *mut *mut Notifier,
+}
+
+/// Marker for QEMU's `DeviceState` (unused by livemig; may be NULL).
+pub struct DeviceState {
+    _private: [u8; 0],
+}
+
+/// Writes a non-live device's state (FULL section).
+pub type SaveStateHandler = Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void)>;
+/// Reads a device's state; returns 0 or a negative errno.
+pub type LoadStateHandler = Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void, version_id: c_int) -> c_int>;
+
+/// A live handler table, as QEMU's `SaveVMHandlers`.
+///
+/// `save_live_setup`, `save_live_iterate`, `save_live_complete`,
+/// `save_live_pending` and `load_state` are required. `iterate` returns < 0
+/// on error, 0 while it has more to send, > 0 when it is done for now.
+/// Setup/iterate/pending run without the host lock, complete and cancel
+/// with it (VM stopped); `load_state` runs with it on the destination.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SaveVMHandlers {
+    /// Writes a FULL section (for non-live use; unused for live handlers).
+    pub save_state: SaveStateHandler,
+    /// Writes the START payload.
+    pub save_live_setup: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
+    /// Writes a PART payload.
+    pub save_live_iterate: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
+    /// Writes the END payload.
+    pub save_live_complete: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
+    /// Bytes still to send.
+    pub save_live_pending: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void, max_size: u64) -> u64>,
+    /// Optional: the migration failed or was cancelled.
+    pub cancel: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Reads a START, PART, END or FULL payload.
+    pub load_state: LoadStateHandler,
+    /// Optional: false leaves the handler out of a migration.
+    pub is_active: Option<unsafe extern "C" fn(opaque: *mut c_void) -> bool>,
+}
+
+/// RAM statistics, QAPI `MigrationStats` (QEMU's field order; 7.2's
+/// fields appended after `dirty_pages_rate`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MigrationStats {
+    /// RAM bytes sent.
+    pub transferred: i64,
+    /// Dirty bytes left.
+    pub remaining: i64,
+    /// Total RAM bytes.
+    pub total: i64,
+    /// Zero pages sent.
+    pub duplicate: i64,
+    /// Full pages sent.
+    pub normal: i64,
+    /// Bytes of full pages sent.
+    pub normal_bytes: i64,
+    /// Pages dirtied per second.
+    pub dirty_pages_rate: i64,
+    /// Throughput, megabits per second.
+    pub mbps: f64,
+    /// Dirty bitmap syncs.
+    pub dirty_sync_count: i64,
+    /// Always 0.
+    pub postcopy_requests: i64,
+    /// Target page size.
+    pub page_size: i64,
+    /// Always 0.
+    pub multifd_bytes: i64,
+    /// Pages sent per second.
+    pub pages_per_second: i64,
+    /// Bytes sent while the VM ran.
+    pub precopy_bytes: i64,
+    /// Bytes sent while the VM was stopped.
+    pub downtime_bytes: i64,
+    /// Always 0.
+    pub postcopy_bytes: i64,
+    /// Always 0.
+    pub dirty_sync_missed_zero_copy: i64,
+    /// Pages not sent because XBZRLE found them unchanged.
+    pub skipped: i64,
+}
+
+/// XBZRLE statistics, QAPI `XBZRLECacheStats`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct XBZRLECacheStats {
+    /// Cache size in bytes.
+    pub cache_size: i64,
+    /// Encoded bytes sent.
+    pub bytes: i64,
+    /// XBZRLE pages sent.
+    pub pages: i64,
+    /// Pages not found in the cache.
+    pub cache_miss: i64,
+    /// Pages whose encoding overflowed (sent in full).
+    pub overflow: i64,
+    /// Misses / lookups of the last period.
+    pub cache_miss_rate: f64,
+    /// Raw bytes / encoded bytes of the last period.
+    pub encoding_rate: f64,
+}
+
+/// QAPI `MigrationInfo`: QEMU's field order, newer fields appended.
+/// Free with `qapi_free_MigrationInfo`.
+#[repr(C)]
+pub struct MigrationInfo {
+    /// Whether `status` is set.
+    pub has_status: bool,
+    /// The state.
+    pub status: MigrationStatus,
+    /// Whether `ram` is set.
+    pub has_ram: bool,
+    /// RAM figures.
+    pub ram: *mut MigrationStats,
+    /// Always false (no block migration).
+    pub has_disk: bool,
+    /// Always NULL.
+    pub disk: *mut MigrationStats,
+    /// Whether `xbzrle_cache` is set.
+    pub has_xbzrle_cache: bool,
+    /// XBZRLE figures (when the capability is on).
+    pub xbzrle_cache: *mut XBZRLECacheStats,
+    /// Whether `total_time` is set.
+    pub has_total_time: bool,
+    /// Milliseconds since the start (or in all, once finished).
+    pub total_time: i64,
+    /// Whether `expected_downtime` is set (while active).
+    pub has_expected_downtime: bool,
+    /// Expected downtime in ms.
+    pub expected_downtime: i64,
+    /// Whether `downtime` is set (once completed).
+    pub has_downtime: bool,
+    /// Downtime in ms.
+    pub downtime: i64,
+    /// Whether `setup_time` is set.
+    pub has_setup_time: bool,
+    /// Setup time in ms.
+    pub setup_time: i64,
+    /// Whether `error_desc` is set (failed).
+    pub has_error_desc: bool,
+    /// Why the migration failed.
+    pub error_desc: *mut c_char,
+}
+
+/// One capability and its state.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MigrationCapabilityStatus {
+    /// The capability.
+    pub capability: MigrationCapability,
+    /// On or off.
+    pub state: bool,
+}
+
+/// A list of capability states (QEMU 7.2's QAPI list layout). Lists made
+/// by livemig are freed with `qapi_free_MigrationCapabilityStatusList`.
+#[repr(C)]
+pub struct MigrationCapabilityStatusList {
+    /// The next node or NULL.
+    pub next: *mut MigrationCapabilityStatusList,
+    /// This node's value.
+    pub value: *mut MigrationCapabilityStatus,
+}

@@ -1,0 +1,178 @@
+//! The destination side: listen or spawn, accept, load, hand over.
+//!
+//! `qemu_start_incoming_migration` sets the transport up on the caller's
+//! thread (so a bad URI or a busy port is reported at once) and returns; the
+//! "livemig-in" thread accepts the source, loads the stream into the
+//! registered handlers and then, per the received globalstate and the
+//! host's autostart choice, starts the VM or sets its run state. A stream
+//! that cannot be loaded ends in FAILED with the reason; the VM is not
+//! started and nothing exits.
+
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+
+use crate::error::{MigError, Result};
+use crate::host::{self, Host, RunState};
+use crate::qemu_file::{Direction, QemuFile};
+use crate::state::{notify, MigrationStatus as S, INCOMING, OUTGOING};
+use crate::transport::{Aborter, Listener, Uri};
+
+struct Incoming {
+    error: Option<String>,
+    port: Option<u16>,
+    aborter: Option<Aborter>,
+    thread: Option<JoinHandle<()>>,
+    final_runstate: Option<RunState>,
+}
+
+static IN: Mutex<Incoming> = Mutex::new(Incoming { error: None, port: None, aborter: None, thread: None, final_runstate: None });
+
+enum Source {
+    Listener(Listener),
+    File(QemuFile),
+}
+
+/// Starts an incoming migration from `uri`.
+pub fn start_uri(uri: &str) -> Result<()> {
+    let parsed = Uri::parse(uri)?;
+    start(|abort| Ok(Source::Listener(Listener::open(&parsed, uri, abort)?)))
+}
+
+/// Starts loading from a stream the host opened (`process_incoming_migration`).
+pub fn start_file(f: QemuFile) -> Result<()> {
+    start(move |_| Ok(Source::File(f)))
+}
+
+fn start(open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
+    let host = host::get()?;
+    let mut g = IN.lock();
+    if OUTGOING.status().is_active() {
+        return Err(MigError::new("an outgoing migration is in progress"));
+    }
+    let prev = INCOMING.status();
+    if !prev.is_idle() {
+        return Err(MigError::new("an incoming migration is already in progress"));
+    }
+    let aborter = Aborter::new()?;
+    let source = open(&aborter)?;
+    if !INCOMING.cas(prev, S::Setup) {
+        return Err(MigError::new("an incoming migration is already in progress"));
+    }
+    if let Some(t) = g.thread.take() {
+        let _ = t.join();
+    }
+    g.error = None;
+    g.final_runstate = None;
+    g.port = match &source {
+        Source::Listener(l) => l.local_port(),
+        Source::File(_) => None,
+    };
+    g.aborter = Some(aborter);
+    let spawned = std::thread::Builder::new().name("livemig-in".into()).spawn(move || {
+        crate::block_sigpipe();
+        run(host, source);
+    });
+    match spawned {
+        Ok(t) => {
+            g.thread = Some(t);
+            Ok(())
+        }
+        Err(e) => {
+            INCOMING.cas(S::Setup, prev);
+            Err(MigError::io("cannot start the incoming migration thread", e))
+        }
+    }
+}
+
+/// The TCP port the incoming side listens on (for `tcp:HOST:0`).
+pub fn local_port() -> Option<u16> {
+    IN.lock().port
+}
+
+/// The reason the last incoming migration failed.
+pub fn error() -> Option<String> {
+    IN.lock().error.clone()
+}
+
+/// The run state the host was put in after the last successful load.
+pub fn final_runstate() -> Option<RunState> {
+    IN.lock().final_runstate
+}
+
+/// Stops an incoming migration that has not finished (it ends FAILED).
+pub fn cancel() -> bool {
+    let g = IN.lock();
+    if INCOMING.status().is_active() {
+        if let Some(a) = &g.aborter {
+            a.abort();
+            return true;
+        }
+    }
+    false
+}
+
+fn run(host: Host, source: Source) {
+    {
+        let _l = host.lock();
+        notify(S::Setup, true);
+    }
+    let file = match source {
+        Source::File(f) => Ok(f),
+        Source::Listener(l) => l.accept().map(|c| QemuFile::new(c, Direction::Read)),
+    };
+    let result = file.and_then(|mut f| {
+        if INCOMING.cas(S::Setup, S::Active) {
+            let _l = host.lock();
+            host.runstate_set(RunState::Inmigrate);
+            notify(S::Active, true);
+        }
+        let r = crate::loadvm::load_stream(&mut f, Some(&host));
+        drop(f);
+        r
+    });
+    let _l = host.lock();
+    match result {
+        Ok(()) => {
+            let state = match crate::globalstate::received() {
+                None | Some(RunState::Running) if host.autostart() => RunState::Running,
+                None | Some(RunState::Running) => RunState::Paused,
+                Some(s) => s,
+            };
+            host.announce_self();
+            let started = if state == RunState::Running {
+                host.vm_start()
+            } else {
+                host.runstate_set(state);
+                Ok(())
+            };
+            let mut g = IN.lock();
+            g.aborter = None;
+            match started {
+                Ok(()) => {
+                    g.final_runstate = Some(state);
+                    drop(g);
+                    INCOMING.cas(S::Active, S::Completed);
+                    log::info!("incoming migration completed; run state {}", state.name());
+                    notify(S::Completed, true);
+                }
+                Err(e) => {
+                    g.error = Some(e.to_string());
+                    drop(g);
+                    INCOMING.cas(S::Active, S::Failed);
+                    notify(S::Failed, true);
+                }
+            }
+        }
+        Err(e) => {
+            let msg = if e.errno() == libc::ECANCELED { format!("incoming migration cancelled: {e}") } else { e.to_string() };
+            log::error!("load of migration failed: {msg}");
+            let mut g = IN.lock();
+            g.error = Some(msg);
+            g.aborter = None;
+            drop(g);
+            INCOMING.cas_any(&[S::Setup, S::Active], S::Failed);
+            notify(S::Failed, true);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The reading side of the stream framing: QEMU 7.2's `qemu_loadvm_state`,
+//! with its checks and (where a 7.2 destination has one) its messages.
+//!
+//! Sections are dispatched to the registered handlers: START and FULL by
+//! (idstr, instance), PART and END by the section id the START carried.
+//! Device handlers run with the host lock held; RAM runs without it.
+//! Nothing here exits or aborts: every problem is an `Err`.
+
+use crate::error::{MigError, Result};
+use crate::host::Host;
+use crate::params::MigrationCapability;
+use crate::qemu_file::QemuFile;
+use crate::savevm::*;
+
+/// Largest configuration machine name accepted (QEMU names are short).
+const MAX_MACHINE_NAME: u32 = 256;
+
+struct Loaded {
+    entry: Entry,
+    load_section_id: Option<u32>,
+}
+
+/// Reads a whole stream into the registered handlers.
+pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
+    let magic = f.get_be32();
+    f.check()?;
+    if magic != QEMU_VM_FILE_MAGIC {
+        return Err(MigError::new(format!("Not a migration stream (magic 0x{magic:08x})")));
+    }
+    let version = f.get_be32();
+    f.check()?;
+    if version == 2 {
+        return Err(MigError::with_errno("SaveVM v2 format is obsolete and don't work anymore", libc::ENOTSUP));
+    }
+    if version != QEMU_VM_FILE_VERSION {
+        return Err(MigError::with_errno(format!("Unsupported migration stream version {version}"), libc::ENOTSUP));
+    }
+    if let Some(local) = machine_name() {
+        if f.peek_u8() != Some(QEMU_VM_CONFIGURATION) {
+            f.check()?;
+            return Err(MigError::new("Configuration section missing"));
+        }
+        f.get_u8();
+        load_configuration(f, &local)?;
+    }
+
+    let mut loaded: Vec<Loaded> = entries().into_iter().map(|entry| Loaded { entry, load_section_id: None }).collect();
+    for l in &loaded {
+        l.entry.handler.lock().load_begin();
+    }
+    loop {
+        let kind = f.get_u8();
+        f.check()?;
+        match kind {
+            QEMU_VM_EOF => break,
+            QEMU_VM_SECTION_START | QEMU_VM_SECTION_FULL => {
+                let section_id = f.get_be32();
+                let idstr = f.get_counted_bytes();
+                let instance_id = f.get_be32();
+                let version_id = f.get_be32();
+                f.check()?;
+                if idstr.is_empty() {
+                    return Err(MigError::new(format!("Unable to read ID string for section {section_id}")));
+                }
+                let idstr = String::from_utf8_lossy(&idstr).into_owned();
+                let l = loaded.iter_mut().find(|l| l.entry.idstr == idstr && l.entry.instance_id == instance_id).ok_or_else(|| {
+                    MigError::new(format!(
+                        "Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
+                    ))
+                })?;
+                if version_id > l.entry.version_id {
+                    return Err(MigError::new(format!("savevm: unsupported version {version_id} for '{idstr}' v{}", l.entry.version_id)));
+                }
+                l.load_section_id = Some(section_id);
+                let sk = if kind == QEMU_VM_SECTION_START { SectionKind::Start } else { SectionKind::Full };
+                load_section(f, host, &l.entry, version_id, sk)
+                    .map_err(|e| e.context(format!("error while loading state for instance 0x{instance_id:x} of device '{idstr}'")))?;
+                check_footer(f, section_id, &idstr)?;
+            }
+            QEMU_VM_SECTION_PART | QEMU_VM_SECTION_END => {
+                let section_id = f.get_be32();
+                f.check()?;
+                let l = loaded
+                    .iter()
+                    .find(|l| l.load_section_id == Some(section_id))
+                    .ok_or_else(|| MigError::new(format!("Unknown savevm section {section_id}")))?;
+                let sk = if kind == QEMU_VM_SECTION_PART { SectionKind::Part } else { SectionKind::End };
+                let version = l.entry.version_id;
+                load_section(f, host, &l.entry, version, sk)
+                    .map_err(|e| e.context(format!("error while loading state section id {section_id}({})", l.entry.idstr)))?;
+                check_footer(f, section_id, &l.entry.idstr.clone())?;
+            }
+            QEMU_VM_COMMAND => load_command(f)?,
+            other => return Err(MigError::new(format!("Unknown savevm section type {other}"))),
+        }
+    }
+    // The vmdesc is optional: read and discard it when present.
+    match f.peek_u8() {
+        Some(QEMU_VM_VMDESCRIPTION) => {
+            f.get_u8();
+            let len = f.get_be32() as usize;
+            if !f.skip(len) {
+                log::warn!("truncated vmdesc after EOF ignored");
+            }
+        }
+        Some(b) => log::warn!("Expected vmdescription section, but got {b}"),
+        None => log::debug!("no vmdesc after EOF"),
+    }
+    Ok(())
+}
+
+fn load_section(f: &mut QemuFile, host: Option<&Host>, e: &Entry, version_id: u32, kind: SectionKind) -> Result<()> {
+    let mut h = e.handler.lock();
+    let r = if h.load_without_host_lock() {
+        h.load(f, version_id, kind)
+    } else {
+        let _guard = host.map(|h| h.lock());
+        h.load(f, version_id, kind)
+    };
+    r?;
+    f.check()
+}
+
+fn check_footer(f: &mut QemuFile, section_id: u32, idstr: &str) -> Result<()> {
+    let b = f.get_u8();
+    f.check()?;
+    if b != QEMU_VM_SECTION_FOOTER {
+        return Err(MigError::new(format!("Missing section footer for {idstr}")));
+    }
+    let id = f.get_be32();
+    f.check()?;
+    if id != section_id {
+        return Err(MigError::new(format!("Mismatched section id in footer for {idstr} - read 0x{id:x} expected 0x{section_id:x}")));
+    }
+    Ok(())
+}
+
+fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
+    let len = f.get_be32();
+    f.check()?;
+    if len > MAX_MACHINE_NAME {
+        return Err(MigError::new(format!("configuration: machine name of {len} bytes is too long")));
+    }
+    let mut name = vec![0u8; len as usize];
+    f.get_buffer(&mut name);
+    f.check()?;
+    let rx = String::from_utf8_lossy(&name).into_owned();
+    // QEMU compares only the received length (strncmp): a prefix passes.
+    if !local.as_bytes().starts_with(&name) {
+        return Err(MigError::new(format!("Machine type received is '{rx}' and local is '{local}'")));
+    }
+    // Subsections: consumed only while the name has the parent's prefix.
+    const PREFIX: &[u8] = b"configuration";
+    while let Some(head) = f.peek(2) {
+        if head[0] != QEMU_VM_SUBSECTION {
+            break;
+        }
+        let nlen = head[1] as usize;
+        let Some(hdr) = f.peek(2 + nlen) else { break };
+        let sub = hdr[2..].to_vec();
+        if nlen < PREFIX.len() + 1 || !sub.starts_with(PREFIX) {
+            break;
+        }
+        f.skip(2 + nlen);
+        let sub = String::from_utf8_lossy(&sub).into_owned();
+        let version = f.get_be32();
+        f.check()?;
+        if version != 1 {
+            return Err(MigError::new(format!("{sub}: unsupported subsection version {version}")));
+        }
+        match sub.as_str() {
+            "configuration/target-page-bits" => {
+                let bits = f.get_be32();
+                f.check()?;
+                if bits != 12 {
+                    return Err(MigError::new(format!("Received TARGET_PAGE_BITS is {bits} but local is 12")));
+                }
+            }
+            "configuration/capabilities" => {
+                // The only validated capability of 7.2 is x-ignore-shared,
+                // which livemig does not implement: any entry is refused.
+                if f.get_be32() > 0 {
+                    let cap = String::from_utf8_lossy(&f.get_counted_bytes()).into_owned();
+                    f.check()?;
+                    if cap == MigrationCapability::XIgnoreShared.name() {
+                        return Err(MigError::new(format!("Capability {cap} is off, but received capability is on")));
+                    }
+                    return Err(MigError::new(format!("Received unknown capability {cap}")));
+                }
+            }
+            "configuration/uuid" => {
+                f.skip(16);
+                f.check()?;
+                log::warn!("configuration: the source sent a UUID; this side has none to compare");
+            }
+            other => return Err(MigError::with_errno(format!("configuration: unknown subsection '{other}'"), libc::ENOENT)),
+        }
+    }
+    f.check()
+}
+
+fn load_command(f: &mut QemuFile) -> Result<()> {
+    let cmd = f.get_be16();
+    let len = f.get_be16();
+    f.check()?;
+    match (cmd, len) {
+        (1, 0) => Err(MigError::with_errno("the source asked for a return path, which livemig does not support", libc::ENOTSUP)),
+        (2, 4) => Err(MigError::with_errno("CMD_PING (0x1) received with no return path", libc::EPERM)),
+        (2, n) => Err(MigError::with_errno(format!("PING received with bad length - expecting 4, got {n}"), libc::ERANGE)),
+        (3, 16) => Err(MigError::new("RAM postcopy is disabled but have 16 byte advise")),
+        (3..=10, _) => Err(MigError::with_errno(format!("MIG_CMD 0x{cmd:x} (postcopy/COLO) is not supported"), libc::ENOTSUP)),
+        _ => Err(MigError::new(format!("MIG_CMD 0x{cmd:x} unknown (len 0x{len:x})"))),
+    }
+}

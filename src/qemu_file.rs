@@ -1,0 +1,501 @@
+//! QEMUFile: the buffered, byte-counting, rate-limited migration stream.
+//!
+//! One `QemuFile` wraps one [`Channel`] in one direction. Writes are buffered
+//! and handed to the channel in large chunks; reads are buffered the same
+//! way. Errors are sticky, as in QEMU: the first error is kept, every later
+//! operation is a no-op (writes) or returns zeros (reads), and callers check
+//! [`QemuFile::error`] at section and pass boundaries. Reading past the end
+//! of the stream is an error ("unexpected end of migration stream"), never a
+//! silent zero.
+//!
+//! Guest RAM is written by running vCPUs on the source, so pages are copied
+//! out of it with raw-pointer copies ([`QemuFile::put_guest`]) and never
+//! borrowed as Rust slices; on the destination pages are read straight into
+//! guest memory ([`QemuFile::get_guest`]).
+
+use crate::error::{MigError, Result};
+use crate::transport::Channel;
+
+/// Buffer size of a stream: large enough that a pass costs few syscalls.
+const IO_BUF_SIZE: usize = 256 * 1024;
+
+/// Which way the bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The source side: the stream is written.
+    Write,
+    /// The destination side: the stream is read.
+    Read,
+}
+
+/// A buffered migration stream over a [`Channel`].
+pub struct QemuFile {
+    chan: Box<dyn Channel>,
+    dir: Direction,
+    buf: Vec<u8>,
+    /// Read side: the next unread byte in `buf`.
+    rpos: usize,
+    /// Bytes written by the user (write side) or consumed (read side).
+    pos: u64,
+    error: Option<MigError>,
+    /// Bytes allowed per rate-limit window; 0 means unlimited.
+    rate_limit_max: u64,
+    /// Bytes counted against the current window.
+    rate_limit_used: u64,
+}
+
+impl QemuFile {
+    /// A stream over `chan`.
+    pub fn new(chan: Box<dyn Channel>, dir: Direction) -> QemuFile {
+        QemuFile {
+            chan,
+            dir,
+            buf: Vec::with_capacity(IO_BUF_SIZE),
+            rpos: 0,
+            pos: 0,
+            error: None,
+            rate_limit_max: 0,
+            rate_limit_used: 0,
+        }
+    }
+
+    /// The direction of this stream.
+    pub fn direction(&self) -> Direction {
+        self.dir
+    }
+
+    /// A short description of the channel (its URI), for error messages.
+    pub fn describe(&self) -> String {
+        self.chan.describe()
+    }
+
+    /// The first error seen on this stream, if any.
+    pub fn error(&self) -> Option<&MigError> {
+        self.error.as_ref()
+    }
+
+    /// Records `e` unless an error is already recorded (only the first is kept).
+    pub fn set_error(&mut self, e: MigError) {
+        if self.error.is_none() {
+            log::debug!("stream {}: error: {}", self.chan.describe(), e);
+            self.error = Some(e);
+        }
+    }
+
+    /// `Err` with the sticky error, if there is one.
+    pub fn check(&self) -> Result<()> {
+        match &self.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes written (write side, including still-buffered ones) or consumed
+    /// (read side): QEMU's `qemu_ftell`.
+    pub fn tell(&self) -> u64 {
+        self.pos
+    }
+
+    // ----- rate limiting (write side) -----
+
+    /// Sets the per-window byte budget; 0 lifts the limit.
+    pub fn set_rate_limit(&mut self, bytes_per_window: u64) {
+        self.rate_limit_max = bytes_per_window;
+    }
+
+    /// True when this window's budget is spent (or the stream has failed, so
+    /// that loops stop producing data).
+    pub fn rate_limit_exceeded(&self) -> bool {
+        self.error.is_some() || (self.rate_limit_max > 0 && self.rate_limit_used >= self.rate_limit_max)
+    }
+
+    /// Starts a new window.
+    pub fn reset_rate_limit(&mut self) {
+        self.rate_limit_used = 0;
+    }
+
+    // ----- writing -----
+
+    fn assert_write(&self) {
+        debug_assert_eq!(self.dir, Direction::Write, "write on a read stream");
+    }
+
+    /// Appends bytes to the stream.
+    pub fn put_buffer(&mut self, data: &[u8]) {
+        self.assert_write();
+        if self.error.is_some() {
+            return;
+        }
+        self.pos += data.len() as u64;
+        self.rate_limit_used += data.len() as u64;
+        if self.buf.len() + data.len() > IO_BUF_SIZE {
+            self.flush_buf();
+            if data.len() >= IO_BUF_SIZE {
+                self.write_out(data);
+                return;
+            }
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Appends `len` bytes copied from guest memory at `src`.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes for the duration of the
+    /// call. The memory may be written concurrently by a running guest: the
+    /// copy then holds a mix of old and new bytes, which the dirty log makes
+    /// good by sending the page again.
+    pub unsafe fn put_guest(&mut self, src: *const u8, len: usize) {
+        self.assert_write();
+        if self.error.is_some() {
+            return;
+        }
+        if self.buf.len() + len > IO_BUF_SIZE {
+            self.flush_buf();
+        }
+        self.pos += len as u64;
+        self.rate_limit_used += len as u64;
+        if len > IO_BUF_SIZE {
+            let mut tmp = vec![0u8; len];
+            // SAFETY: the caller guarantees `src` is readable for `len`
+            // bytes; `tmp` is a fresh allocation of `len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), len) };
+            self.write_out(&tmp);
+            return;
+        }
+        let old = self.buf.len();
+        self.buf.reserve(len);
+        // SAFETY: `reserve` made room for `len` more bytes after `old`; the
+        // caller guarantees `src` is readable for `len` bytes; the regions
+        // cannot overlap (one is our private heap buffer). After the copy
+        // the bytes are initialised, so the length may grow over them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr().add(old), len);
+            self.buf.set_len(old + len);
+        }
+    }
+
+    /// Appends one byte.
+    pub fn put_u8(&mut self, v: u8) {
+        self.put_buffer(&[v]);
+    }
+
+    /// Appends a big-endian u16.
+    pub fn put_be16(&mut self, v: u16) {
+        self.put_buffer(&v.to_be_bytes());
+    }
+
+    /// Appends a big-endian u32.
+    pub fn put_be32(&mut self, v: u32) {
+        self.put_buffer(&v.to_be_bytes());
+    }
+
+    /// Appends a big-endian u64.
+    pub fn put_be64(&mut self, v: u64) {
+        self.put_buffer(&v.to_be_bytes());
+    }
+
+    /// Appends a counted string (u8 length, then the bytes). Strings longer
+    /// than 255 bytes are a programming error caught at registration.
+    pub fn put_counted_str(&mut self, s: &str) {
+        debug_assert!(s.len() <= 255);
+        self.put_u8(s.len() as u8);
+        self.put_buffer(s.as_bytes());
+    }
+
+    fn write_out(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.chan.write(data) {
+                Ok(0) => {
+                    let e = MigError::with_errno(format!("unable to write to {}: connection closed", self.chan.describe()), libc::EPIPE);
+                    self.set_error(e);
+                    return;
+                }
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let e = MigError::io(format!("unable to write to {}", self.chan.describe()), e);
+                    self.set_error(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn flush_buf(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let buf = std::mem::take(&mut self.buf);
+        self.write_out(&buf);
+        self.buf = buf;
+        self.buf.clear();
+    }
+
+    /// Hands every buffered byte to the channel.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.dir == Direction::Write && self.error.is_none() {
+            self.flush_buf();
+        }
+        self.check()
+    }
+
+    /// Flushes (write side) and closes the channel; the first error wins.
+    pub fn close(mut self) -> Result<()> {
+        let flushed = self.flush();
+        let closed = self.chan.close().map_err(|e| MigError::io(format!("closing {}", self.chan.describe()), e));
+        flushed.and(closed)
+    }
+
+    // ----- reading -----
+
+    /// Reads more bytes behind the unread tail: `Some(true)` when some
+    /// arrived, `Some(false)` at a clean end of stream, `None` on an error
+    /// (recorded).
+    fn fill_raw(&mut self) -> Option<bool> {
+        debug_assert_eq!(self.dir, Direction::Read, "read on a write stream");
+        if self.error.is_some() {
+            return None;
+        }
+        self.buf.drain(..self.rpos);
+        self.rpos = 0;
+        let old = self.buf.len();
+        self.buf.resize(IO_BUF_SIZE.max(old + 1), 0);
+        loop {
+            match self.chan.read(&mut self.buf[old..]) {
+                Ok(n) => {
+                    self.buf.truncate(old + n);
+                    return Some(n > 0);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.buf.truncate(old);
+                    let e = MigError::io(format!("unable to read from {}", self.chan.describe()), e);
+                    self.set_error(e);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Like `fill_raw`, but the end of the stream is an error.
+    fn fill(&mut self) -> bool {
+        match self.fill_raw() {
+            Some(true) => true,
+            Some(false) => {
+                self.set_error(MigError::with_errno("unexpected end of migration stream", libc::EIO));
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn available(&self) -> &[u8] {
+        &self.buf[self.rpos..]
+    }
+
+    /// Reads exactly `out.len()` bytes; on a short stream records the error,
+    /// fills the rest with zeros and returns false.
+    pub fn get_buffer(&mut self, out: &mut [u8]) -> bool {
+        let mut done = 0;
+        while done < out.len() {
+            if self.available().is_empty() && !self.fill() {
+                out[done..].fill(0);
+                return false;
+            }
+            let n = self.available().len().min(out.len() - done);
+            out[done..done + n].copy_from_slice(&self.buf[self.rpos..self.rpos + n]);
+            self.rpos += n;
+            self.pos += n as u64;
+            done += n;
+        }
+        true
+    }
+
+    /// Reads `len` bytes straight into guest memory at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes and not aliased by any
+    /// Rust reference for the duration of the call.
+    pub unsafe fn get_guest(&mut self, dst: *mut u8, len: usize) -> bool {
+        let mut done = 0;
+        while done < len {
+            if self.available().is_empty() && !self.fill() {
+                return false;
+            }
+            let n = self.available().len().min(len - done);
+            // SAFETY: `available()` has at least `n` bytes at `rpos`; the
+            // caller guarantees `dst` is writable for `len` bytes and
+            // `done + n <= len`; our buffer cannot overlap guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(self.buf.as_ptr().add(self.rpos), dst.add(done), n) };
+            self.rpos += n;
+            self.pos += n as u64;
+            done += n;
+        }
+        true
+    }
+
+    /// Returns the next byte without consuming it (None at the end or on
+    /// error; the end of stream is not recorded as an error here).
+    pub fn peek_u8(&mut self) -> Option<u8> {
+        if self.available().is_empty() && self.fill_raw() != Some(true) {
+            return None;
+        }
+        Some(self.buf[self.rpos])
+    }
+
+    /// Returns the next `n` bytes without consuming them (None when the
+    /// stream ends or fails first; the end is not recorded as an error).
+    pub fn peek(&mut self, n: usize) -> Option<&[u8]> {
+        while self.available().len() < n {
+            if self.fill_raw() != Some(true) {
+                return None;
+            }
+        }
+        Some(&self.buf[self.rpos..self.rpos + n])
+    }
+
+    /// Reads one byte (0 on error).
+    pub fn get_u8(&mut self) -> u8 {
+        let mut b = [0u8; 1];
+        if !self.get_buffer(&mut b) {
+            return 0;
+        }
+        b[0]
+    }
+
+    /// Reads a big-endian u16 (0 on error).
+    pub fn get_be16(&mut self) -> u16 {
+        let mut b = [0u8; 2];
+        if !self.get_buffer(&mut b) {
+            return 0;
+        }
+        u16::from_be_bytes(b)
+    }
+
+    /// Reads a big-endian u32 (0 on error).
+    pub fn get_be32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        if !self.get_buffer(&mut b) {
+            return 0;
+        }
+        u32::from_be_bytes(b)
+    }
+
+    /// Reads a big-endian u64 (0 on error).
+    pub fn get_be64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        if !self.get_buffer(&mut b) {
+            return 0;
+        }
+        u64::from_be_bytes(b)
+    }
+
+    /// Reads a counted string as raw bytes (empty on error).
+    pub fn get_counted_bytes(&mut self) -> Vec<u8> {
+        let len = self.get_u8() as usize;
+        let mut v = vec![0u8; len];
+        if !self.get_buffer(&mut v) {
+            v.clear();
+        }
+        v
+    }
+
+    /// Skips `n` bytes.
+    pub fn skip(&mut self, mut n: usize) -> bool {
+        while n > 0 {
+            if self.available().is_empty() && !self.fill() {
+                return false;
+            }
+            let k = self.available().len().min(n);
+            self.rpos += k;
+            self.pos += k as u64;
+            n -= k;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::mem::MemChannel;
+
+    #[test]
+    fn writes_big_endian_and_counts() {
+        let (chan, out) = MemChannel::sink();
+        let mut f = QemuFile::new(Box::new(chan), Direction::Write);
+        f.put_be32(0x5145_564D);
+        f.put_be16(0x0102);
+        f.put_be64(0x10);
+        f.put_counted_str("ram");
+        assert_eq!(f.tell(), 4 + 2 + 8 + 4);
+        f.flush().unwrap();
+        assert_eq!(&*out.lock(), &[0x51, 0x45, 0x56, 0x4D, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0x10, 3, b'r', b'a', b'm']);
+    }
+
+    #[test]
+    fn large_writes_bypass_buffer_in_order() {
+        let (chan, out) = MemChannel::sink();
+        let mut f = QemuFile::new(Box::new(chan), Direction::Write);
+        f.put_u8(7);
+        let big: Vec<u8> = (0..IO_BUF_SIZE * 2 + 3).map(|i| i as u8).collect();
+        f.put_buffer(&big);
+        f.put_u8(9);
+        f.flush().unwrap();
+        let out = out.lock();
+        assert_eq!(out.len(), big.len() + 2);
+        assert_eq!(out[0], 7);
+        assert_eq!(&out[1..1 + big.len()], &big[..]);
+        assert_eq!(out[out.len() - 1], 9);
+    }
+
+    #[test]
+    fn rate_limit_window() {
+        let (chan, _out) = MemChannel::sink();
+        let mut f = QemuFile::new(Box::new(chan), Direction::Write);
+        f.set_rate_limit(10);
+        f.put_buffer(&[0; 9]);
+        assert!(!f.rate_limit_exceeded());
+        f.put_u8(0);
+        assert!(f.rate_limit_exceeded());
+        f.reset_rate_limit();
+        assert!(!f.rate_limit_exceeded());
+        f.set_rate_limit(0);
+        f.put_buffer(&[0; 100]);
+        assert!(!f.rate_limit_exceeded());
+    }
+
+    #[test]
+    fn short_read_is_sticky_error() {
+        let chan = MemChannel::source(vec![0, 0, 0, 3, 0xAA]);
+        let mut f = QemuFile::new(Box::new(chan), Direction::Read);
+        assert_eq!(f.get_be32(), 3);
+        assert_eq!(f.peek_u8(), Some(0xAA));
+        assert_eq!(f.get_be16(), 0);
+        let e = f.error().expect("short read recorded");
+        assert_eq!(e.errno(), libc::EIO);
+        assert_eq!(e.to_string(), "unexpected end of migration stream");
+        assert_eq!(f.get_u8(), 0, "reads after an error return zero");
+    }
+
+    #[test]
+    fn peek_at_clean_end_is_not_an_error() {
+        let chan = MemChannel::source(vec![1]);
+        let mut f = QemuFile::new(Box::new(chan), Direction::Read);
+        assert_eq!(f.get_u8(), 1);
+        assert_eq!(f.peek_u8(), None);
+        assert!(f.error().is_none());
+    }
+
+    #[test]
+    fn write_error_is_sticky_and_first_wins() {
+        let mut f = QemuFile::new(Box::new(MemChannel::broken()), Direction::Write);
+        f.put_buffer(&vec![1u8; IO_BUF_SIZE + 1]);
+        let first = f.error().expect("error").to_string();
+        f.set_error(MigError::new("second"));
+        assert_eq!(f.error().unwrap().to_string(), first);
+        assert!(first.contains("unable to write to mem"), "{first}");
+        assert!(f.rate_limit_exceeded());
+    }
+}

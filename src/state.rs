@@ -1,0 +1,237 @@
+//! The migration state machine, the state objects and the notifier list.
+//!
+//! States follow QEMU 7.2's `MigrationStatus` (same names, same numeric
+//! values). Every transition is a compare-and-swap, so a late cancel can
+//! never overwrite COMPLETED and a failure can never overwrite CANCELLED.
+//!
+//! Transitions are made by livemig's own threads, except `cancelling`, which
+//! `qmp_migrate_cancel` makes from the host's thread. Notifiers are called
+//! only from livemig's threads, with the host lock held, once per transition
+//! and in order; each gets a snapshot [`MigrationState`] whose status is the
+//! state just entered, so a notifier always sees the transition it is told
+//! about even if another has happened since.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use parking_lot::Mutex;
+
+/// Migration status, numbered as QEMU 7.2's QAPI `MigrationStatus`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStatus {
+    /// No migration has run.
+    None = 0,
+    /// Connecting and sending the setup sections.
+    Setup = 1,
+    /// A cancel was requested and is being carried out.
+    Cancelling = 2,
+    /// Cancelled; the source VM runs again.
+    Cancelled = 3,
+    /// Pre-copy passes are running.
+    Active = 4,
+    /// Unused (postcopy).
+    PostcopyActive = 5,
+    /// Unused (postcopy).
+    PostcopyPaused = 6,
+    /// Unused (postcopy).
+    PostcopyRecover = 7,
+    /// The stream was sent (source) or loaded (destination) completely.
+    Completed = 8,
+    /// Failed; see `error_desc`.
+    Failed = 9,
+    /// Unused (COLO).
+    Colo = 10,
+    /// Unused.
+    PreSwitchover = 11,
+    /// Unused.
+    Device = 12,
+    /// Unused.
+    WaitUnplug = 13,
+}
+
+impl MigrationStatus {
+    fn from_u32(v: u32) -> MigrationStatus {
+        use MigrationStatus::*;
+        [None, Setup, Cancelling, Cancelled, Active, PostcopyActive, PostcopyPaused, PostcopyRecover, Completed, Failed, Colo, PreSwitchover, Device, WaitUnplug]
+            .get(v as usize)
+            .copied()
+            .unwrap_or(Failed)
+    }
+
+    /// QEMU's name for the state, as in query-migrate.
+    pub fn name(self) -> &'static str {
+        use MigrationStatus::*;
+        match self {
+            None => "none",
+            Setup => "setup",
+            Cancelling => "cancelling",
+            Cancelled => "cancelled",
+            Active => "active",
+            PostcopyActive => "postcopy-active",
+            PostcopyPaused => "postcopy-paused",
+            PostcopyRecover => "postcopy-recover",
+            Completed => "completed",
+            Failed => "failed",
+            Colo => "colo",
+            PreSwitchover => "pre-switchover",
+            Device => "device",
+            WaitUnplug => "wait-unplug",
+        }
+    }
+
+    /// True in the states a migration is under way in.
+    pub fn is_active(self) -> bool {
+        matches!(self, MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Cancelling)
+    }
+
+    /// True in the states a new migration may start from.
+    pub fn is_idle(self) -> bool {
+        matches!(self, MigrationStatus::None | MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
+    }
+}
+
+/// A migration state object: the live one for each direction
+/// ([`OUTGOING`], [`INCOMING`]) and the snapshots handed to notifiers.
+/// C sees it as the opaque `MigrationState`.
+pub struct MigrationState {
+    status: AtomicU32,
+    incoming: bool,
+}
+
+impl MigrationState {
+    const fn new(incoming: bool) -> MigrationState {
+        MigrationState { status: AtomicU32::new(MigrationStatus::None as u32), incoming }
+    }
+
+    /// A frozen copy in state `st`, for a notifier.
+    pub fn snapshot(st: MigrationStatus, incoming: bool) -> MigrationState {
+        MigrationState { status: AtomicU32::new(st as u32), incoming }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        MigrationStatus::from_u32(self.status.load(Ordering::Acquire))
+    }
+
+    /// True for the destination's state.
+    pub fn is_incoming(&self) -> bool {
+        self.incoming
+    }
+
+    /// Moves `from` → `to` if the state is still `from`.
+    pub fn cas(&self, from: MigrationStatus, to: MigrationStatus) -> bool {
+        let ok = self.status.compare_exchange(from as u32, to as u32, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if ok {
+            log::info!("{} migration: {} -> {}", if self.incoming { "incoming" } else { "outgoing" }, from.name(), to.name());
+        }
+        ok
+    }
+
+    /// Moves to `to` from any state in `from`; returns the state it left.
+    pub fn cas_any(&self, from: &[MigrationStatus], to: MigrationStatus) -> Option<MigrationStatus> {
+        from.iter().copied().find(|&f| self.cas(f, to))
+    }
+}
+
+/// The outgoing (source) migration state: what `migrate_get_current` returns.
+pub static OUTGOING: MigrationState = MigrationState::new(false);
+/// The incoming (destination) migration state.
+pub static INCOMING: MigrationState = MigrationState::new(true);
+
+/// A registered notifier: the C `Notifier *`, kept as an address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct NotifierRef(pub usize);
+
+/// Calls one notifier with a snapshot.
+pub type NotifyFn = fn(NotifierRef, &MigrationState);
+
+static NOTIFIERS: Mutex<Vec<NotifierRef>> = Mutex::new(Vec::new());
+static NOTIFY_CALL: Mutex<Option<NotifyFn>> = Mutex::new(None);
+static NOTIFYING: AtomicBool = AtomicBool::new(false);
+
+/// Installs the function that calls a notifier (set by the C boundary).
+pub fn set_notify_fn(f: NotifyFn) {
+    *NOTIFY_CALL.lock() = Some(f);
+}
+
+/// Adds a notifier (appended: notifiers run in registration order).
+pub fn add_notifier(n: NotifierRef) {
+    let mut l = NOTIFIERS.lock();
+    if !l.contains(&n) {
+        l.push(n);
+    }
+}
+
+/// Removes a notifier; safe to call from inside a notifier.
+pub fn remove_notifier(n: NotifierRef) {
+    NOTIFIERS.lock().retain(|x| *x != n);
+}
+
+/// Calls every notifier with a snapshot in state `st`. Must be called with
+/// the host lock held, from a livemig thread.
+pub fn notify(st: MigrationStatus, incoming: bool) {
+    let snap = MigrationState::snapshot(st, incoming);
+    let call = *NOTIFY_CALL.lock();
+    let Some(call) = call else { return };
+    // Iterate over a copy so a notifier may add or remove notifiers, but
+    // skip one that was removed by an earlier notifier of this round.
+    let list: Vec<NotifierRef> = NOTIFIERS.lock().clone();
+    NOTIFYING.store(true, Ordering::Release);
+    for n in list {
+        if NOTIFIERS.lock().contains(&n) {
+            call(n, &snap);
+        }
+    }
+    NOTIFYING.store(false, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MigrationStatus::*;
+
+    #[test]
+    fn numbering_matches_qapi_7_2() {
+        assert_eq!(None as u32, 0);
+        assert_eq!(Active as u32, 4);
+        assert_eq!(Completed as u32, 8);
+        assert_eq!(Failed as u32, 9);
+        assert_eq!(WaitUnplug as u32, 13);
+        for v in 0..14 {
+            assert_eq!(MigrationStatus::from_u32(v) as u32, v);
+        }
+    }
+
+    #[test]
+    fn late_cancel_cannot_overwrite_completed() {
+        let s = MigrationState::new(false);
+        assert!(s.cas(None, Setup));
+        assert!(s.cas(Setup, Active));
+        assert!(s.cas(Active, Completed));
+        assert_eq!(s.cas_any(&[Setup, Active], Cancelling), Option::None);
+        assert_eq!(s.status(), Completed);
+    }
+
+    #[test]
+    fn failure_cannot_overwrite_cancelled() {
+        let s = MigrationState::new(false);
+        assert!(s.cas(None, Setup));
+        assert_eq!(s.cas_any(&[Setup, Active], Cancelling), Some(Setup));
+        assert!(!s.cas(Setup, Active));
+        assert!(!s.cas(Active, Failed));
+        assert!(s.cas(Cancelling, Cancelled));
+        assert!(!s.cas(Cancelling, Failed));
+        assert_eq!(s.status(), Cancelled);
+        assert!(s.status().is_idle());
+    }
+
+    #[test]
+    fn snapshot_is_frozen() {
+        let snap = MigrationState::snapshot(Active, true);
+        assert_eq!(snap.status(), Active);
+        assert!(snap.is_incoming());
+        assert!(Active.is_active() && Setup.is_active() && Cancelling.is_active());
+        assert!(!Completed.is_active() && !Failed.is_active());
+        assert_eq!(Cancelling.name(), "cancelling");
+    }
+}

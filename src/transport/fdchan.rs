@@ -1,0 +1,166 @@
+//! A channel over one non-blocking file descriptor (socket or pipe).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::process::Child;
+use std::time::Instant;
+
+use super::{Aborter, Channel, STALL_TIMEOUT};
+use crate::error::{MigError, Result};
+
+/// A socket or pipe driven with `poll`, interruptible by an [`Aborter`].
+pub struct FdChannel {
+    fd: OwnedFd,
+    name: String,
+    abort: Aborter,
+    is_socket: bool,
+    /// The `exec:` command behind a pipe, waited for on close.
+    child: Option<Child>,
+}
+
+pub(super) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no pointers involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until `fd` is ready for `events`, the aborter fires, or the stall
+/// timeout passes.
+pub(super) fn wait_fd(fd: RawFd, events: libc::c_short, abort: &Aborter, what: &str) -> io::Result<()> {
+    let deadline = Instant::now() + STALL_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no progress on {what} for {} s", STALL_TIMEOUT.as_secs()),
+            ));
+        }
+        let mut pfds = [
+            libc::pollfd { fd, events, revents: 0 },
+            libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds in a live array.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if pfds[1].revents != 0 {
+            return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+        }
+        if pfds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn is_socket(fd: RawFd) -> bool {
+    // SAFETY: fstat writes into a zeroed, live stat struct.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK
+    }
+}
+
+impl FdChannel {
+    /// Wraps `fd` (made non-blocking) under `name`.
+    pub fn new(fd: OwnedFd, name: String, abort: Aborter) -> Result<FdChannel> {
+        set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io(format!("{name}: set non-blocking"), e))?;
+        let is_socket = is_socket(fd.as_raw_fd());
+        Ok(FdChannel { fd, name, abort, is_socket, child: None })
+    }
+
+    /// Attaches the `exec:` child whose pipe this is.
+    pub(super) fn with_child(mut self, child: Child) -> FdChannel {
+        self.child = Some(child);
+        self
+    }
+}
+
+impl Channel for FdChannel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
+            let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => wait_fd(self.fd.as_raw_fd(), libc::POLLIN, &self.abort, &self.name)?,
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            let fd = self.fd.as_raw_fd();
+            // SAFETY: `buf` is a live slice of `buf.len()` readable bytes.
+            let r = unsafe {
+                if self.is_socket {
+                    libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+                } else {
+                    libc::write(fd, buf.as_ptr().cast(), buf.len())
+                }
+            };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => wait_fd(fd, libc::POLLOUT, &self.abort, &self.name)?,
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        if self.is_socket {
+            // SAFETY: shutdown on our own socket; the fd stays open until drop.
+            unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+        }
+        if let Some(mut child) = self.child.take() {
+            // Close our end of the pipe first so the command sees EOF (or
+            // EPIPE), then reap it.
+            // SAFETY: /dev/null is opened read-write; dup2 replaces our pipe
+            // end in place, which closes the pipe while keeping `self.fd` a
+            // valid descriptor for its eventual drop.
+            unsafe {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                if null >= 0 {
+                    libc::dup2(null, self.fd.as_raw_fd());
+                    libc::close(null);
+                }
+            }
+            let status = super::exec::wait_child(&mut child, &self.abort)?;
+            if !status.success() {
+                return Err(io::Error::other(format!("command exited with {status}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl Drop for FdChannel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Transports: `tcp:`, `unix:`, `exec:` and `fd:` URIs, both ways.
+//!
+//! Every channel is a file descriptor driven in non-blocking mode with
+//! `poll`, so that three things hold on every transport:
+//! - a cancel ([`Aborter::abort`]) wakes a thread blocked in connect, accept,
+//!   read or write at once;
+//! - a peer that stops reading or writing without closing is detected
+//!   (no progress for [`STALL_TIMEOUT`] fails the stream);
+//! - a write to a closed peer returns `EPIPE` instead of raising `SIGPIPE`.
+//!
+//! URI forms:
+//! - `tcp:HOST:PORT` — IPv4, `[IPv6]`, or a host name; on the incoming side
+//!   an empty host binds every address and port 0 binds a free port
+//!   (see [`Listener::local_port`]);
+//! - `unix:PATH`;
+//! - `exec:COMMAND` — run by `/bin/sh -c`; outgoing writes to its stdin,
+//!   incoming reads its stdout;
+//! - `fd:N` or `fd:NAME` — an open descriptor passed by number or registered
+//!   by the host under a name (`livemig_fd_add`); livemig owns and closes it.
+
+mod exec;
+mod fdchan;
+pub mod mem;
+mod socket;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+
+use crate::error::{MigError, Result};
+
+pub use fdchan::FdChannel;
+
+/// How long a read or write may make no progress before the stream fails.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A byte channel under a migration stream.
+pub trait Channel: Send {
+    /// Reads some bytes; `Ok(0)` at the end of the stream.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes some bytes.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Releases the channel (for `exec:`, waits for the command and reports
+    /// a non-zero exit).
+    fn close(&mut self) -> io::Result<()>;
+    /// The URI (or a description) for messages.
+    fn describe(&self) -> String;
+}
+
+/// Wakes and fails every blocking operation of the channels it was given to.
+#[derive(Clone)]
+pub struct Aborter(std::sync::Arc<OwnedFd>);
+
+impl Aborter {
+    /// A new, unfired aborter (an eventfd).
+    pub fn new() -> Result<Aborter> {
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(MigError::io("eventfd", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(Aborter(std::sync::Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })))
+    }
+
+    /// Fires: every operation waiting on this aborter fails with `ECANCELED`.
+    pub fn abort(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// True once fired.
+    pub fn is_aborted(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A parsed migration URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uri {
+    /// `tcp:HOST:PORT` (host without brackets; empty on incoming = any).
+    Tcp { host: String, port: u16 },
+    /// `unix:PATH`.
+    Unix(String),
+    /// `exec:COMMAND`.
+    Exec(String),
+    /// `fd:N`.
+    FdNum(RawFd),
+    /// `fd:NAME`, registered by the host.
+    FdName(String),
+}
+
+impl Uri {
+    /// Parses a migration URI, with a message naming what is wrong.
+    pub fn parse(uri: &str) -> Result<Uri> {
+        let bad = |why: &str| MigError::new(format!("invalid migration uri '{uri}': {why}"));
+        let (proto, rest) = uri.split_once(':').ok_or_else(|| bad("expected tcp:, unix:, exec: or fd:"))?;
+        match proto {
+            "tcp" => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+                let host = if let Some(h) = host.strip_prefix('[') {
+                    h.strip_suffix(']').ok_or_else(|| bad("unbalanced '[' in host"))?
+                } else {
+                    if host.contains(':') {
+                        return Err(bad("an IPv6 address must be in brackets, e.g. tcp:[::1]:4444"));
+                    }
+                    host
+                };
+                let port: u16 = port.parse().map_err(|_| bad(&format!("port '{port}' is not a number from 0 to 65535")))?;
+                Ok(Uri::Tcp { host: host.to_string(), port })
+            }
+            "unix" if !rest.is_empty() => Ok(Uri::Unix(rest.to_string())),
+            "unix" => Err(bad("empty socket path")),
+            "exec" if !rest.trim().is_empty() => Ok(Uri::Exec(rest.to_string())),
+            "exec" => Err(bad("empty command")),
+            "fd" if rest.is_empty() => Err(bad("empty file descriptor")),
+            "fd" => match rest.parse::<RawFd>() {
+                Ok(n) if n >= 0 => Ok(Uri::FdNum(n)),
+                Ok(_) => Err(bad("negative file descriptor")),
+                Err(_) => Ok(Uri::FdName(rest.to_string())),
+            },
+            other => Err(bad(&format!("unknown protocol '{other}' (expected tcp:, unix:, exec: or fd:)"))),
+        }
+    }
+}
+
+static NAMED_FDS: Lazy<Mutex<Vec<(String, OwnedFd)>>> = Lazy::new(|| Mutex::new(Vec::new()));
+
+/// Registers `fd` under `name` for a later `fd:NAME` URI; livemig owns it
+/// from now on. A name already registered is refused.
+pub fn fd_add(name: &str, fd: OwnedFd) -> Result<()> {
+    if name.is_empty() || name.parse::<i64>().is_ok() {
+        return Err(MigError::new(format!("fd name '{name}' must be non-empty and not a number")));
+    }
+    let mut fds = NAMED_FDS.lock();
+    if fds.iter().any(|(n, _)| n == name) {
+        return Err(MigError::new(format!("fd name '{name}' is already registered")));
+    }
+    fds.push((name.to_string(), fd));
+    Ok(())
+}
+
+/// Removes and closes the fd registered under `name`.
+pub fn fd_remove(name: &str) -> Result<()> {
+    let mut fds = NAMED_FDS.lock();
+    let i = fds.iter().position(|(n, _)| n == name).ok_or_else(|| MigError::new(format!("no fd registered as '{name}'")))?;
+    fds.remove(i);
+    Ok(())
+}
+
+fn take_fd(uri: &Uri) -> Result<OwnedFd> {
+    match uri {
+        Uri::FdNum(n) => {
+            // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+            if unsafe { libc::fcntl(*n, libc::F_GETFD) } < 0 {
+                return Err(MigError::io(format!("fd:{n}"), io::Error::last_os_error()));
+            }
+            // SAFETY: the host handed fd N to livemig with the URI; we own it
+            // from here on (documented on qmp_migrate).
+            Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*n) })
+        }
+        Uri::FdName(name) => {
+            let mut fds = NAMED_FDS.lock();
+            let i = fds
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| MigError::new(format!("file descriptor named '{name}' has not been found")))?;
+            Ok(fds.remove(i).1)
+        }
+        _ => unreachable!("take_fd on a non-fd uri"),
+    }
+}
+
+/// Opens the outgoing channel for `uri` (runs on the migration thread;
+/// `abort` interrupts a pending connect).
+pub fn connect(uri: &Uri, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
+    match uri {
+        Uri::Tcp { host, port } => socket::connect_tcp(host, *port, text, abort),
+        Uri::Unix(path) => socket::connect_unix(path, text, abort),
+        Uri::Exec(cmd) => exec::spawn(cmd, true, text, abort),
+        Uri::FdNum(_) | Uri::FdName(_) => Ok(Box::new(FdChannel::new(take_fd(uri)?, text.to_string(), abort.clone())?)),
+    }
+}
+
+/// An incoming endpoint that has been set up but not yet connected.
+pub enum Listener {
+    /// A listening socket; [`Listener::accept`] waits for the source.
+    Socket(socket::SocketListener),
+    /// A channel that is already connected (`exec:` and `fd:`).
+    Ready(Box<dyn Channel>),
+}
+
+impl Listener {
+    /// Sets up the incoming side of `uri` (runs on the caller's thread; never
+    /// blocks on the network).
+    pub fn open(uri: &Uri, text: &str, abort: &Aborter) -> Result<Listener> {
+        match uri {
+            Uri::Tcp { host, port } => Ok(Listener::Socket(socket::listen_tcp(host, *port, text, abort)?)),
+            Uri::Unix(path) => Ok(Listener::Socket(socket::listen_unix(path, text, abort)?)),
+            Uri::Exec(cmd) => Ok(Listener::Ready(exec::spawn(cmd, false, text, abort)?)),
+            Uri::FdNum(_) | Uri::FdName(_) => Ok(Listener::Ready(Box::new(FdChannel::new(take_fd(uri)?, text.to_string(), abort.clone())?))),
+        }
+    }
+
+    /// The bound TCP port, for a `tcp:` listener.
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Listener::Socket(l) => l.local_port(),
+            Listener::Ready(_) => None,
+        }
+    }
+
+    /// Waits for the source (interruptible by the aborter).
+    pub fn accept(self) -> Result<Box<dyn Channel>> {
+        match self {
+            Listener::Socket(l) => l.accept(),
+            Listener::Ready(c) => Ok(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(Uri::parse("tcp:127.0.0.1:4444").unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 4444 });
+        assert_eq!(Uri::parse("tcp:[::1]:0").unwrap(), Uri::Tcp { host: "::1".into(), port: 0 });
+        assert_eq!(Uri::parse("tcp:localhost:1").unwrap(), Uri::Tcp { host: "localhost".into(), port: 1 });
+        assert_eq!(Uri::parse("tcp::5").unwrap(), Uri::Tcp { host: "".into(), port: 5 });
+        assert_eq!(Uri::parse("unix:/tmp/x.sock").unwrap(), Uri::Unix("/tmp/x.sock".into()));
+        assert_eq!(Uri::parse("exec:cat > f").unwrap(), Uri::Exec("cat > f".into()));
+        assert_eq!(Uri::parse("fd:7").unwrap(), Uri::FdNum(7));
+        assert_eq!(Uri::parse("fd:mig").unwrap(), Uri::FdName("mig".into()));
+    }
+
+    #[test]
+    fn refuses_bad_uris_with_reason() {
+        let cases = [
+            ("", "expected tcp:, unix:, exec: or fd:"),
+            ("http://x", "unknown protocol 'http'"),
+            ("tcp:1.2.3.4", "expected tcp:HOST:PORT"),
+            ("tcp:::1:4", "must be in brackets"),
+            ("tcp:[::1:4", "unbalanced"),
+            ("tcp:h:70000", "port '70000' is not a number"),
+            ("tcp:h:-1", "port '-1'"),
+            ("unix:", "empty socket path"),
+            ("exec: ", "empty command"),
+            ("fd:", "empty file descriptor"),
+            ("fd:-3", "negative"),
+        ];
+        for (uri, want) in cases {
+            let e = Uri::parse(uri).expect_err(uri).to_string();
+            assert!(e.contains(want) && e.contains(&format!("'{uri}'")), "{uri}: {e}");
+        }
+    }
+
+    #[test]
+    fn aborter_fires_once_and_stays_fired() {
+        let a = Aborter::new().unwrap();
+        assert!(!a.is_aborted());
+        a.abort();
+        a.clone().abort();
+        assert!(a.is_aborted());
+    }
+
+    #[test]
+    fn named_fds_are_taken_once() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        fd_add("t-named", OwnedFd::from(a)).unwrap();
+        let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(fd_add("t-named", OwnedFd::from(c)).unwrap_err().to_string().contains("already registered"));
+        assert!(fd_add("12", OwnedFd::from(_d)).is_err());
+        let uri = Uri::parse("fd:t-named").unwrap();
+        take_fd(&uri).unwrap();
+        assert!(take_fd(&uri).unwrap_err().to_string().contains("has not been found"));
+        assert!(fd_remove("t-named").is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! `tcp:` and `unix:` sockets: non-blocking connect and accept, keepalive.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use super::fdchan::{set_nonblocking, wait_fd};
+use super::{Aborter, Channel, FdChannel};
+use crate::error::{MigError, Result};
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) {
+    // SAFETY: passes a pointer to a live i32 and its size.
+    let r = unsafe {
+        libc::setsockopt(fd, level, name, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+    };
+    if r != 0 {
+        log::debug!("setsockopt({level}, {name}) failed: {}", io::Error::last_os_error());
+    }
+}
+
+/// Keepalive so that a dead peer is noticed even while nothing is sent, and
+/// a user timeout so that unacknowledged data fails the stream.
+fn tune_tcp(fd: RawFd) {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
+}
+
+fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn connect_one(addr: &SocketAddr, abort: &Aborter, text: &str) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (ss, len) = sockaddr_of(addr);
+    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(raw, (&ss as *const libc::sockaddr_storage).cast(), len) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        wait_fd(raw, libc::POLLOUT, abort, text)?;
+        let mut err: i32 = 0;
+        let mut elen = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: getsockopt writes an i32 into `err`, whose size is in `elen`.
+        unsafe { libc::getsockopt(raw, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut elen) };
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+    }
+    Ok(fd)
+}
+
+/// Connects to `host:port`, trying each resolved address in turn.
+pub fn connect_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
+    let fail = |e: io::Error| MigError::io(format!("Failed to connect to '{host}:{port}'"), e);
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().map_err(fail)?.collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for addr in &addrs {
+        match connect_one(addr, abort, text) {
+            Ok(fd) => {
+                tune_tcp(fd.as_raw_fd());
+                log::info!("connected to {addr} for {text}");
+                return Ok(Box::new(FdChannel::new(fd, text.to_string(), abort.clone())?));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => return Err(fail(e)),
+            Err(e) => last = e,
+        }
+    }
+    Err(fail(last))
+}
+
+/// Connects to the unix socket at `path`.
+pub fn connect_unix(path: &str, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
+    let s = UnixStream::connect(path).map_err(|e| MigError::io(format!("Failed to connect to '{path}'"), e))?;
+    Ok(Box::new(FdChannel::new(OwnedFd::from(s), text.to_string(), abort.clone())?))
+}
+
+/// A listening socket waiting for one source.
+pub struct SocketListener {
+    fd: OwnedFd,
+    name: String,
+    abort: Aborter,
+    port: Option<u16>,
+    unix_path: Option<String>,
+}
+
+impl SocketListener {
+    /// The bound TCP port.
+    pub fn local_port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Waits for one connection; the listener is closed afterwards.
+    pub fn accept(self) -> Result<Box<dyn Channel>> {
+        let raw = self.fd.as_raw_fd();
+        loop {
+            // SAFETY: accept4 with NULL address pointers is allowed.
+            let c = unsafe { libc::accept4(raw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+            if c >= 0 {
+                // SAFETY: `c` is a fresh descriptor owned by nobody else.
+                let fd = unsafe { OwnedFd::from_raw_fd(c) };
+                if self.port.is_some() {
+                    tune_tcp(c);
+                }
+                return FdChannel::new(fd, self.name.clone(), self.abort.clone()).map(|c| Box::new(c) as Box<dyn Channel>);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {
+                    // Waiting for the source has no stall limit; only a cancel ends it.
+                    wait_accept(raw, &self.abort).map_err(|e| MigError::io(format!("{}: accept", self.name), e))?
+                }
+                Some(libc::EINTR) | Some(libc::ECONNABORTED) => {}
+                _ => return Err(MigError::io(format!("{}: accept", self.name), e)),
+            }
+        }
+    }
+}
+
+fn wait_accept(fd: RawFd, abort: &Aborter) -> io::Result<()> {
+    loop {
+        let mut pfds = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds in a live array.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if pfds[1].revents != 0 {
+            return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+        }
+        if pfds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
+impl Drop for SocketListener {
+    fn drop(&mut self) {
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds `host:port` (empty host: every address; port 0: any free port).
+pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<SocketListener> {
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    let l = TcpListener::bind((host, port)).map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
+    let port = l.local_addr().map_err(|e| MigError::io("getsockname", e))?.port();
+    let fd = OwnedFd::from(l);
+    set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
+    log::info!("listening on {text} (port {port})");
+    Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: Some(port), unix_path: None })
+}
+
+/// Binds the unix socket `path`, replacing a stale socket file.
+pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketListener> {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if md.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let l = UnixListener::bind(path).map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
+    let fd = OwnedFd::from(l);
+    set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
+    Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some(path.to_string()) })
+}
