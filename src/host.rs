@@ -73,7 +73,24 @@ impl RunState {
     /// Every state in QAPI order.
     pub fn all() -> [RunState; 16] {
         use RunState::*;
-        [Debug, Inmigrate, InternalError, IoError, Paused, Postmigrate, Prelaunch, FinishMigrate, RestoreVm, Running, SaveVm, Shutdown, Suspended, Watchdog, GuestPanicked, Colo]
+        [
+            Debug,
+            Inmigrate,
+            InternalError,
+            IoError,
+            Paused,
+            Postmigrate,
+            Prelaunch,
+            FinishMigrate,
+            RestoreVm,
+            Running,
+            SaveVm,
+            Shutdown,
+            Suspended,
+            Watchdog,
+            GuestPanicked,
+            Colo,
+        ]
     }
 
     /// QEMU's name (as carried by the "globalstate" section).

@@ -56,12 +56,13 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
             QEMU_VM_SECTION_START | QEMU_VM_SECTION_FULL => {
                 let section_id = f.get_be32();
                 let idstr = f.get_counted_bytes();
-                let instance_id = f.get_be32();
-                let version_id = f.get_be32();
                 f.check()?;
                 if idstr.is_empty() {
                     return Err(MigError::new(format!("Unable to read ID string for section {section_id}")));
                 }
+                let instance_id = f.get_be32();
+                let version_id = f.get_be32();
+                f.check()?;
                 let idstr = String::from_utf8_lossy(&idstr).into_owned();
                 let l = loaded.iter_mut().find(|l| l.entry.idstr == idstr && l.entry.instance_id == instance_id).ok_or_else(|| {
                     MigError::new(format!(

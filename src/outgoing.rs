@@ -59,7 +59,8 @@ struct Outgoing {
     host_error: Option<String>,
 }
 
-static OUT: Mutex<Outgoing> = Mutex::new(Outgoing { stats: empty_stats(), start: None, aborter: None, thread: None, blockers: Vec::new(), host_error: None });
+static OUT: Mutex<Outgoing> =
+    Mutex::new(Outgoing { stats: empty_stats(), start: None, aborter: None, thread: None, blockers: Vec::new(), host_error: None });
 static WAKE: Condvar = Condvar::new();
 static WAKE_LOCK: Mutex<()> = Mutex::new(());
 
@@ -242,7 +243,7 @@ fn migrate(host: &Host, f: &mut QemuFile, p: &mut Progress) -> Result<()> {
         if !f.rate_limit_exceeded() {
             let pending = save.pending(max_size);
             update(|s| s.remaining = pending);
-            if pending > 0 && pending >= max_size {
+            if should_iterate(pending, max_size) {
                 save.iterate(f)?;
             } else {
                 return switchover(host, f, save, &mut p.stopped_running_vm, start);
@@ -251,15 +252,13 @@ fn migrate(host: &Host, f: &mut QemuFile, p: &mut Progress) -> Result<()> {
         let elapsed = window_start.elapsed();
         if elapsed >= WINDOW {
             let sent = f.tell() - window_bytes_start;
-            let bw_per_ms = sent as f64 / elapsed.as_secs_f64() / 1000.0;
             prm = params::get();
-            max_size = (bw_per_ms * (prm.downtime_ns as f64 / 1e6)) as u64;
-            let dirty_rate = crate::ram::dirty_bytes_rate();
-            let expected = if bw_per_ms > 0.0 { (dirty_rate as f64 / 1000.0 / bw_per_ms) as u64 } else { 0 };
-            let expected = expected.max(if bw_per_ms > 0.0 { (save.pending(max_size) as f64 / bw_per_ms) as u64 } else { 0 });
+            let w = Window::measure(sent, elapsed, prm.downtime_ns, crate::ram::dirty_bytes_rate(), save.pending(max_size));
+            max_size = w.max_size;
+            let expected = w.expected_downtime_ms;
             update(|s| {
                 s.transferred = f.tell();
-                s.mbps = sent as f64 * 8.0 / elapsed.as_secs_f64() / 1e6;
+                s.mbps = w.mbps;
                 s.expected_downtime_ms = expected;
             });
             log::debug!("window: {sent} bytes in {elapsed:?}, max_size {max_size}, expected downtime {expected} ms");
@@ -271,6 +270,36 @@ fn migrate(host: &Host, f: &mut QemuFile, p: &mut Progress) -> Result<()> {
             f.check()?;
             sleep_interruptible(WINDOW - elapsed);
         }
+    }
+}
+
+/// The convergence decision: keep iterating while the pending bytes do not
+/// fit in what one downtime window can send.
+pub fn should_iterate(pending: u64, max_size: u64) -> bool {
+    pending > 0 && pending >= max_size
+}
+
+/// What one finished window tells about bandwidth and convergence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    /// Bytes that fit in the downtime limit at the measured bandwidth.
+    pub max_size: u64,
+    /// Expected downtime in ms: the larger of (pending / bandwidth) and
+    /// (dirty rate / bandwidth), QEMU's estimate.
+    pub expected_downtime_ms: u64,
+    /// Throughput in megabits per second.
+    pub mbps: f64,
+}
+
+impl Window {
+    /// Figures from `sent` bytes in `elapsed`, a downtime limit, the dirty
+    /// rate (bytes/s) and the bytes pending.
+    pub fn measure(sent: u64, elapsed: Duration, downtime_ns: u64, dirty_bytes_rate: u64, pending: u64) -> Window {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let bw_per_ms = sent as f64 / secs / 1000.0;
+        let max_size = (bw_per_ms * (downtime_ns as f64 / 1e6)) as u64;
+        let expected_downtime_ms = if bw_per_ms > 0.0 { ((pending.max(dirty_bytes_rate / 1000)) as f64 / bw_per_ms) as u64 } else { 0 };
+        Window { max_size, expected_downtime_ms, mbps: sent as f64 * 8.0 / secs / 1e6 }
     }
 }
 
@@ -354,4 +383,30 @@ fn finish(host: &Host, result: Result<()>, mut p: Progress) {
 /// The outgoing status.
 pub fn status() -> MigrationStatus {
     OUTGOING.status()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_figures() {
+        // 10 MB in 100 ms = 100 MB/s = 100_000 bytes/ms; 300 ms of downtime
+        // sends 30 MB.
+        let w = Window::measure(10_000_000, Duration::from_millis(100), 300_000_000, 0, 15_000_000);
+        assert_eq!(w.max_size, 30_000_000);
+        assert_eq!(w.expected_downtime_ms, 150);
+        assert!((w.mbps - 800.0).abs() < 1e-6);
+        // Nothing sent: nothing fits, no estimate.
+        let w = Window::measure(0, Duration::from_millis(100), 300_000_000, 1 << 20, 1 << 20);
+        assert_eq!((w.max_size, w.expected_downtime_ms), (0, 0));
+    }
+
+    #[test]
+    fn convergence_decision() {
+        assert!(should_iterate(1, 0), "before the first window everything iterates");
+        assert!(should_iterate(30_000_000, 30_000_000));
+        assert!(!should_iterate(29_999_999, 30_000_000), "fits in the downtime: switch over");
+        assert!(!should_iterate(0, 0), "nothing pending: switch over");
+    }
 }

@@ -90,9 +90,27 @@ impl MigrationCapability {
     pub fn all() -> [MigrationCapability; CAPABILITY_COUNT] {
         use MigrationCapability::*;
         [
-            Xbzrle, RdmaPinAll, AutoConverge, ZeroBlocks, Compress, Events, PostcopyRam, XColo, ReleaseRam, Block, ReturnPath,
-            PauseBeforeSwitchover, Multifd, DirtyBitmaps, PostcopyBlocktime, LateBlockActivate, XIgnoreShared, ValidateUuid,
-            BackgroundSnapshot, ZeroCopySend, PostcopyPreempt,
+            Xbzrle,
+            RdmaPinAll,
+            AutoConverge,
+            ZeroBlocks,
+            Compress,
+            Events,
+            PostcopyRam,
+            XColo,
+            ReleaseRam,
+            Block,
+            ReturnPath,
+            PauseBeforeSwitchover,
+            Multifd,
+            DirtyBitmaps,
+            PostcopyBlocktime,
+            LateBlockActivate,
+            XIgnoreShared,
+            ValidateUuid,
+            BackgroundSnapshot,
+            ZeroCopySend,
+            PostcopyPreempt,
         ]
     }
 
@@ -131,12 +149,8 @@ pub struct Params {
 }
 
 impl Params {
-    const DEFAULT: Params = Params {
-        speed: 128 << 20,
-        downtime_ns: 300_000_000,
-        xbzrle_cache_size: 64 << 20,
-        caps: [false; CAPABILITY_COUNT],
-    };
+    const DEFAULT: Params =
+        Params { speed: 128 << 20, downtime_ns: 300_000_000, xbzrle_cache_size: 64 << 20, caps: [false; CAPABILITY_COUNT] };
 
     /// Whether `cap` is on.
     pub fn cap(&self, cap: MigrationCapability) -> bool {

@@ -47,16 +47,7 @@ pub struct QemuFile {
 impl QemuFile {
     /// A stream over `chan`.
     pub fn new(chan: Box<dyn Channel>, dir: Direction) -> QemuFile {
-        QemuFile {
-            chan,
-            dir,
-            buf: Vec::with_capacity(IO_BUF_SIZE),
-            rpos: 0,
-            pos: 0,
-            error: None,
-            rate_limit_max: 0,
-            rate_limit_used: 0,
-        }
+        QemuFile { chan, dir, buf: Vec::with_capacity(IO_BUF_SIZE), rpos: 0, pos: 0, error: None, rate_limit_max: 0, rate_limit_used: 0 }
     }
 
     /// The direction of this stream.

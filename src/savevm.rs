@@ -155,7 +155,14 @@ static MACHINE_NAME: Mutex<Option<String>> = Mutex::new(None);
 
 /// Registers a handler. `instance_id` < 0 picks the next free instance of
 /// `idstr`. Returns the section id assigned.
-pub fn register(idstr: &str, instance_id: i64, version_id: u32, handler: Box<dyn SaveVmHandler>, owner: usize, priority: Priority) -> Result<u32> {
+pub fn register(
+    idstr: &str,
+    instance_id: i64,
+    version_id: u32,
+    handler: Box<dyn SaveVmHandler>,
+    owner: usize,
+    priority: Priority,
+) -> Result<u32> {
     if idstr.is_empty() || idstr.len() > 255 || idstr.contains('\0') {
         return Err(MigError::new(format!("savevm: section name '{idstr}' must be 1 to 255 bytes without NUL")));
     }
@@ -177,8 +184,20 @@ pub fn register(idstr: &str, instance_id: i64, version_id: u32, handler: Box<dyn
         section_id = 1;
     }
     r.next_section_id = section_id + 1;
-    r.entries.push(Entry { idstr: idstr.to_string(), instance_id, version_id, section_id, live, priority, owner, handler: Arc::new(Mutex::new(handler)) });
-    log::debug!("savevm: registered '{idstr}' instance {instance_id} v{version_id} as section {section_id}{}", if live { " (live)" } else { "" });
+    r.entries.push(Entry {
+        idstr: idstr.to_string(),
+        instance_id,
+        version_id,
+        section_id,
+        live,
+        priority,
+        owner,
+        handler: Arc::new(Mutex::new(handler)),
+    });
+    log::debug!(
+        "savevm: registered '{idstr}' instance {instance_id} v{version_id} as section {section_id}{}",
+        if live { " (live)" } else { "" }
+    );
     Ok(section_id)
 }
 
@@ -192,6 +211,7 @@ pub fn unregister(idstr: &str, owner: usize) -> usize {
 
 /// The registered entries in send order (a snapshot for one migration).
 pub fn entries() -> Vec<Entry> {
+    crate::globalstate::register();
     let mut v = REGISTRY.lock().entries.clone();
     v.sort_by_key(|e| e.priority);
     v

@@ -52,10 +52,25 @@ pub enum MigrationStatus {
 impl MigrationStatus {
     fn from_u32(v: u32) -> MigrationStatus {
         use MigrationStatus::*;
-        [None, Setup, Cancelling, Cancelled, Active, PostcopyActive, PostcopyPaused, PostcopyRecover, Completed, Failed, Colo, PreSwitchover, Device, WaitUnplug]
-            .get(v as usize)
-            .copied()
-            .unwrap_or(Failed)
+        [
+            None,
+            Setup,
+            Cancelling,
+            Cancelled,
+            Active,
+            PostcopyActive,
+            PostcopyPaused,
+            PostcopyRecover,
+            Completed,
+            Failed,
+            Colo,
+            PreSwitchover,
+            Device,
+            WaitUnplug,
+        ]
+        .get(v as usize)
+        .copied()
+        .unwrap_or(Failed)
     }
 
     /// QEMU's name for the state, as in query-migrate.

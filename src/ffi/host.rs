@@ -22,10 +22,15 @@ pub extern "C" fn livemig_set_host_ops(ops: *const LivemigHostOps, opaque: *mut 
         // version of the table has.
         let (version, size) = unsafe { ((*ops).version, (*ops).size) };
         if version != LIVEMIG_HOST_OPS_VERSION {
-            return Err(MigError::new(format!("host operations version {version} is not supported (this library knows version {LIVEMIG_HOST_OPS_VERSION})")));
+            return Err(MigError::new(format!(
+                "host operations version {version} is not supported (this library knows version {LIVEMIG_HOST_OPS_VERSION})"
+            )));
         }
         if (size as usize) < std::mem::size_of::<LivemigHostOps>() {
-            return Err(MigError::new(format!("host operations size {size} is smaller than version 1's {}", std::mem::size_of::<LivemigHostOps>())));
+            return Err(MigError::new(format!(
+                "host operations size {size} is smaller than version 1's {}",
+                std::mem::size_of::<LivemigHostOps>()
+            )));
         }
         // SAFETY: the caller's table is at least as large as ours (checked).
         let table = unsafe { *ops };

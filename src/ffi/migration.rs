@@ -83,7 +83,16 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// call never waits).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
-pub extern "C" fn qmp_migrate(uri: *const c_char, has_blk: bool, blk: bool, has_inc: bool, inc: bool, has_detach: bool, detach: bool, errp: *mut *mut Error) {
+pub extern "C" fn qmp_migrate(
+    uri: *const c_char,
+    has_blk: bool,
+    blk: bool,
+    has_inc: bool,
+    inc: bool,
+    has_detach: bool,
+    detach: bool,
+    errp: *mut *mut Error,
+) {
     let _ = (has_detach, detach);
     guard_err("qmp_migrate", errp, (), || {
         let uri = cstr(uri, "uri")?;

@@ -121,7 +121,14 @@ fn register(idstr: *const c_char, instance_id: c_int, version_id: c_int, h: impl
 /// section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
 /// reports why. `instance_id` -1 picks the next free instance.
 #[no_mangle]
-pub extern "C" fn register_savevm_live(dev: *mut DeviceState, idstr: *const c_char, instance_id: c_int, version_id: c_int, ops: *const SaveVMHandlers, opaque: *mut c_void) -> c_int {
+pub extern "C" fn register_savevm_live(
+    dev: *mut DeviceState,
+    idstr: *const c_char,
+    instance_id: c_int,
+    version_id: c_int,
+    ops: *const SaveVMHandlers,
+    opaque: *mut c_void,
+) -> c_int {
     let mut err: *mut Error = std::ptr::null_mut();
     let r = livemig_register_savevm_live(dev, idstr, instance_id, version_id, ops, opaque, &mut err);
     if !err.is_null() {

@@ -55,7 +55,8 @@ pub struct LivemigHostOps {
     /// written since the last sync into `bitmap` (bit i of word i/64 = page
     /// i, as KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
     /// errno. Without it, only `livemig_ram_mark_dirty` marks pages.
-    pub dirty_log_sync: Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, host: *mut c_void, length: u64, bitmap: *mut u64) -> c_int>,
+    pub dirty_log_sync:
+        Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, host: *mut c_void, length: u64, bitmap: *mut u64) -> c_int>,
     /// Optional: stops dirty logging.
     pub dirty_log_stop: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Destination: start the VM after a load whose source was running

@@ -18,11 +18,8 @@ pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<B
         c.stdout(Stdio::piped()).stdin(Stdio::null());
     }
     let mut child = c.spawn().map_err(|e| MigError::io(format!("{text}: cannot run /bin/sh"), e))?;
-    let fd: OwnedFd = if outgoing {
-        child.stdin.take().expect("stdin was piped").into()
-    } else {
-        child.stdout.take().expect("stdout was piped").into()
-    };
+    let fd: OwnedFd =
+        if outgoing { child.stdin.take().expect("stdin was piped").into() } else { child.stdout.take().expect("stdout was piped").into() };
     Ok(Box::new(FdChannel::new(fd, text.to_string(), abort.clone())?.with_child(child)))
 }
 

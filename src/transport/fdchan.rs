@@ -35,15 +35,9 @@ pub(super) fn wait_fd(fd: RawFd, events: libc::c_short, abort: &Aborter, what: &
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no progress on {what} for {} s", STALL_TIMEOUT.as_secs()),
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress on {what} for {} s", STALL_TIMEOUT.as_secs())));
         }
-        let mut pfds = [
-            libc::pollfd { fd, events, revents: 0 },
-            libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
+        let mut pfds = [libc::pollfd { fd, events, revents: 0 }, libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 }];
         // SAFETY: two valid pollfds in a live array.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
         if r < 0 {

@@ -208,7 +208,9 @@ impl Listener {
             Uri::Tcp { host, port } => Ok(Listener::Socket(socket::listen_tcp(host, *port, text, abort)?)),
             Uri::Unix(path) => Ok(Listener::Socket(socket::listen_unix(path, text, abort)?)),
             Uri::Exec(cmd) => Ok(Listener::Ready(exec::spawn(cmd, false, text, abort)?)),
-            Uri::FdNum(_) | Uri::FdName(_) => Ok(Listener::Ready(Box::new(FdChannel::new(take_fd(uri)?, text.to_string(), abort.clone())?))),
+            Uri::FdNum(_) | Uri::FdName(_) => {
+                Ok(Listener::Ready(Box::new(FdChannel::new(take_fd(uri)?, text.to_string(), abort.clone())?)))
+            }
         }
     }
 

@@ -11,9 +11,7 @@ use crate::error::{MigError, Result};
 
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) {
     // SAFETY: passes a pointer to a live i32 and its size.
-    let r = unsafe {
-        libc::setsockopt(fd, level, name, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
-    };
+    let r = unsafe { libc::setsockopt(fd, level, name, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t) };
     if r != 0 {
         log::debug!("setsockopt({level}, {name}) failed: {}", io::Error::last_os_error());
     }
@@ -153,10 +151,8 @@ impl SocketListener {
 
 fn wait_accept(fd: RawFd, abort: &Aborter) -> io::Result<()> {
     loop {
-        let mut pfds = [
-            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
+        let mut pfds =
+            [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 }];
         // SAFETY: two valid pollfds in a live array.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
         if r < 0 {
