@@ -10,6 +10,7 @@ Event events[MAX_EVENTS];
 int n_events;
 static pthread_mutex_t events_lock = PTHREAD_MUTEX_INITIALIZER;
 static LivemigHostOps ops;
+void (*fakehost_on_stop)(void);
 
 static void host_lock(void *opaque)
 {
@@ -35,6 +36,8 @@ static int host_stop(void *opaque, RunState state)
 {
     FakeHost *h = opaque;
     CHECK(lock_held(h), "vm_stop_force_state without the host lock");
+    if (fakehost_on_stop)
+        fakehost_on_stop();
     h->state = state;
     h->stops++;
     return 0;

@@ -25,6 +25,8 @@ typedef struct Event {
 } Event;
 
 extern FakeHost fake_host;
+/* Called by vm_stop_force_state (host lock held): stop guest writers. */
+extern void (*fakehost_on_stop)(void);
 extern Event events[MAX_EVENTS];
 extern int n_events;
 

@@ -38,6 +38,61 @@
 #define MAX_DOWNTIME_NS (2000000 * 1000000)
 
 /*
+ Page size of the stream.
+ */
+#define PAGE (size_t)TARGET_PAGE_SIZE
+
+/*
+ Target page size of the x86_64 stream (`TARGET_PAGE_SIZE`).
+ */
+#define PAGE_SIZE 4096
+
+/*
+ Obsolete; refused.
+ */
+#define FULL 1
+
+/*
+ A page filled with one byte.
+ */
+#define ZERO 2
+
+/*
+ The block list.
+ */
+#define MEM_SIZE 4
+
+/*
+ End of section.
+ */
+#define EOS 16
+
+/*
+ Same block as the previous record.
+ */
+#define CONTINUE 32
+
+/*
+ XBZRLE-encoded page.
+ */
+#define XBZRLE 64
+
+/*
+ RDMA hook; refused.
+ */
+#define HOOK 128
+
+/*
+ zlib page (`compress`); refused.
+ */
+#define COMPRESS_PAGE 256
+
+/*
+ The only XBZRLE encoding.
+ */
+#define ENCODING_FLAG_XBZRLE 1
+
+/*
  `QEVM`.
  */
 #define QEMU_VM_FILE_MAGIC 1363498573
@@ -1042,6 +1097,25 @@ int32_t livemig_incoming_port(void);
  the VM is not started. Returns false if none was running.
  */
 bool livemig_incoming_cancel(void);
+
+/*
+ Registers a block of guest RAM as `idstr` (the name in the stream, e.g.
+ "ram" or "pc.ram"): `length` bytes at `host`, page aligned. The memory
+ must stay mapped until `livemig_ram_block_remove`. Refused while a
+ migration runs.
+ */
+bool livemig_ram_block_add(const char *idstr, void *host, uint64_t length, struct Error **errp);
+
+/*
+ Unregisters a block (refused while a migration runs).
+ */
+bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
+
+/*
+ Marks `[offset, offset + length)` of block `idstr` dirty: writes the
+ dirty log does not see (device DMA, emulated devices). Any thread.
+ */
+bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 
 /*
  Registers a live device with a handler table (copied). Returns the

@@ -212,6 +212,7 @@ pub fn unregister(idstr: &str, owner: usize) -> usize {
 /// The registered entries in send order (a snapshot for one migration).
 pub fn entries() -> Vec<Entry> {
     crate::globalstate::register();
+    crate::ram::register();
     let mut v = REGISTRY.lock().entries.clone();
     v.sort_by_key(|e| e.priority);
     v

@@ -1,30 +1,292 @@
-//! Guest RAM: blocks, dirty tracking, the built-in "ram" section.
+//! Guest RAM: registered blocks, statistics, and the built-in "ram" section
+//! (idstr "ram", instance 0, version 4) on both sides.
+//!
+//! Record grammar inside every START/PART/END payload (stream-format §3):
+//!
+//! ```text
+//! be64 header = offset_in_block | flags          flags = header & 0xFFF
+//!   MEM_SIZE 0x04: offset = total; then per block: u8 len, name, be64 length
+//!   ZERO     0x02: [name] u8 fill
+//!   PAGE     0x08: [name] 4096 bytes
+//!   XBZRLE   0x40: [name] u8 1, be16 len, len bytes of XBZRLE encoding
+//!   EOS      0x10: end of this section's RAM data
+//!   CONTINUE 0x20: the block is the last one named (no name follows),
+//!                  kept across section boundaries
+//! ```
+//!
+//! Guest RAM is written by running vCPUs on the source: pages are read with
+//! raw-pointer copies ([`RamBlock::page_ptr`]) and never borrowed as Rust
+//! slices while the guest may run.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod load;
+pub mod page_cache;
+pub mod save;
+pub mod scan;
+pub mod xbzrle;
 
-static DIRTY_BYTES_RATE: AtomicU64 = AtomicU64::new(0);
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::error::{MigError, Result};
+use crate::ffi::types::{MigrationStats, XBZRLECacheStats};
+use crate::outgoing::OutStats;
+use crate::params::{MigrationCapability, TARGET_PAGE_SIZE};
+use scan::DirtyBitmap;
+
+/// Page size of the stream.
+pub const PAGE: usize = TARGET_PAGE_SIZE as usize;
+
+/// RAM record flags.
+pub mod flags {
+    /// Obsolete; refused.
+    pub const FULL: u64 = 0x001;
+    /// A page filled with one byte.
+    pub const ZERO: u64 = 0x002;
+    /// The block list.
+    pub const MEM_SIZE: u64 = 0x004;
+    /// A raw page.
+    pub const PAGE: u64 = 0x008;
+    /// End of section.
+    pub const EOS: u64 = 0x010;
+    /// Same block as the previous record.
+    pub const CONTINUE: u64 = 0x020;
+    /// XBZRLE-encoded page.
+    pub const XBZRLE: u64 = 0x040;
+    /// RDMA hook; refused.
+    pub const HOOK: u64 = 0x080;
+    /// zlib page (`compress`); refused.
+    pub const COMPRESS_PAGE: u64 = 0x100;
+    /// The only XBZRLE encoding.
+    pub const ENCODING_FLAG_XBZRLE: u8 = 0x01;
+}
+
+/// A block of guest RAM registered by the host.
+pub struct RamBlock {
+    /// Name in the stream (e.g. "ram", "pc.ram").
+    pub idstr: String,
+    host: usize,
+    /// Length in bytes (a multiple of the page size).
+    pub length: u64,
+    /// Pages the host marked dirty itself (`livemig_ram_mark_dirty`).
+    marks: Mutex<DirtyBitmap>,
+}
+
+impl RamBlock {
+    /// Pages in the block.
+    pub fn pages(&self) -> usize {
+        (self.length / TARGET_PAGE_SIZE) as usize
+    }
+
+    /// The host address of page `page` (bounds-checked by the caller:
+    /// `page < self.pages()`).
+    pub fn page_ptr(&self, page: usize) -> *mut u8 {
+        debug_assert!(page < self.pages());
+        (self.host + page * PAGE) as *mut u8
+    }
+
+    /// The host address of the block.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host as *mut u8
+    }
+
+    /// Moves the host's own marks into `into` and clears them.
+    fn take_marks(&self, into: &mut DirtyBitmap) {
+        let mut m = self.marks.lock();
+        for (d, s) in into.words_mut().iter_mut().zip(m.words_mut().iter_mut()) {
+            *d |= std::mem::take(s);
+        }
+    }
+}
+
+static BLOCKS: Mutex<Vec<Arc<RamBlock>>> = Mutex::new(Vec::new());
+
+/// Registers a block of guest RAM. The memory must stay mapped until the
+/// block is removed (and no migration is running).
+pub fn block_add(idstr: &str, host: *mut u8, length: u64) -> Result<()> {
+    if idstr.is_empty() || idstr.len() > 255 || idstr.contains('\0') {
+        return Err(MigError::new(format!("ram block name '{idstr}' must be 1 to 255 bytes without NUL")));
+    }
+    if host.is_null() || !(host as usize).is_multiple_of(PAGE) {
+        return Err(MigError::new(format!("ram block '{idstr}': host address {host:p} must be non-NULL and page aligned")));
+    }
+    if length == 0 || !length.is_multiple_of(TARGET_PAGE_SIZE) || (host as u64).checked_add(length).is_none() {
+        return Err(MigError::new(format!("ram block '{idstr}': length {length} must be a non-zero multiple of {TARGET_PAGE_SIZE}")));
+    }
+    busy_check()?;
+    let mut b = BLOCKS.lock();
+    if b.iter().any(|x| x.idstr == idstr) {
+        return Err(MigError::new(format!("ram block '{idstr}' is already registered")));
+    }
+    let pages = (length / TARGET_PAGE_SIZE) as usize;
+    b.push(Arc::new(RamBlock { idstr: idstr.to_string(), host: host as usize, length, marks: Mutex::new(DirtyBitmap::new(pages)) }));
+    log::info!("ram block '{idstr}' registered: {length} bytes at {host:p}");
+    Ok(())
+}
+
+/// Removes a block.
+pub fn block_remove(idstr: &str) -> Result<()> {
+    busy_check()?;
+    let mut b = BLOCKS.lock();
+    let i = b.iter().position(|x| x.idstr == idstr).ok_or_else(|| MigError::new(format!("ram block '{idstr}' is not registered")))?;
+    b.remove(i);
+    Ok(())
+}
+
+fn busy_check() -> Result<()> {
+    if crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active() {
+        return Err(MigError::new("ram blocks cannot change while a migration is in progress"));
+    }
+    Ok(())
+}
+
+/// The registered blocks, largest first (QEMU's MEM_SIZE order).
+pub fn blocks() -> Vec<Arc<RamBlock>> {
+    let mut v = BLOCKS.lock().clone();
+    v.sort_by_key(|b| std::cmp::Reverse(b.length));
+    v
+}
+
+/// Marks `[offset, offset + len)` of block `idstr` dirty (a write the dirty
+/// log does not see, e.g. device DMA).
+pub fn mark_dirty(idstr: &str, offset: u64, len: u64) -> Result<()> {
+    let b = BLOCKS.lock().iter().find(|x| x.idstr == idstr).cloned();
+    let b = b.ok_or_else(|| MigError::new(format!("ram block '{idstr}' is not registered")))?;
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= b.length)
+        .ok_or_else(|| MigError::new(format!("ram block '{idstr}': range {offset:#x}+{len:#x} exceeds its length {:#x}", b.length)))?;
+    if len == 0 {
+        return Ok(());
+    }
+    let first = (offset / TARGET_PAGE_SIZE) as usize;
+    let last = ((end - 1) / TARGET_PAGE_SIZE) as usize;
+    b.marks.lock().set_range(first, last - first + 1);
+    Ok(())
+}
+
+/// Counters of the current or last outgoing RAM migration.
+#[derive(Default)]
+pub struct RamCounters {
+    /// Dirty bytes left.
+    pub remaining: AtomicU64,
+    /// Total RAM bytes.
+    pub total: AtomicU64,
+    /// RAM bytes written to the stream.
+    pub transferred: AtomicU64,
+    /// Zero pages sent.
+    pub duplicate: AtomicU64,
+    /// Full pages sent.
+    pub normal: AtomicU64,
+    /// Bitmap syncs.
+    pub dirty_sync_count: AtomicU64,
+    /// Pages dirtied per second (last sync period).
+    pub dirty_pages_rate: AtomicU64,
+    /// Pages sent per second (last sync period).
+    pub pages_per_second: AtomicU64,
+    /// Pages skipped (XBZRLE: unchanged).
+    pub skipped: AtomicU64,
+    /// XBZRLE pages sent.
+    pub xbzrle_pages: AtomicU64,
+    /// XBZRLE bytes sent (encoded + 3 header bytes per page, as QEMU).
+    pub xbzrle_bytes: AtomicU64,
+    /// XBZRLE cache misses.
+    pub xbzrle_cache_miss: AtomicU64,
+    /// XBZRLE overflows.
+    pub xbzrle_overflow: AtomicU64,
+    /// Pages re-sent after the first pass.
+    pub resent: AtomicU64,
+    /// Cache miss rate of the last period, as f64 bits.
+    pub xbzrle_cache_miss_rate: AtomicU64,
+    /// Encoding rate of the last period, as f64 bits.
+    pub xbzrle_encoding_rate: AtomicU64,
+}
+
+/// The counters.
+pub static COUNTERS: once_cell::sync::Lazy<RamCounters> = once_cell::sync::Lazy::new(RamCounters::default);
+static CACHE_RESIZED: AtomicBool = AtomicBool::new(false);
 
 /// The measured dirty rate of guest RAM, in bytes per second.
 pub fn dirty_bytes_rate() -> u64 {
-    DIRTY_BYTES_RATE.load(Ordering::Relaxed)
+    COUNTERS.dirty_pages_rate.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
 }
 
-use crate::ffi::types::{MigrationStats, XBZRLECacheStats};
-use crate::outgoing::OutStats;
+/// The XBZRLE cache size parameter changed: a running migration resizes.
+pub fn cache_resized() {
+    CACHE_RESIZED.store(true, Ordering::Release);
+}
+
+pub(crate) fn take_cache_resized() -> bool {
+    CACHE_RESIZED.swap(false, Ordering::AcqRel)
+}
 
 /// The RAM and XBZRLE figures for query-migrate.
 pub fn query_stats(out: &OutStats) -> (MigrationStats, Option<XBZRLECacheStats>) {
+    let c = &*COUNTERS;
+    let ld = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+    let transferred = ld(&c.transferred);
+    let downtime_bytes = out.downtime_bytes.min(transferred as u64) as i64;
     let s = MigrationStats {
-        transferred: out.transferred as i64,
-        remaining: out.remaining as i64,
+        transferred,
+        remaining: ld(&c.remaining),
+        total: ld(&c.total),
+        duplicate: ld(&c.duplicate),
+        normal: ld(&c.normal),
+        normal_bytes: ld(&c.normal) * PAGE as i64,
+        dirty_pages_rate: ld(&c.dirty_pages_rate),
         mbps: out.mbps,
-        page_size: crate::params::TARGET_PAGE_SIZE as i64,
-        downtime_bytes: out.downtime_bytes as i64,
-        precopy_bytes: out.transferred.saturating_sub(out.downtime_bytes) as i64,
+        dirty_sync_count: ld(&c.dirty_sync_count),
+        page_size: PAGE as i64,
+        pages_per_second: ld(&c.pages_per_second),
+        precopy_bytes: transferred - downtime_bytes,
+        downtime_bytes,
+        skipped: ld(&c.skipped),
         ..Default::default()
     };
-    (s, None)
+    let p = crate::params::get();
+    let x = p.cap(MigrationCapability::Xbzrle).then(|| XBZRLECacheStats {
+        cache_size: p.xbzrle_cache_size as i64,
+        bytes: ld(&c.xbzrle_bytes),
+        pages: ld(&c.xbzrle_pages),
+        cache_miss: ld(&c.xbzrle_cache_miss),
+        overflow: ld(&c.xbzrle_overflow),
+        cache_miss_rate: f64::from_bits(c.xbzrle_cache_miss_rate.load(Ordering::Relaxed)),
+        encoding_rate: f64::from_bits(c.xbzrle_encoding_rate.load(Ordering::Relaxed)),
+    });
+    (s, x)
 }
 
-/// The XBZRLE cache size parameter changed.
-pub fn cache_resized() {}
+/// Registers the built-in "ram" section (once).
+pub fn register() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        crate::savevm::register("ram", 0, 4, Box::new(save::RamSection::new()), 0, crate::savevm::Priority::Ram)
+            .expect("ram registers once");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_registration_checks() {
+        let mut mem = vec![0u64; 4 * PAGE / 8 + PAGE / 8];
+        let base = ((mem.as_mut_ptr() as usize + PAGE - 1) & !(PAGE - 1)) as *mut u8;
+        assert!(block_add("", base, 4096).unwrap_err().to_string().contains("1 to 255 bytes"));
+        assert!(block_add("t.x", std::ptr::null_mut(), 4096).unwrap_err().to_string().contains("page aligned"));
+        assert!(block_add("t.x", base, 4095).unwrap_err().to_string().contains("multiple of 4096"));
+        block_add("t.blk", base, 4 * 4096).unwrap();
+        assert!(block_add("t.blk", base, 4096).unwrap_err().to_string().contains("already registered"));
+        mark_dirty("t.blk", 4095, 2).unwrap();
+        let e = mark_dirty("t.blk", 3 * 4096, 4097).unwrap_err().to_string();
+        assert_eq!(e, "ram block 't.blk': range 0x3000+0x1001 exceeds its length 0x4000");
+        let b = blocks().into_iter().find(|b| b.idstr == "t.blk").unwrap();
+        let mut bm = DirtyBitmap::new(4);
+        b.take_marks(&mut bm);
+        assert!(bm.test(0) && bm.test(1) && !bm.test(2) && !bm.test(3));
+        block_remove("t.blk").unwrap();
+        assert!(block_remove("t.blk").is_err());
+    }
+}

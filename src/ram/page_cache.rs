@@ -49,10 +49,7 @@ impl std::fmt::Debug for PageCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageCache")
             .field("num_pages", &self.items.len())
-            .field(
-                "used",
-                &self.items.iter().filter(|it| it.addr != EMPTY).count(),
-            )
+            .field("used", &self.items.iter().filter(|it| it.addr != EMPTY).count())
             .finish()
     }
 }
@@ -62,18 +59,13 @@ impl std::fmt::Debug for PageCache {
 fn slots_for(size_bytes: u64) -> Result<usize, String> {
     let page = PAGE_SIZE as u64;
     if size_bytes < page {
-        return Err(format!(
-            "xbzrle cache size {size_bytes} is smaller than one page ({PAGE_SIZE})"
-        ));
+        return Err(format!("xbzrle cache size {size_bytes} is smaller than one page ({PAGE_SIZE})"));
     }
     let pages = size_bytes / page;
     let pages = 1u64 << (63 - pages.leading_zeros());
     usize::try_from(pages)
         .ok()
-        .filter(|&p| {
-            p.checked_mul(PAGE_SIZE)
-                .is_some_and(|b| b <= isize::MAX as usize)
-        })
+        .filter(|&p| p.checked_mul(PAGE_SIZE).is_some_and(|b| b <= isize::MAX as usize))
         .ok_or_else(|| format!("xbzrle cache size {size_bytes} exceeds the address space"))
 }
 
@@ -89,16 +81,9 @@ impl PageCache {
         let alloc_err = || format!("cannot allocate an xbzrle cache of {cache_size_bytes} bytes");
         let mut items = Vec::new();
         items.try_reserve_exact(slots).map_err(|_| alloc_err())?;
-        items.resize(
-            slots,
-            Item {
-                addr: EMPTY,
-                age: 0,
-            },
-        );
+        items.resize(slots, Item { addr: EMPTY, age: 0 });
         let mut data = Vec::new();
-        data.try_reserve_exact(slots * PAGE_SIZE)
-            .map_err(|_| alloc_err())?;
+        data.try_reserve_exact(slots * PAGE_SIZE).map_err(|_| alloc_err())?;
         data.resize(slots * PAGE_SIZE, 0);
         log::debug!(target: "livemig::ram", "xbzrle cache: {slots} pages");
         Ok(PageCache { items, data })
@@ -163,17 +148,10 @@ impl PageCache {
     ///
     /// If `data` is not exactly one page (4096 bytes).
     pub fn insert(&mut self, addr: u64, data: &[u8], generation: u64) -> bool {
-        assert_eq!(
-            data.len(),
-            PAGE_SIZE,
-            "page cache insert: data is not one page"
-        );
+        assert_eq!(data.len(), PAGE_SIZE, "page cache insert: data is not one page");
         let k = self.slot(addr);
         let it = &mut self.items[k];
-        if it.addr != EMPTY
-            && it.addr != addr
-            && it.age.saturating_add(CACHED_PAGE_LIFETIME) > generation
-        {
+        if it.addr != EMPTY && it.addr != addr && it.age.saturating_add(CACHED_PAGE_LIFETIME) > generation {
             log::trace!(target: "livemig::ram", "xbzrle cache: {addr:#x} not cached, slot fresh");
             return false;
         }
@@ -209,8 +187,7 @@ impl PageCache {
                 continue;
             }
             new.items[n] = *old;
-            new.data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]
-                .copy_from_slice(&self.data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            new.data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE].copy_from_slice(&self.data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
         }
         *self = new;
         Ok(())
@@ -229,14 +206,7 @@ mod tests {
 
     #[test]
     fn sizes_round_down_to_power_of_two_pages() {
-        for (bytes, pages) in [
-            (P, 1),
-            (P + 1, 1),
-            (3 * P, 2),
-            (4 * P, 4),
-            (7 * P + 4095, 4),
-            (64 << 20, 16384),
-        ] {
+        for (bytes, pages) in [(P, 1), (P + 1, 1), (3 * P, 2), (4 * P, 4), (7 * P + 4095, 4), (64 << 20, 16384)] {
             let c = PageCache::new(bytes).unwrap();
             assert_eq!(c.num_pages(), pages, "{bytes} bytes");
             assert_eq!(c.size_bytes(), pages as u64 * P);
@@ -246,10 +216,7 @@ mod tests {
     #[test]
     fn too_small_is_an_error() {
         let err = PageCache::new(1000).unwrap_err();
-        assert_eq!(
-            err,
-            "xbzrle cache size 1000 is smaller than one page (4096)"
-        );
+        assert_eq!(err, "xbzrle cache size 1000 is smaller than one page (4096)");
         assert!(PageCache::new(0).is_err());
         let mut c = PageCache::new(4 * P).unwrap();
         assert!(c.resize(4095).is_err());
@@ -259,10 +226,7 @@ mod tests {
     #[test]
     fn absurd_size_is_an_error_not_an_abort() {
         let err = PageCache::new(u64::MAX).unwrap_err();
-        assert!(
-            err.starts_with("xbzrle cache size 18446744073709551615"),
-            "{err}"
-        );
+        assert!(err.starts_with("xbzrle cache size 18446744073709551615"), "{err}");
     }
 
     #[test]

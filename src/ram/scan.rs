@@ -46,10 +46,7 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// writes by the guest are allowed; concurrent writes through a Rust
 /// reference are not (there must be none to guest RAM).
 pub unsafe fn is_zero_raw(ptr: *const u8, len: usize) -> bool {
-    debug_assert!(
-        ptr.cast::<u64>().is_aligned(),
-        "is_zero_raw: pointer not 8-byte aligned"
-    );
+    debug_assert!(ptr.cast::<u64>().is_aligned(), "is_zero_raw: pointer not 8-byte aligned");
     let words = len / 8;
     let wptr = ptr.cast::<u64>();
     let mut w = 0;
@@ -100,10 +97,7 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// A bitmap of `pages` bits, all clear.
     pub fn new(pages: usize) -> DirtyBitmap {
-        DirtyBitmap {
-            words: vec![0; pages.div_ceil(BITS)],
-            pages,
-        }
+        DirtyBitmap { words: vec![0; pages.div_ceil(BITS)], pages }
     }
 
     /// Number of pages (bits) covered.
@@ -113,11 +107,7 @@ impl DirtyBitmap {
 
     #[inline]
     fn check(&self, page: usize) {
-        assert!(
-            page < self.pages,
-            "dirty bitmap: page {page} out of range ({} pages)",
-            self.pages
-        );
+        assert!(page < self.pages, "dirty bitmap: page {page} out of range ({} pages)", self.pages);
     }
 
     /// Mask of the valid bits of the last word.
@@ -140,21 +130,13 @@ impl DirtyBitmap {
     /// the range goes past `pages()`.
     pub fn set_range(&mut self, first: usize, n: usize) {
         let end = first.checked_add(n).filter(|&e| e <= self.pages);
-        assert!(
-            end.is_some(),
-            "dirty bitmap: range {first}+{n} out of range ({} pages)",
-            self.pages
-        );
+        assert!(end.is_some(), "dirty bitmap: range {first}+{n} out of range ({} pages)", self.pages);
         let end = first + n;
         let mut p = first;
         while p < end {
             let bit = p % BITS;
             let take = (BITS - bit).min(end - p);
-            let mask = if take == BITS {
-                !0
-            } else {
-                ((1u64 << take) - 1) << bit
-            };
+            let mask = if take == BITS { !0 } else { ((1u64 << take) - 1) << bit };
             self.words[p / BITS] |= mask;
             p += take;
         }

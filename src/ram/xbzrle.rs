@@ -36,10 +36,7 @@ const ULEB_SMALL_MAX: u32 = 0x3fff;
 /// If `n > 16383` or `out` is too short.
 #[inline]
 pub fn uleb128_encode_small(out: &mut [u8], n: u32) -> usize {
-    assert!(
-        n <= ULEB_SMALL_MAX,
-        "uleb128_encode_small: {n} needs more than 2 bytes"
-    );
+    assert!(n <= ULEB_SMALL_MAX, "uleb128_encode_small: {n} needs more than 2 bytes");
     if n < 0x80 {
         out[0] = n as u8;
         1
@@ -92,10 +89,7 @@ pub fn uleb128_decode_small(input: &[u8]) -> Option<(u32, usize)> {
 pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
     let len = old.len();
     assert_eq!(len, new.len(), "xbzrle encode: pages differ in length");
-    assert!(
-        len <= ULEB_SMALL_MAX as usize,
-        "xbzrle encode: page too long"
-    );
+    assert!(len <= ULEB_SMALL_MAX as usize, "xbzrle encode: page too long");
     if len == 0 {
         return Some(0);
     }
@@ -133,7 +127,7 @@ pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
     }
     if open != NO_RUN {
         d = put_pair(dst, d, open - zrun_start, new, open, len)?;
-    } else if d + 2 > dst.len() {
+    } else if zrun_start < len && d + 2 > dst.len() {
         // QEMU's check before the (unwritten) trailing zrun; for an
         // unchanged page, its check before the first pair.
         return None;
@@ -144,24 +138,13 @@ pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
 const BLOCK: usize = 64;
 const NO_RUN: usize = usize::MAX;
 
-/// Writes the pair (zrun, `new[s..e]`) at `dst[d..]` and returns the new
-/// output length, or `None` on overflow.
-///
-/// QEMU checks, per pair: `d + 2 <= dlen` before the zrun length, the same
-/// again before the nzrun length, and `d + n <= dlen` (after the nzrun
-/// length) before the data. As both lengths and the data take at least one
-/// byte each, those three hold exactly when the whole pair fits. The fast
-/// path below needs 12 bytes of room, so it can never overflow; everything
-/// else takes the literal route.
+/// Writes the pair (zrun, `new[s..e]`) at `dst[d..]`; returns the new
+/// output length, or `None` on overflow. QEMU's three checks (2 bytes free
+/// before each length, room for the data) hold exactly when the whole pair
+/// fits, as each part takes at least one byte; so the fast path, which
+/// needs 10 bytes of room, never overflows.
 #[inline(always)]
-fn put_pair(
-    dst: &mut [u8],
-    d: usize,
-    zrun: usize,
-    new: &[u8],
-    s: usize,
-    e: usize,
-) -> Option<usize> {
+fn put_pair(dst: &mut [u8], d: usize, zrun: usize, new: &[u8], s: usize, e: usize) -> Option<usize> {
     let n = e - s;
     if zrun < 0x80 && n <= 8 && d + 10 <= dst.len() && s + 8 <= new.len() {
         // Short runs (the common case): 1-byte lengths and a fixed 8-byte
@@ -191,17 +174,6 @@ fn put_pair_slow(dst: &mut [u8], mut d: usize, zrun: usize, data: &[u8]) -> Opti
     }
     dst[d..d + data.len()].copy_from_slice(data);
     Some(d + data.len())
-}
-
-/// Writes `v` (< 16384) as uleb128 at `dst[d..]` without branching on its
-/// size, returning 1 or 2. Both bytes are stored; the caller has checked
-/// that `d + 2 <= dst.len()`, and a second byte not counted is scratch.
-#[inline(always)]
-fn put_uleb2(dst: &mut [u8], d: usize, v: usize) -> usize {
-    let two = usize::from(v >= 0x80);
-    dst[d] = (v as u8 & 0x7f) | ((two as u8) << 7);
-    dst[d + 1] = (v >> 7) as u8;
-    1 + two
 }
 
 /// Bit j of the result is set iff `old[b + j] != new[b + j]`; bits for
@@ -293,20 +265,16 @@ pub enum Run {
 
 impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Run::Zrun => "zrun",
-            Run::Nzrun => "nzrun",
-        })
+        f.write_str(if *self == Run::Zrun { "zrun" } else { "nzrun" })
     }
 }
 
 /// Why an XBZRLE buffer was rejected; see [`DecodeError`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeErrorKind {
-    /// Fewer than 2 input bytes (the count given) where this run length
-    /// must start.
+    /// Fewer than 2 input bytes (the count given) where a run length starts.
     Truncated(Run, usize),
-    /// A run length uses 3 or more uleb bytes.
+    /// A run length of 3 or more uleb bytes.
     LongUleb,
     /// A zrun of 0 after the first pair.
     ZeroZrun,
@@ -341,10 +309,7 @@ impl fmt::Display for DecodeError {
             DecodeErrorKind::ZeroNzrun => write!(f, "nzrun of length 0"),
             DecodeErrorKind::PastPage(run, end) => {
                 let len = self.page_len;
-                write!(
-                    f,
-                    "{run} ends at page offset {end}, past the {len}-byte page"
-                )
+                write!(f, "{run} ends at page offset {end}, past the {len}-byte page")
             }
             DecodeErrorKind::PastInput(n) => {
                 write!(f, "nzrun of {n} bytes runs past the end of the input")
@@ -370,11 +335,7 @@ impl std::error::Error for DecodeError {}
 pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
     use DecodeErrorKind::*;
     let (slen, page_len) = (src.len(), page.len());
-    let err = |offset, kind| DecodeError {
-        offset,
-        kind,
-        page_len,
-    };
+    let err = |offset, kind| DecodeError { offset, kind, page_len };
     // Reads the run length at src[i..], QEMU's way: 2 bytes must remain.
     let length = |i: usize, run| {
         if slen - i < 2 {
@@ -407,7 +368,11 @@ pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
             return Err(err(i, PastInput(n)));
         }
         i += used;
-        page[d..d + n].copy_from_slice(&src[i..i + n]);
+        if n == 1 {
+            page[d] = src[i]; // the common case; skips a memcpy call
+        } else {
+            page[d..d + n].copy_from_slice(&src[i..i + n]);
+        }
         d += n;
         i += n;
     }
@@ -436,34 +401,26 @@ mod tests {
     /// checks included, to compare the fast one against.
     fn reference_encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
         let (len, dlen) = (old.len(), dst.len());
+        let run_end = |from: usize, same: bool| (from..len).find(|&k| (old[k] == new[k]) != same).unwrap_or(len);
         let (mut i, mut d) = (0, 0);
         while i < len {
             if d + 2 > dlen {
                 return None;
             }
-            let start = i;
-            while i < len && old[i] == new[i] {
-                i += 1;
+            let nz = run_end(i, true);
+            if nz == len {
+                return Some(d); // the trailing zrun, or the whole page (d == 0)
             }
-            if i - start == len {
-                return Some(0);
-            }
-            if i == len {
-                return Some(d);
-            }
-            d += uleb128_encode_small(&mut dst[d..], (i - start) as u32);
+            d += uleb128_encode_small(&mut dst[d..], (nz - i) as u32);
             if d + 2 > dlen {
                 return None;
             }
-            let nz = i;
-            while i < len && old[i] != new[i] {
-                i += 1;
-            }
+            i = run_end(nz, false);
             d += uleb128_encode_small(&mut dst[d..], (i - nz) as u32);
             if d + (i - nz) > dlen {
                 return None;
             }
-            dst[d..d + i - nz].copy_from_slice(&new[nz..i]);
+            dst[d..i - nz + d].copy_from_slice(&new[nz..i]);
             d += i - nz;
         }
         Some(d)
@@ -481,13 +438,12 @@ mod tests {
             let w = uleb128_encode_small(&mut buf, n);
             assert_eq!(uleb128_decode_small(&buf[..w]), Some((n, w)));
         }
-        assert_eq!(uleb128_encode_small(&mut buf, 127), 1);
-        assert_eq!(buf[0], 0x7f);
-        assert_eq!(uleb128_encode_small(&mut buf, 128), 2);
-        assert_eq!(buf, [0x80, 0x01]);
-        assert_eq!(uleb128_encode_small(&mut buf, 16383), 2);
-        assert_eq!(buf, [0xff, 0x7f]);
-        // QEMU's invalid case: continuation bit in the second byte.
+        for (n, bytes) in [(127, &[0x7f][..]), (128, &[0x80, 0x01]), (16383, &[0xff, 0x7f])] {
+            let w = uleb128_encode_small(&mut buf, n);
+            assert_eq!(&buf[..w], bytes);
+        }
+        // QEMU's invalid case (continuation bit in the second byte), a
+        // truncated one, and the accepted non-canonical 80 00.
         assert_eq!(uleb128_decode_small(&[0x80, 0x80]), None);
         assert_eq!(uleb128_decode_small(&[0x80]), None);
         assert_eq!(uleb128_decode_small(&[0x80, 0x00]), Some((0, 2)));
@@ -500,29 +456,18 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_unchanged_pages_encode_to_nothing() {
+    fn unchanged_pages_and_one_byte_changes() {
         let zero = vec![0u8; PAGE_SIZE];
+        let page: Vec<u8> = (0..PAGE_SIZE).map(|k| if (1000..3000).contains(&k) { k as u8 } else { 0 }).collect();
         assert_eq!(enc(&zero, &zero), Some(vec![]));
-        let mut page = vec![0u8; PAGE_SIZE];
-        for (k, b) in page.iter_mut().enumerate().skip(1000).take(2000) {
-            *b = (k as u8).wrapping_add(4);
-        }
         assert_eq!(enc(&page, &page), Some(vec![]));
-    }
-
-    #[test]
-    fn one_byte_change_at_start_middle_end() {
-        let old = vec![0u8; PAGE_SIZE];
-        for (pos, expect) in [
-            (0usize, vec![0x00, 0x01, 0x01]),
-            (2049, vec![0x81, 0x10, 0x01, 0x01]),
-            (PAGE_SIZE - 1, vec![0xff, 0x1f, 0x01, 0x01]),
-        ] {
-            let mut new = old.clone();
+        let expected = [(0, &[0x00, 0x01, 0x01][..]), (2049, &[0x81, 0x10, 0x01, 0x01]), (4095, &[0xff, 0x1f, 0x01, 0x01])];
+        for (pos, expect) in expected {
+            let mut new = zero.clone();
             new[pos] = 1;
-            let e = enc(&old, &new).unwrap();
+            let e = enc(&zero, &new).unwrap();
             assert_eq!(e, expect, "change at {pos}");
-            let mut page = old.clone();
+            let mut page = zero.clone();
             decode(&e, &mut page).unwrap();
             assert_eq!(page, new);
         }
@@ -551,16 +496,8 @@ mod tests {
         let old = vec![0u8; 64];
         let mut new = old.clone();
         new[10] = 7; // encodes to 0a 01 07
-        for dlen in 0..8 {
-            let mut a = vec![0u8; dlen];
-            let mut b = vec![0u8; dlen];
-            assert_eq!(
-                encode(&old, &new, &mut a),
-                reference_encode(&old, &new, &mut b)
-            );
-        }
-        // 0a 01 07 is 3 bytes, but unchanged bytes follow, and QEMU wants 2
-        // free bytes before looking at them.
+                     // 0a 01 07 is 3 bytes, but unchanged bytes follow, and QEMU wants 2
+                     // free bytes before looking at them.
         assert_eq!(encode(&old, &new, &mut [0u8; 4]), None);
         assert_eq!(encode(&old, &new, &mut [0u8; 5]), Some(3));
         new[63] = 9; // now the page ends changed: 0a 01 07 34 01 09
@@ -574,23 +511,28 @@ mod tests {
         new2[0] = 1; // 00 01 01, then a trailing zrun
         assert_eq!(encode(&old, &new2, &mut [0u8; 4]), None);
         assert_eq!(encode(&old, &new2, &mut [0u8; 5]), Some(3));
+        // A page that ends changed has no trailing check: the output may
+        // fill dst exactly, also when the last block is partial.
+        for len in [64, 100] {
+            let (old, mut new) = (vec![0u8; len], vec![0u8; len]);
+            new[len - 1] = 1;
+            assert_eq!(encode(&old, &new, &mut [0u8; 3]), Some(3), "len {len}");
+        }
     }
 
     #[test]
     fn qemu_range_case_round_trips() {
+        // QEMU's encode_decode_range: two patterned stretches that differ
+        // everywhere, plus two single changed bytes after them.
         let mut rng = Rng(0x1234_5678);
         for _ in 0..2000 {
-            let mut buffer = vec![0u8; PAGE_SIZE];
-            let mut test = vec![0u8; PAGE_SIZE];
             let diff_len = rng.below(PAGE_SIZE - 1006);
-            for k in (1..=diff_len).rev() {
-                buffer[1000 + k] = k as u8;
-                test[1000 + k] = (k + 4) as u8;
+            let (mut buffer, mut test) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+            for k in 1..=diff_len {
+                (buffer[1000 + k], test[1000 + k]) = (k as u8, (k + 4) as u8);
             }
-            buffer[1000 + diff_len + 3] = 103;
-            test[1000 + diff_len + 3] = 107;
-            buffer[1000 + diff_len + 5] = 105;
-            test[1000 + diff_len + 5] = 109;
+            (buffer[1000 + diff_len + 3], test[1000 + diff_len + 3]) = (103, 107);
+            (buffer[1000 + diff_len + 5], test[1000 + diff_len + 5]) = (105, 109);
             let e = enc(&test, &buffer).unwrap();
             assert!(e.len() < PAGE_SIZE);
             decode(&e, &mut test).unwrap();
@@ -604,11 +546,7 @@ mod tests {
         let mut a = vec![0u8; PAGE_SIZE];
         let mut b = vec![0u8; PAGE_SIZE];
         for round in 0..3000 {
-            let len = if round % 5 == 0 {
-                rng.below(300)
-            } else {
-                PAGE_SIZE
-            };
+            let len = if round % 5 == 0 { rng.below(300) } else { PAGE_SIZE };
             let old: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let mut new = old.clone();
             // Densities from "a few bytes" to "almost all", sometimes in bursts.
@@ -616,11 +554,7 @@ mod tests {
             let mut k = 0;
             while k < len {
                 if rng.below(1000) < per_mille {
-                    let burst = if rng.below(4) == 0 {
-                        1 + rng.below(40)
-                    } else {
-                        1
-                    };
+                    let burst = if rng.below(4) == 0 { 1 + rng.below(40) } else { 1 };
                     for j in k..(k + burst).min(len) {
                         new[j] = old[j].wrapping_add(1 + rng.below(255) as u8);
                     }
@@ -628,10 +562,12 @@ mod tests {
                 }
                 k += 1;
             }
-            let dlen = if round % 3 == 0 {
-                rng.below(PAGE_SIZE + 1)
-            } else {
-                PAGE_SIZE
+            // Output room: plenty, random, or right at the exact length.
+            let full = reference_encode(&old, &new, &mut vec![0u8; 3 * PAGE_SIZE]).unwrap();
+            let dlen = match round % 3 {
+                0 => PAGE_SIZE,
+                1 => rng.below(PAGE_SIZE + 1),
+                _ => (full + rng.below(5)).saturating_sub(2).min(PAGE_SIZE),
             };
             let got = encode(&old, &new, &mut a[..dlen]);
             let want = reference_encode(&old, &new, &mut b[..dlen]);
@@ -713,28 +649,16 @@ mod tests {
     #[test]
     fn error_messages_are_specific() {
         let msg = |src: &[u8]| decode(src, &mut [0u8; PAGE_SIZE]).unwrap_err().to_string();
-        assert_eq!(
-            msg(&[0x01, 0x00, 0x00]),
-            "xbzrle decode error at input byte 1: nzrun of length 0"
-        );
-        assert_eq!(
-            msg(&[0xff, 0x1f, 0x02, b'A', b'B']),
-            "xbzrle decode error at input byte 2: nzrun ends at page offset 4097, \
-             past the 4096-byte page"
-        );
+        assert_eq!(msg(&[0x01, 0x00, 0x00]), "xbzrle decode error at input byte 1: nzrun of length 0");
+        let e = msg(&[0xff, 0x1f, 0x02, b'A', b'B']);
+        assert_eq!(e, "xbzrle decode error at input byte 2: nzrun ends at page offset 4097, past the 4096-byte page");
         let e: Box<dyn std::error::Error> = decode(&[5], &mut []).unwrap_err().into();
-        assert_eq!(
-            e.to_string(),
-            "xbzrle decode error at input byte 0: zrun length needs at least 2 bytes, 1 left"
-        );
+        assert_eq!(e.to_string(), "xbzrle decode error at input byte 0: zrun length needs at least 2 bytes, 1 left");
     }
 
     #[test]
     fn block_masks() {
-        assert_eq!(nonzero_byte_bits(0), 0);
-        assert_eq!(nonzero_byte_bits(u64::MAX), 0xff);
-        assert_eq!(nonzero_byte_bits(0x8000_0000_0000_0001), 0x81);
-        assert_eq!(nonzero_byte_bits(0x0000_0100_0000_0000), 0x20);
+        assert_eq!(nonzero_byte_bits(0x8000_0100_0000_0001), 0xa1);
         let mut rng = Rng(7);
         for _ in 0..1000 {
             let o: Vec<u8> = (0..BLOCK).map(|_| rng.next() as u8).collect();

@@ -1,0 +1,259 @@
+/* qemu_peer: a livemig host that stands in for
+ *   qemu-system-x86_64 -machine none -m SIZE
+ * in both directions: one RAM block, the "timer" section, machine "none".
+ *
+ *   qemu_peer --incoming URI [--dump FILE] [--port-file F]
+ *   qemu_peer --migrate URI [--xbzrle] [--speed B/s] [--downtime-ms MS]
+ *             [--dirty-pages N] [--dump FILE] [--paused]
+ *             [--converge-after-syncs K]
+ *   common:   [--ram-name NAME] [--ram-size SIZE[K|M|G]] [--ram-file FILE]
+ *
+ * --dirty-pages N runs a thread that rewrites N pages continuously (a busy
+ * guest: rounds back to back) while
+ * the VM runs (so several passes happen); it stops when the VM is stopped.
+ * --converge-after-syncs K raises the downtime limit to 2 s once K dirty
+ * syncs have happened (so a low limit forces several passes, then ends).
+ * --dump writes the block after the migration (on the source: the RAM as
+ * it was at the switchover). Prints the final query-migrate figures and
+ * exits 0 only when the migration completed.
+ */
+#define _DEFAULT_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "fakehost.h"
+
+static uint8_t *ram;
+static uint64_t ram_size = 64 << 20;
+static const char *ram_name = "ram";
+static int64_t timer_state[2];
+static pthread_mutex_t vcpu_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool vcpu_paused;
+static atomic_bool dirtier_quit;
+static long dirty_pages;
+
+static void timer_save(QEMUFile *f, void *o)
+{
+    (void)o;
+    qemu_put_be64(f, (uint64_t)timer_state[0]);
+    qemu_put_be64(f, 0);
+    qemu_put_be64(f, (uint64_t)timer_state[1]);
+}
+
+static int timer_load(QEMUFile *f, void *o, int version_id)
+{
+    (void)o;
+    if (version_id < 1) {
+        fprintf(stderr, "timer: incoming version_id %d is too old for local minimum version_id  1\n", version_id);
+        return -EINVAL;
+    }
+    timer_state[0] = (int64_t)qemu_get_be64(f);
+    qemu_get_be64(f);
+    timer_state[1] = (int64_t)qemu_get_be64(f);
+    return qemu_file_get_error(f);
+}
+
+static void stop_vcpu(void)
+{
+    pthread_mutex_lock(&vcpu_lock);
+    vcpu_paused = true;
+    pthread_mutex_unlock(&vcpu_lock);
+}
+
+/* The "guest": rewrites N pages, one u64 counter at a varying offset. */
+static void *dirtier(void *arg)
+{
+    (void)arg;
+    uint64_t round = 0, pages = ram_size / 4096;
+    while (!atomic_load(&dirtier_quit)) {
+        pthread_mutex_lock(&vcpu_lock);
+        if (!vcpu_paused) {
+            for (long i = 0; i < dirty_pages; i++) {
+                uint64_t page = ((uint64_t)i * 7919) % pages;
+                uint64_t *p = (uint64_t *)(ram + page * 4096 + (round % 64) * 8);
+                *p = round + 1;
+                Error *err = NULL;
+                livemig_ram_mark_dirty(ram_name, page * 4096, 8, &err);
+                CHECK_OK(err);
+            }
+            round++;
+        }
+        pthread_mutex_unlock(&vcpu_lock);
+        sched_yield();
+    }
+    return NULL;
+}
+
+static uint64_t parse_size(const char *s)
+{
+    char *end;
+    uint64_t v = strtoull(s, &end, 0);
+    switch (*end) {
+    case 'K': case 'k': v <<= 10; break;
+    case 'M': case 'm': v <<= 20; break;
+    case 'G': case 'g': v <<= 30; break;
+    case 0: break;
+    default: CHECK(0, "bad size '%s'", s);
+    }
+    return v;
+}
+
+static void write_file(const char *path, const uint8_t *p, uint64_t n)
+{
+    FILE *f = fopen(path, "wb");
+    CHECK(f, "open %s: %s", path, strerror(errno));
+    CHECK(fwrite(p, 1, n, f) == n, "write %s", path);
+    CHECK(fclose(f) == 0, "close %s", path);
+}
+
+static void print_info(void)
+{
+    Error *err = NULL;
+    MigrationInfo *i = qmp_query_migrate(&err);
+    CHECK_OK(err);
+    printf("status: %s\n", status_name(i->status));
+    if (i->has_error_desc)
+        printf("error-desc: %s\n", i->error_desc);
+    if (i->has_total_time)
+        printf("total-time: %" PRId64 " ms\n", i->total_time);
+    if (i->has_downtime)
+        printf("downtime: %" PRId64 " ms\n", i->downtime);
+    if (i->has_setup_time)
+        printf("setup-time: %" PRId64 " ms\n", i->setup_time);
+    if (i->has_ram) {
+        MigrationStats *r = i->ram;
+        printf("ram: transferred %" PRId64 " remaining %" PRId64 " total %" PRId64 " duplicate %" PRId64
+               " normal %" PRId64 " normal-bytes %" PRId64 " skipped %" PRId64 " dirty-sync-count %" PRId64
+               " mbps %.1f\n", r->transferred, r->remaining, r->total, r->duplicate, r->normal, r->normal_bytes,
+               r->skipped, r->dirty_sync_count, r->mbps);
+    }
+    if (i->has_xbzrle_cache) {
+        XBZRLECacheStats *x = i->xbzrle_cache;
+        printf("xbzrle: pages %" PRId64 " bytes %" PRId64 " cache-miss %" PRId64 " overflow %" PRId64 "\n",
+               x->pages, x->bytes, x->cache_miss, x->overflow);
+    }
+    qapi_free_MigrationInfo(i);
+}
+
+int main(int argc, char **argv)
+{
+    const char *incoming = NULL, *migrate = NULL, *dump = NULL, *ram_file = NULL, *port_file = NULL;
+    bool xbzrle = false, paused = false;
+    long long speed = -1, downtime_ms = -1, converge_after = 0;
+    Error *err = NULL;
+    setvbuf(stdout, NULL, _IONBF, 0);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--incoming") && v) incoming = argv[++i];
+        else if (!strcmp(a, "--migrate") && v) migrate = argv[++i];
+        else if (!strcmp(a, "--dump") && v) dump = argv[++i];
+        else if (!strcmp(a, "--port-file") && v) port_file = argv[++i];
+        else if (!strcmp(a, "--ram-name") && v) ram_name = argv[++i];
+        else if (!strcmp(a, "--ram-size") && v) ram_size = parse_size(argv[++i]);
+        else if (!strcmp(a, "--ram-file") && v) ram_file = argv[++i];
+        else if (!strcmp(a, "--xbzrle")) xbzrle = true;
+        else if (!strcmp(a, "--paused")) paused = true;
+        else if (!strcmp(a, "--speed") && v) speed = atoll(argv[++i]);
+        else if (!strcmp(a, "--downtime-ms") && v) downtime_ms = atoll(argv[++i]);
+        else if (!strcmp(a, "--dirty-pages") && v) dirty_pages = atol(argv[++i]);
+        else if (!strcmp(a, "--converge-after-syncs") && v) converge_after = atoll(argv[++i]);
+        else CHECK(0, "bad argument '%s' (see the comment at the top of qemu_peer.c)", a);
+    }
+    CHECK(!incoming != !migrate, "exactly one of --incoming and --migrate");
+    ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(ram != MAP_FAILED, "mmap %" PRIu64 " bytes", ram_size);
+    if (ram_file) {
+        int fd = open(ram_file, O_RDONLY);
+        CHECK(fd >= 0, "open %s: %s", ram_file, strerror(errno));
+        uint64_t done = 0;
+        ssize_t n;
+        while (done < ram_size && (n = read(fd, ram + done, ram_size - done)) > 0)
+            done += (uint64_t)n;
+        close(fd);
+    }
+    fakehost_on_stop = stop_vcpu;
+    fakehost_setup(migrate && !paused, true);
+    CHECK(livemig_set_machine_name("none", &err), "%s", error_get_pretty(err));
+    CHECK(livemig_ram_block_add(ram_name, ram, ram_size, &err), "%s", error_get_pretty(err));
+    CHECK(register_savevm(NULL, "timer", 0, 2, timer_save, timer_load, NULL) >= 0, "register timer");
+
+    if (incoming) {
+        qemu_start_incoming_migration(incoming, &err);
+        CHECK_OK(err);
+        if (port_file) {
+            FILE *pf = fopen(port_file, "w");
+            CHECK(pf, "open %s", port_file);
+            fprintf(pf, "%d\n", livemig_incoming_port());
+            fclose(pf);
+        }
+        MigrationStatus st = wait_done(true, 300);
+        Error *e2 = NULL;
+        MigrationInfo *i = livemig_query_incoming(&e2);
+        printf("status: %s\n", status_name(st));
+        if (i->has_error_desc)
+            printf("error-desc: %s\n", i->error_desc);
+        qapi_free_MigrationInfo(i);
+        printf("runstate: %d (%s)\n", fake_host.state,
+               fake_host.state == RUN_STATE_RUNNING ? "running" :
+               fake_host.state == RUN_STATE_PAUSED ? "paused" :
+               fake_host.state == RUN_STATE_PRELAUNCH ? "prelaunch" : "other");
+        if (st == MIGRATION_STATUS_COMPLETED && dump)
+            write_file(dump, ram, ram_size);
+        return st == MIGRATION_STATUS_COMPLETED ? 0 : 1;
+    }
+
+    if (xbzrle) {
+        MigrationCapabilityStatus cap = { MIGRATION_CAPABILITY_XBZRLE, true };
+        MigrationCapabilityStatusList l = { NULL, &cap };
+        qmp_migrate_set_capabilities(&l, &err);
+        CHECK_OK(err);
+    }
+    if (speed >= 0) {
+        qmp_migrate_set_speed(speed, &err);
+        CHECK_OK(err);
+    }
+    if (downtime_ms >= 0) {
+        qmp_migrate_set_downtime((double)downtime_ms / 1000.0, &err);
+        CHECK_OK(err);
+    }
+    pthread_t t;
+    if (dirty_pages > 0)
+        CHECK(pthread_create(&t, NULL, dirtier, NULL) == 0, "pthread_create");
+    qmp_migrate(migrate, false, false, false, false, false, false, &err);
+    CHECK_OK(err);
+    if (converge_after > 0) {
+        double end = now_s() + 300;
+        for (;;) {
+            MigrationInfo *i = qmp_query_migrate(&err);
+            CHECK_OK(err);
+            bool active = i->status == MIGRATION_STATUS_ACTIVE || i->status == MIGRATION_STATUS_SETUP;
+            bool synced = i->has_ram && i->ram->dirty_sync_count >= converge_after;
+            qapi_free_MigrationInfo(i);
+            if (!active || synced)
+                break;
+            CHECK(now_s() < end, "never reached %lld dirty syncs", converge_after);
+            sleep_ms(5);
+        }
+        qmp_migrate_set_downtime(2.0, &err);
+        CHECK_OK(err);
+    }
+    MigrationStatus st = wait_done(false, 300);
+    if (dirty_pages > 0) {
+        atomic_store(&dirtier_quit, true);
+        pthread_join(t, NULL);
+    }
+    print_info();
+    if (st == MIGRATION_STATUS_COMPLETED && dump)
+        write_file(dump, ram, ram_size);
+    return st == MIGRATION_STATUS_COMPLETED ? 0 : 1;
+}

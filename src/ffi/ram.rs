@@ -1,0 +1,37 @@
+//! Guest RAM registration and host-side dirty marking.
+
+use std::ffi::{c_char, c_void};
+
+use super::errors::Error;
+use super::{cstr, guard_err};
+
+/// Registers a block of guest RAM as `idstr` (the name in the stream, e.g.
+/// "ram" or "pc.ram"): `length` bytes at `host`, page aligned. The memory
+/// must stay mapped until `livemig_ram_block_remove`. Refused while a
+/// migration runs.
+#[no_mangle]
+pub extern "C" fn livemig_ram_block_add(idstr: *const c_char, host: *mut c_void, length: u64, errp: *mut *mut Error) -> bool {
+    guard_err("livemig_ram_block_add", errp, false, || {
+        crate::ram::block_add(cstr(idstr, "idstr")?, host.cast(), length)?;
+        Ok(true)
+    })
+}
+
+/// Unregisters a block (refused while a migration runs).
+#[no_mangle]
+pub extern "C" fn livemig_ram_block_remove(idstr: *const c_char, errp: *mut *mut Error) -> bool {
+    guard_err("livemig_ram_block_remove", errp, false, || {
+        crate::ram::block_remove(cstr(idstr, "idstr")?)?;
+        Ok(true)
+    })
+}
+
+/// Marks `[offset, offset + length)` of block `idstr` dirty: writes the
+/// dirty log does not see (device DMA, emulated devices). Any thread.
+#[no_mangle]
+pub extern "C" fn livemig_ram_mark_dirty(idstr: *const c_char, offset: u64, length: u64, errp: *mut *mut Error) -> bool {
+    guard_err("livemig_ram_mark_dirty", errp, false, || {
+        crate::ram::mark_dirty(cstr(idstr, "idstr")?, offset, length)?;
+        Ok(true)
+    })
+}

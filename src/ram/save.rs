@@ -1,0 +1,452 @@
+//! The "ram" section's handler: the source side (dirty-page pre-copy with
+//! zero pages and XBZRLE) and, through [`super::load`], the destination.
+//!
+//! Source, as QEMU 7.2 `migration/ram.c` does it:
+//! - setup: every page dirty, dirty log started and synced once, the block
+//!   list (MEM_SIZE) and EOS written;
+//! - iterate: walk the dirty bitmaps from where the last pass stopped,
+//!   sending each dirty page (ZERO for all-zero pages, XBZRLE when enabled
+//!   and it pays, else PAGE) until the rate limit or 50 ms; EOS;
+//! - pending: dirty bytes; when they fit in `max_size`, sync the dirty log
+//!   first (a new pass);
+//! - complete (VM stopped): a last sync, then every dirty page; EOS.
+//!
+//! XBZRLE starts after the first complete round over RAM, as in 7.2: a page
+//! enters the cache when it is re-sent (as a normal page) and is delta
+//! encoded from its third transmission on.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::load::Loader;
+use super::page_cache::PageCache;
+use super::scan::{is_zero_raw, DirtyBitmap};
+use super::{flags, RamBlock, COUNTERS, PAGE};
+use crate::error::{MigError, Result};
+use crate::host::Host;
+use crate::params::{self, MigrationCapability};
+use crate::qemu_file::QemuFile;
+use crate::savevm::{SaveVmHandler, SectionKind};
+
+/// Longest one iterate call works before yielding (QEMU's MAX_WAIT).
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+struct BlockState {
+    block: Arc<RamBlock>,
+    bitmap: DirtyBitmap,
+    /// Offset of the block in the cache's address space.
+    base: u64,
+}
+
+struct Xbzrle {
+    cache: PageCache,
+    page: Box<[u8; PAGE]>,
+    enc: Box<[u8; PAGE]>,
+    /// Counters at the last sync, for the per-period rates.
+    last_pages: u64,
+    last_miss: u64,
+    last_bytes: u64,
+    last_lookups: u64,
+    lookups: u64,
+}
+
+/// The source side of one migration.
+pub struct Saver {
+    blocks: Vec<BlockState>,
+    host: Option<Host>,
+    cur_block: usize,
+    cur_page: usize,
+    last_sent_block: Option<usize>,
+    dirty_pages: u64,
+    xbzrle: Option<Xbzrle>,
+    xbzrle_enabled: bool,
+    last_stage: bool,
+    logging: bool,
+    sync_time: Instant,
+    sent_since_sync: u64,
+    rounds: u64,
+}
+
+impl Saver {
+    /// A saver over `blocks`, using `host`'s dirty log when it has one.
+    pub fn new(blocks: Vec<Arc<RamBlock>>, host: Option<Host>) -> Result<Saver> {
+        let mut base = 0;
+        let blocks = blocks
+            .into_iter()
+            .map(|block| {
+                let mut bitmap = DirtyBitmap::new(block.pages());
+                bitmap.fill();
+                let s = BlockState { bitmap, base, block };
+                base += s.block.length;
+                s
+            })
+            .collect::<Vec<_>>();
+        let p = params::get();
+        let xbzrle = if p.cap(MigrationCapability::Xbzrle) {
+            let cache = PageCache::new(p.xbzrle_cache_size).map_err(MigError::new)?;
+            Some(Xbzrle {
+                cache,
+                page: Box::new([0; PAGE]),
+                enc: Box::new([0; PAGE]),
+                last_pages: 0,
+                last_miss: 0,
+                last_bytes: 0,
+                last_lookups: 0,
+                lookups: 0,
+            })
+        } else {
+            None
+        };
+        let dirty_pages = blocks.iter().map(|b| b.block.pages() as u64).sum();
+        Ok(Saver {
+            blocks,
+            host,
+            cur_block: 0,
+            cur_page: 0,
+            last_sent_block: None,
+            dirty_pages,
+            xbzrle,
+            xbzrle_enabled: false,
+            last_stage: false,
+            logging: false,
+            sync_time: Instant::now(),
+            sent_since_sync: 0,
+            rounds: 0,
+        })
+    }
+
+    fn total(&self) -> u64 {
+        self.blocks.iter().map(|b| b.block.length).sum()
+    }
+
+    /// Writes the block list and EOS (the START payload).
+    pub fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
+        let c = &*COUNTERS;
+        for a in [&c.transferred, &c.duplicate, &c.normal, &c.dirty_sync_count, &c.dirty_pages_rate, &c.pages_per_second, &c.skipped]
+            .into_iter()
+            .chain([&c.xbzrle_pages, &c.xbzrle_bytes, &c.xbzrle_cache_miss, &c.xbzrle_overflow, &c.resent])
+        {
+            a.store(0, Ordering::Relaxed);
+        }
+        c.xbzrle_cache_miss_rate.store(0f64.to_bits(), Ordering::Relaxed);
+        c.xbzrle_encoding_rate.store(0f64.to_bits(), Ordering::Relaxed);
+        c.total.store(self.total(), Ordering::Relaxed);
+        if let Some(h) = &self.host {
+            h.dirty_log_start()?;
+            self.logging = true;
+        }
+        self.sync()?;
+        f.put_be64(self.total() | flags::MEM_SIZE);
+        for b in &self.blocks {
+            f.put_counted_str(&b.block.idstr);
+            f.put_be64(b.block.length);
+        }
+        f.put_be64(flags::EOS);
+        f.check()
+    }
+
+    /// Pulls the host's dirty log and marks into the bitmaps; updates the
+    /// rates of the period since the last sync.
+    fn sync(&mut self) -> Result<()> {
+        let before = self.dirty_pages;
+        for b in &mut self.blocks {
+            if let Some(h) = &self.host {
+                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.block.length, b.bitmap.words_mut())?;
+            }
+            b.block.take_marks(&mut b.bitmap);
+        }
+        self.dirty_pages = self.blocks.iter().map(|b| b.bitmap.count() as u64).sum();
+        let c = &*COUNTERS;
+        let n = c.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
+        let secs = self.sync_time.elapsed().as_secs_f64().max(1e-3);
+        let newly = self.dirty_pages.saturating_sub(before);
+        if n > 1 {
+            c.dirty_pages_rate.store((newly as f64 / secs) as u64, Ordering::Relaxed);
+            c.pages_per_second.store((self.sent_since_sync as f64 / secs) as u64, Ordering::Relaxed);
+        }
+        if let Some(x) = &mut self.xbzrle {
+            let lookups = x.lookups - x.last_lookups;
+            let miss = c.xbzrle_cache_miss.load(Ordering::Relaxed);
+            let pages = c.xbzrle_pages.load(Ordering::Relaxed);
+            let bytes = c.xbzrle_bytes.load(Ordering::Relaxed);
+            if lookups > 0 {
+                c.xbzrle_cache_miss_rate.store(((miss - x.last_miss) as f64 / lookups as f64).to_bits(), Ordering::Relaxed);
+            }
+            if bytes > x.last_bytes {
+                let rate = ((pages - x.last_pages) * PAGE as u64) as f64 / (bytes - x.last_bytes) as f64;
+                c.xbzrle_encoding_rate.store(rate.to_bits(), Ordering::Relaxed);
+            }
+            (x.last_lookups, x.last_miss, x.last_pages, x.last_bytes) = (x.lookups, miss, pages, bytes);
+        }
+        log::debug!("ram: dirty sync {n}: {} dirty pages ({newly} new in {secs:.3} s), {} sent", self.dirty_pages, self.sent_since_sync);
+        self.sync_time = Instant::now();
+        self.sent_since_sync = 0;
+        c.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The next dirty page at or after the walk position, wrapping around
+    /// once; a wrap completes a round (and enables XBZRLE).
+    fn next_dirty(&mut self) -> Option<(usize, usize)> {
+        let n = self.blocks.len();
+        for _ in 0..=n {
+            if n == 0 || self.dirty_pages == 0 {
+                return None;
+            }
+            if let Some(p) = self.blocks[self.cur_block].bitmap.find_next(self.cur_page) {
+                return Some((self.cur_block, p));
+            }
+            self.cur_block += 1;
+            self.cur_page = 0;
+            if self.cur_block == n {
+                self.cur_block = 0;
+                self.rounds += 1;
+                if self.xbzrle.is_some() && !self.xbzrle_enabled {
+                    log::debug!("ram: first round complete, XBZRLE enabled");
+                    self.xbzrle_enabled = true;
+                }
+            }
+        }
+        None
+    }
+
+    fn record_header(&mut self, f: &mut QemuFile, bi: usize, page: usize, flag: u64) -> u64 {
+        let offset = (page * PAGE) as u64;
+        if self.last_sent_block == Some(bi) {
+            f.put_be64(offset | flag | flags::CONTINUE);
+            8
+        } else {
+            f.put_be64(offset | flag);
+            f.put_counted_str(&self.blocks[bi].block.idstr);
+            self.last_sent_block = Some(bi);
+            9 + self.blocks[bi].block.idstr.len() as u64
+        }
+    }
+
+    /// Sends one dirty page (and clears its bit).
+    fn save_page(&mut self, f: &mut QemuFile, bi: usize, page: usize) {
+        self.blocks[bi].bitmap.clear(page);
+        self.dirty_pages -= 1;
+        self.cur_page = page + 1;
+        self.sent_since_sync += 1;
+        if self.rounds > 0 {
+            COUNTERS.resent.fetch_add(1, Ordering::Relaxed);
+        }
+        let ptr = self.blocks[bi].block.page_ptr(page);
+        let addr = self.blocks[bi].base + (page * PAGE) as u64;
+        let generation = COUNTERS.dirty_sync_count.load(Ordering::Relaxed);
+        let c = &*COUNTERS;
+        // SAFETY: `page < pages()` (from the bitmap of this block), so the
+        // page lies inside the registered, mapped block; 4096-aligned.
+        if unsafe { is_zero_raw(ptr, PAGE) } {
+            let n = self.record_header(f, bi, page, flags::ZERO);
+            f.put_u8(0);
+            c.duplicate.fetch_add(1, Ordering::Relaxed);
+            c.transferred.fetch_add(n + 1, Ordering::Relaxed);
+            if self.xbzrle_enabled {
+                if let Some(x) = &mut self.xbzrle {
+                    x.cache.insert(addr, &[0u8; PAGE], generation);
+                }
+            }
+            return;
+        }
+        if self.xbzrle_enabled {
+            if self.save_xbzrle(f, bi, page, ptr, addr, generation) {
+                return;
+            }
+            // Not encoded: send the private copy taken for the attempt.
+            let n = self.record_header(f, bi, page, flags::PAGE);
+            let x = self.xbzrle.as_ref().expect("enabled implies a cache");
+            f.put_buffer(&x.page[..]);
+            c.normal.fetch_add(1, Ordering::Relaxed);
+            c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
+            return;
+        }
+        let n = self.record_header(f, bi, page, flags::PAGE);
+        // SAFETY: as above: a page inside the registered block.
+        unsafe { f.put_guest(ptr, PAGE) };
+        c.normal.fetch_add(1, Ordering::Relaxed);
+        c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
+    }
+
+    /// Tries XBZRLE; true when the page was handled (sent encoded or
+    /// skipped as unchanged). Leaves a private copy of the page in the
+    /// xbzrle buffer either way.
+    fn save_xbzrle(&mut self, f: &mut QemuFile, bi: usize, _page: usize, ptr: *mut u8, addr: u64, generation: u64) -> bool {
+        let last_stage = self.last_stage;
+        let c = &*COUNTERS;
+        let x = self.xbzrle.as_mut().expect("enabled implies a cache");
+        // SAFETY: `ptr` is a page inside a registered block; the copy may
+        // race with the guest, which the dirty log makes good.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, x.page.as_mut_ptr(), PAGE) };
+        x.lookups += 1;
+        if !x.cache.is_cached(addr, generation) {
+            c.xbzrle_cache_miss.fetch_add(1, Ordering::Relaxed);
+            if !last_stage {
+                x.cache.insert(addr, &x.page[..], generation);
+            }
+            return false;
+        }
+        let old = x.cache.get(addr).expect("is_cached");
+        match super::xbzrle::encode(old, &x.page[..], &mut x.enc[..]) {
+            None => {
+                c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed);
+                if !last_stage {
+                    x.cache.insert(addr, &x.page[..], generation);
+                }
+                false
+            }
+            Some(0) => {
+                c.skipped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(len) => {
+                if !last_stage {
+                    x.cache.insert(addr, &x.page[..], generation);
+                }
+                let enc = x.enc[..len].to_vec();
+                let n = self.record_header(f, bi, _page, flags::XBZRLE);
+                f.put_u8(flags::ENCODING_FLAG_XBZRLE);
+                f.put_be16(len as u16);
+                f.put_buffer(&enc);
+                c.xbzrle_pages.fetch_add(1, Ordering::Relaxed);
+                c.xbzrle_bytes.fetch_add(len as u64 + 3, Ordering::Relaxed);
+                c.transferred.fetch_add(n + 3 + len as u64, Ordering::Relaxed);
+                true
+            }
+        }
+    }
+
+    /// One PART payload; true when no dirty page is left.
+    pub fn iterate(&mut self, f: &mut QemuFile) -> Result<bool> {
+        if super::take_cache_resized() {
+            if let Some(x) = &mut self.xbzrle {
+                if let Err(e) = x.cache.resize(params::get().xbzrle_cache_size) {
+                    log::warn!("xbzrle cache resize: {e}");
+                }
+            }
+        }
+        let start = Instant::now();
+        let mut done = false;
+        let mut i = 0u32;
+        while !f.rate_limit_exceeded() {
+            let Some((bi, page)) = self.next_dirty() else {
+                done = true;
+                break;
+            };
+            self.save_page(f, bi, page);
+            i += 1;
+            if i.is_multiple_of(64) && start.elapsed() > MAX_WAIT {
+                break;
+            }
+        }
+        f.put_be64(flags::EOS);
+        COUNTERS.transferred.fetch_add(8, Ordering::Relaxed);
+        COUNTERS.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
+        f.check()?;
+        Ok(done)
+    }
+
+    /// Dirty bytes left; syncs the dirty log first when they fit in
+    /// `max_size` (also when both are 0, so a zero downtime limit keeps
+    /// syncing rather than switching over on a momentarily clean bitmap).
+    pub fn pending(&mut self, max_size: u64) -> u64 {
+        let mut remaining = self.dirty_pages * PAGE as u64;
+        if remaining <= max_size {
+            if let Err(e) = self.sync() {
+                log::error!("ram: dirty log sync failed: {e}");
+            }
+            remaining = self.dirty_pages * PAGE as u64;
+        }
+        remaining
+    }
+
+    /// The END payload: a last sync with the VM stopped, every dirty page, EOS.
+    pub fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
+        self.last_stage = true;
+        self.sync()?;
+        while let Some((bi, page)) = self.next_dirty() {
+            self.save_page(f, bi, page);
+            f.check()?;
+        }
+        f.put_be64(flags::EOS);
+        COUNTERS.transferred.fetch_add(8, Ordering::Relaxed);
+        COUNTERS.remaining.store(0, Ordering::Relaxed);
+        f.check()
+    }
+
+    /// Stops the dirty log.
+    pub fn cleanup(&mut self) {
+        if self.logging {
+            if let Some(h) = &self.host {
+                h.dirty_log_stop();
+            }
+            self.logging = false;
+        }
+    }
+}
+
+/// The handler registered as "ram": a [`Saver`] while migrating out, a
+/// [`Loader`] while loading.
+pub struct RamSection {
+    saver: Option<Saver>,
+    loader: Loader,
+}
+
+impl RamSection {
+    /// A handler with nothing in progress.
+    pub fn new() -> RamSection {
+        RamSection { saver: None, loader: Loader::new() }
+    }
+}
+
+impl Default for RamSection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SaveVmHandler for RamSection {
+    fn is_live(&self) -> bool {
+        true
+    }
+
+    fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
+        let host = crate::host::get().ok();
+        let mut s = Saver::new(super::blocks(), host)?;
+        let r = s.setup(f);
+        self.saver = Some(s);
+        r
+    }
+
+    fn iterate(&mut self, f: &mut QemuFile) -> Result<bool> {
+        self.saver.as_mut().ok_or_else(|| MigError::new("ram: iterate before setup"))?.iterate(f)
+    }
+
+    fn pending(&mut self, max_size: u64) -> u64 {
+        self.saver.as_mut().map_or(0, |s| s.pending(max_size))
+    }
+
+    fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
+        self.saver.as_mut().ok_or_else(|| MigError::new("ram: complete before setup"))?.complete(f)
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(mut s) = self.saver.take() {
+            s.cleanup();
+        }
+    }
+
+    fn load_begin(&mut self) {
+        self.loader = Loader::new();
+    }
+
+    fn load(&mut self, f: &mut QemuFile, version_id: u32, _kind: SectionKind) -> Result<()> {
+        self.loader.load(f, version_id)
+    }
+
+    fn load_without_host_lock(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,382 @@
+//! Interop with a real QEMU 7.2 (`qemu-system-x86_64`, Debian package
+//! qemu-system-x86), both ways, through `c-tests/qemu_peer`:
+//! - QEMU → livemig over tcp and exec, zero RAM and RAM from a
+//!   memory-backend-file of patterned and of random content: the livemig
+//!   host's RAM afterwards is identical and its run state follows globalstate;
+//! - livemig → QEMU with patterned RAM: QEMU completes and its RAM (a shared
+//!   memory-backend-file) is identical;
+//! - livemig → QEMU with XBZRLE while a thread dirties pages over several
+//!   passes: QEMU decodes it, xbzrle pages > 0, RAM identical.
+//! - livemig → livemig with the dirtier over tcp and unix, with consistent
+//!   query-migrate figures.
+//!
+//! Tests skip with a message where QEMU is not installed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB64: usize = 64 << 20;
+
+/// The tests here move 64 MiB each with real processes; run them one at a
+/// time so a dirtying guest is not starved of CPU by the others.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn qemu_available() -> bool {
+    let ok = Command::new("qemu-system-x86_64").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: qemu-system-x86_64 not found (install the Debian package qemu-system-x86)");
+    }
+    ok
+}
+
+fn peer() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let st = Command::new("make").args(["-s", "-C"]).arg(root().join("c-tests")).arg("build/qemu_peer").status().expect("make");
+        assert!(st.success(), "building qemu_peer failed");
+    });
+    root().join("c-tests/build/qemu_peer")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("livemig-interop-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Page i = be64 i followed by bytes of (i * 31 + j) — every page distinct.
+fn patterned() -> Vec<u8> {
+    let mut v = vec![0u8; MIB64];
+    for (i, page) in v.chunks_mut(4096).enumerate() {
+        page[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        for (j, b) in page[8..].iter_mut().enumerate() {
+            *b = (i * 31 + j) as u8;
+        }
+        if i % 5 == 0 {
+            page.fill(0);
+        }
+    }
+    v
+}
+
+fn random() -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = vec![0u8; MIB64];
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+struct Qmp(BufReader<UnixStream>);
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("QMP connect {path:?}: {e}"),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qmp(BufReader::new(s));
+        q.line();
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+    fn line(&mut self) -> serde_json::Value {
+        let mut l = String::new();
+        self.0.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP reply {l:?}: {e}"))
+    }
+    fn cmd(&mut self, c: &str) -> serde_json::Value {
+        self.0.get_mut().write_all(format!("{c}\n").as_bytes()).unwrap();
+        loop {
+            let v = self.line();
+            if v.get("event").is_none() {
+                assert!(v.get("error").is_none(), "QMP {c}: {v}");
+                return v["return"].clone();
+            }
+        }
+    }
+    fn wait_migration(&mut self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = self.cmd(r#"{"execute":"query-migrate"}"#);
+            match r["status"].as_str() {
+                Some("completed") | Some("failed") | Some("cancelled") => return r,
+                _ => assert!(Instant::now() < deadline, "QEMU migration did not finish: {r}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn qemu(dir: &Path, mem: Option<(&str, &Path, bool)>, extra: &[&str]) -> (Child, Qmp) {
+    let sock = dir.join("qmp.sock");
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-nodefaults", "-nographic", "-m", "64M", "-qmp"]).arg(format!("unix:{},server=on,wait=off", sock.display()));
+    match mem {
+        Some((id, path, share)) => {
+            c.args(["-machine", &format!("none,memory-backend={id}"), "-object"]).arg(format!(
+                "memory-backend-file,id={id},size=64M,mem-path={},share={}",
+                path.display(),
+                if share { "on" } else { "off" }
+            ));
+        }
+        None => {
+            c.args(["-machine", "none"]);
+        }
+    }
+    c.args(extra).stdout(Stdio::null()).stderr(Stdio::piped());
+    let child = c.spawn().expect("qemu starts");
+    let q = Qmp::connect(&sock);
+    (child, q)
+}
+
+fn run_peer(args: &[String]) -> Output {
+    let out = Command::new(peer()).args(args).output().expect("qemu_peer runs");
+    println!("qemu_peer {args:?}:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn spawn_peer(args: &[String]) -> Child {
+    Command::new(peer()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("qemu_peer starts")
+}
+
+fn wait_output(c: Child) -> Output {
+    let out = c.wait_with_output().unwrap();
+    println!("qemu_peer:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn read_port(path: &Path) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if let Ok(p) = s.trim().parse() {
+                return p;
+            }
+        }
+        assert!(Instant::now() < deadline, "no port in {path:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn assert_same(a: &[u8], b: &[u8], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: sizes differ");
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        panic!("{what}: first difference at byte {i:#x} (page {:#x})", i / 4096);
+    }
+}
+
+/// QEMU (source) → qemu_peer (destination); returns the peer's stdout.
+fn qemu_to_livemig(name: &str, image: Option<Vec<u8>>, exec: bool, paused: bool) -> String {
+    let dir = tmpdir(name);
+    let img = dir.join("src.img");
+    let (ram_name, expect) = match &image {
+        Some(v) => {
+            std::fs::write(&img, v).unwrap();
+            ("m", v.clone())
+        }
+        None => ("ram", vec![0u8; MIB64]),
+    };
+    let mem = image.as_ref().map(|_| ("m", img.as_path(), false));
+    let extra: &[&str] = if paused { &["-S"] } else { &[] };
+    let (mut q, mut qmp) = qemu(&dir, mem, extra);
+    let dump = dir.join("dump.img");
+    let mut args: Vec<String> = vec!["--ram-name".into(), ram_name.into(), "--dump".into(), dump.display().to_string()];
+    let out = if exec {
+        let stream = dir.join("stream.bin");
+        qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#, stream.display()));
+        let r = qmp.wait_migration();
+        assert_eq!(r["status"], "completed", "{r}");
+        args.extend(["--incoming".into(), format!("exec:cat {}", stream.display())]);
+        run_peer(&args)
+    } else {
+        let pf = dir.join("port");
+        args.extend(["--incoming".into(), "tcp:127.0.0.1:0".into(), "--port-file".into(), pf.display().to_string()]);
+        let p = spawn_peer(&args);
+        let port = read_port(&pf);
+        qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
+        let r = qmp.wait_migration();
+        assert_eq!(r["status"], "completed", "{r}");
+        wait_output(p)
+    };
+    let _ = q.kill();
+    let _ = q.wait();
+    assert!(out.status.success(), "qemu_peer failed");
+    assert_same(&std::fs::read(&dump).unwrap(), &expect, name);
+    let _ = std::fs::remove_dir_all(&dir);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn qemu_to_livemig_zero_tcp_running() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let out = qemu_to_livemig("zero-tcp", None, false, false);
+    assert!(out.contains("runstate: 9 (running)"), "globalstate running → started: {out}");
+}
+
+#[test]
+fn qemu_to_livemig_patterned_exec_prelaunch() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let out = qemu_to_livemig("pattern-exec", Some(patterned()), true, true);
+    assert!(out.contains("(prelaunch)"), "globalstate prelaunch is set verbatim: {out}");
+}
+
+#[test]
+fn qemu_to_livemig_random_tcp() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    qemu_to_livemig("random-tcp", Some(random()), false, false);
+}
+
+/// qemu_peer (source) → QEMU (destination, shared file-backed RAM).
+fn livemig_to_qemu(name: &str, image: Vec<u8>, peer_args: &[&str]) -> String {
+    let dir = tmpdir(name);
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    std::fs::write(&src, &image).unwrap();
+    std::fs::write(&dst, vec![0u8; MIB64]).unwrap();
+    let port = free_port();
+    let (mut q, mut qmp) = qemu(&dir, Some(("m", &dst, true)), &["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+    let final_ram = dir.join("final.img");
+    let mut args: Vec<String> = vec!["--migrate".into(), format!("tcp:127.0.0.1:{port}"), "--ram-name".into(), "m".into()];
+    args.extend(["--ram-file".into(), src.display().to_string(), "--dump".into(), final_ram.display().to_string()]);
+    args.extend(peer_args.iter().map(|s| s.to_string()));
+    let out = run_peer(&args);
+    assert!(out.status.success(), "qemu_peer failed");
+    let r = qmp.wait_migration();
+    assert_eq!(r["status"], "completed", "QEMU destination: {r}");
+    let st = qmp.cmd(r#"{"execute":"query-status"}"#);
+    assert_eq!(st["status"], "running", "QEMU runs after a running source: {st}");
+    let _ = qmp.cmd(r#"{"execute":"quit"}"#);
+    let _ = q.wait();
+    // The source's RAM at the switchover is what QEMU must hold.
+    assert_same(&std::fs::read(&dst).unwrap(), &std::fs::read(&final_ram).unwrap(), name);
+    let _ = std::fs::remove_dir_all(&dir);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stat(out: &str, key: &str) -> i64 {
+    let i = out.find(&format!(" {key} ")).unwrap_or_else(|| panic!("no {key} in {out}"));
+    out[i + key.len() + 2..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn livemig_to_qemu_patterned() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let img = patterned();
+    let out = livemig_to_qemu("to-qemu", img, &[]);
+    assert!(stat(&out, "duplicate") > 0 && stat(&out, "normal") > 0, "{out}");
+}
+
+#[test]
+fn livemig_to_qemu_xbzrle_dirtying() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let out = livemig_to_qemu(
+        "to-qemu-xbzrle",
+        random(),
+        &["--xbzrle", "--dirty-pages", "2048", "--speed", "50000000", "--downtime-ms", "0", "--converge-after-syncs", "8"],
+    );
+    let i = out.find("xbzrle: pages ").expect("xbzrle stats");
+    let pages: i64 = out[i + 14..].split_whitespace().next().unwrap().parse().unwrap();
+    assert!(pages > 0, "no XBZRLE pages were sent: {out}");
+    assert!(stat(&out, "dirty-sync-count") >= 8, "{out}");
+}
+
+fn livemig_to_livemig(uri: &str, name: &str) {
+    let dir = tmpdir(name);
+    let src = dir.join("src.img");
+    std::fs::write(&src, random()).unwrap();
+    let (fin, dump) = (dir.join("final.img"), dir.join("dump.img"));
+    let mut dargs: Vec<String> = vec!["--dump".into(), dump.display().to_string()];
+    let pf = dir.join("port");
+    let target = if uri == "tcp" {
+        dargs.extend(["--incoming".into(), "tcp:127.0.0.1:0".into(), "--port-file".into(), pf.display().to_string()]);
+        None
+    } else {
+        let s = format!("unix:{}", dir.join("m.sock").display());
+        dargs.extend(["--incoming".into(), s.clone()]);
+        Some(s)
+    };
+    let d = spawn_peer(&dargs);
+    let target = target.unwrap_or_else(|| format!("tcp:127.0.0.1:{}", read_port(&pf)));
+    if target.starts_with("unix:") {
+        let p = dir.join("m.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !p.exists() {
+            assert!(Instant::now() < deadline, "destination never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let sargs: Vec<String> = ["--migrate", &target, "--ram-file", &src.display().to_string(), "--dump", &fin.display().to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--dirty-pages", "2048", "--speed", "50000000", "--downtime-ms", "0", "--converge-after-syncs", "5"].map(String::from))
+        .collect();
+    let out = run_peer(&sargs);
+    let dout = wait_output(d);
+    assert!(out.status.success() && dout.status.success());
+    assert_same(&std::fs::read(&dump).unwrap(), &std::fs::read(&fin).unwrap(), name);
+    let o = String::from_utf8_lossy(&out.stdout);
+    let (transferred, normal, dup, total, remaining) =
+        (stat(&o, "transferred"), stat(&o, "normal-bytes"), stat(&o, "duplicate"), stat(&o, "total"), stat(&o, "remaining"));
+    assert!(transferred >= normal, "{o}");
+    assert!(dup + stat(&o, "normal") >= total / 4096, "{o}");
+    assert_eq!(remaining, 0, "{o}");
+    assert!(stat(&o, "dirty-sync-count") >= 5, "several passes: {o}");
+    assert!(stat(&o, "normal") > total / 4096, "pages were re-sent: {o}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn livemig_to_livemig_dirtying_tcp() {
+    let _g = serial();
+    livemig_to_livemig("tcp", "l2l-tcp");
+}
+
+#[test]
+fn livemig_to_livemig_dirtying_unix() {
+    let _g = serial();
+    livemig_to_livemig("unix", "l2l-unix");
+}
