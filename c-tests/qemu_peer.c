@@ -5,12 +5,15 @@
  *   qemu_peer --incoming URI [--dump FILE] [--port-file F]
  *   qemu_peer --migrate URI [--xbzrle] [--speed B/s] [--downtime-ms MS]
  *             [--dirty-pages N] [--dump FILE] [--paused]
- *             [--converge-after-syncs K]
+ *             [--converge-after-syncs K] [--dirty-log]
  *   common:   [--ram-name NAME] [--ram-size SIZE[K|M|G]] [--ram-file FILE]
  *
  * --dirty-pages N runs a thread that rewrites N pages continuously (a busy
  * guest: rounds back to back) while
  * the VM runs (so several passes happen); it stops when the VM is stopped.
+ * --dirty-log makes the dirtier keep its own log, handed to livemig by the
+ * dirty_log_sync callback (as a KVM host does), instead of calling
+ * livemig_ram_mark_dirty.
  * --converge-after-syncs K raises the downtime limit to 2 s once K dirty
  * syncs have happened (so a low limit forces several passes, then ends).
  * --dump writes the block after the migration (on the source: the RAM as
@@ -41,6 +44,26 @@ static pthread_mutex_t vcpu_lock = PTHREAD_MUTEX_INITIALIZER;
 static bool vcpu_paused;
 static atomic_bool dirtier_quit;
 static long dirty_pages;
+static bool use_dirty_log;
+static uint64_t *soft_log; /* one bit per page, guarded by log_lock */
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int log_syncs;
+
+/* The host's dirty log: hands over and clears the pages written since the
+ * last sync, as KVM_GET_DIRTY_LOG does. */
+static int log_sync(void *opaque, const char *idstr, void *host, uint64_t length, uint64_t *bitmap)
+{
+    (void)opaque;
+    CHECK(strcmp(idstr, ram_name) == 0 && host == ram && length == ram_size, "dirty_log_sync for an unknown block");
+    pthread_mutex_lock(&log_lock);
+    for (uint64_t w = 0; w < (ram_size / 4096 + 63) / 64; w++) {
+        bitmap[w] |= soft_log[w];
+        soft_log[w] = 0;
+    }
+    pthread_mutex_unlock(&log_lock);
+    atomic_fetch_add(&log_syncs, 1);
+    return 0;
+}
 
 static void timer_save(QEMUFile *f, void *o)
 {
@@ -82,9 +105,15 @@ static void *dirtier(void *arg)
                 uint64_t page = ((uint64_t)i * 7919) % pages;
                 uint64_t *p = (uint64_t *)(ram + page * 4096 + (round % 64) * 8);
                 *p = round + 1;
-                Error *err = NULL;
-                livemig_ram_mark_dirty(ram_name, page * 4096, 8, &err);
-                CHECK_OK(err);
+                if (use_dirty_log) {
+                    pthread_mutex_lock(&log_lock);
+                    soft_log[page / 64] |= 1ULL << (page % 64);
+                    pthread_mutex_unlock(&log_lock);
+                } else {
+                    Error *err = NULL;
+                    livemig_ram_mark_dirty(ram_name, page * 4096, 8, &err);
+                    CHECK_OK(err);
+                }
             }
             round++;
         }
@@ -167,6 +196,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--downtime-ms") && v) downtime_ms = atoll(argv[++i]);
         else if (!strcmp(a, "--dirty-pages") && v) dirty_pages = atol(argv[++i]);
         else if (!strcmp(a, "--converge-after-syncs") && v) converge_after = atoll(argv[++i]);
+        else if (!strcmp(a, "--dirty-log")) use_dirty_log = true;
         else CHECK(0, "bad argument '%s' (see the comment at the top of qemu_peer.c)", a);
     }
     CHECK(!incoming != !migrate, "exactly one of --incoming and --migrate");
@@ -183,6 +213,11 @@ int main(int argc, char **argv)
     }
     fakehost_on_stop = stop_vcpu;
     fakehost_setup(migrate && !paused, true);
+    if (use_dirty_log) {
+        soft_log = calloc((ram_size / 4096 + 63) / 64, sizeof(uint64_t));
+        CHECK(soft_log, "out of memory");
+        fakehost_dirty_log(log_sync);
+    }
     CHECK(livemig_set_machine_name("none", &err), "%s", error_get_pretty(err));
     CHECK(livemig_ram_block_add(ram_name, ram, ram_size, &err), "%s", error_get_pretty(err));
     CHECK(register_savevm(NULL, "timer", 0, 2, timer_save, timer_load, NULL) >= 0, "register timer");
@@ -253,6 +288,8 @@ int main(int argc, char **argv)
         pthread_join(t, NULL);
     }
     print_info();
+    if (use_dirty_log)
+        printf("dirty-log syncs: %d\n", atomic_load(&log_syncs));
     if (st == MIGRATION_STATUS_COMPLETED && dump)
         write_file(dump, ram, ram_size);
     return st == MIGRATION_STATUS_COMPLETED ? 0 : 1;

@@ -721,6 +721,12 @@ typedef struct Notifier {
 } Notifier;
 
 /*
+ Called when an incoming stream changes the used length of a resizable
+ block (on the incoming thread, without the host lock).
+ */
+typedef void (*LivemigRamResized)(void *opaque, const char *idstr, uint64_t new_length);
+
+/*
  Writes a non-live device's state (FULL section).
  */
 typedef void (*SaveStateHandler)(struct QEMUFile *f, void *opaque);
@@ -1116,6 +1122,15 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
  dirty log does not see (device DMA, emulated devices). Any thread.
  */
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
+
+/*
+ Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
+ `used_length` bytes now, up to `max_length` mapped at `host`. An
+ incoming stream may set any used length up to the maximum; `resized` is
+ then called with the new length. Longer lengths are refused with QEMU's
+ "Size too large" message.
+ */
+bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t used_length, uint64_t max_length, LivemigRamResized resized, void *opaque, struct Error **errp);
 
 /*
  Registers a live device with a handler table (copied). Returns the

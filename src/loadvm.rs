@@ -69,6 +69,12 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
                         "Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
                     ))
                 })?;
+                if kind == QEMU_VM_SECTION_START && section_id == 0 {
+                    // PART/END are found by id and every entry of a 7.2
+                    // destination starts at id 0: such a stream is ambiguous
+                    // (7.2 hands its parts to another device).
+                    return Err(MigError::new(format!("section id 0 is not valid for the iterative section '{idstr}'")));
+                }
                 if version_id > l.entry.version_id {
                     return Err(MigError::new(format!("savevm: unsupported version {version_id} for '{idstr}' v{}", l.entry.version_id)));
                 }

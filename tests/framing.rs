@@ -94,26 +94,33 @@ fn framing_round_trip_and_refusals() {
     f.flush().unwrap();
     let bytes = out.lock().clone();
 
-    let l = sid_live.to_be_bytes();
-    let d = sid_dev.to_be_bytes();
+    // livemig's own "ram" section (no blocks registered here) takes part
+    // too: START = MEM_SIZE total 0 + EOS, PART and END = EOS.
+    let sid_ram = savevm::entries().iter().find(|e| e.idstr == "ram").expect("ram is registered").section_id;
+    let sec = |want: &mut Vec<u8>, kind: u8, sid: u32, head: Option<(&str, u32)>, payload: &[u8]| {
+        want.push(kind);
+        want.extend_from_slice(&sid.to_be_bytes());
+        if let Some((name, version)) = head {
+            want.push(name.len() as u8);
+            want.extend_from_slice(name.as_bytes());
+            want.extend_from_slice(&0u32.to_be_bytes()); // instance
+            want.extend_from_slice(&version.to_be_bytes());
+        }
+        want.extend_from_slice(payload);
+        want.push(0x7E);
+        want.extend_from_slice(&sid.to_be_bytes());
+    };
+    let eos = 0x10u64.to_be_bytes();
+    let mem_size_0: Vec<u8> = [0x04u64.to_be_bytes(), eos].concat();
     let mut want = vec![0x51, 0x45, 0x56, 0x4D, 0, 0, 0, 3]; // QEVM, version 3
     want.extend_from_slice(&[0x07, 0, 0, 0, 4, b'n', b'o', b'n', b'e']); // configuration "none"
-    want.push(0x01); // START
-    want.extend_from_slice(&l);
-    want.extend_from_slice(&[2, b'l', b'v', 0, 0, 0, 0, 0, 0, 0, 4, b'A', 0x7E]);
-    want.extend_from_slice(&l);
-    want.push(0x02); // PART
-    want.extend_from_slice(&l);
-    want.extend_from_slice(&[b'B', 0x7E]);
-    want.extend_from_slice(&l);
-    want.push(0x03); // END
-    want.extend_from_slice(&l);
-    want.extend_from_slice(&[b'C', 0x7E]);
-    want.extend_from_slice(&l);
-    want.push(0x04); // FULL dev
-    want.extend_from_slice(&d);
-    want.extend_from_slice(&[3, b'd', b'e', b'v', 0, 0, 0, 0, 0, 0, 0, 2, 1, 2, 3, 0x7E]);
-    want.extend_from_slice(&d);
+    sec(&mut want, 0x01, sid_live, Some(("lv", 4)), b"A"); // START
+    sec(&mut want, 0x01, sid_ram, Some(("ram", 4)), &mem_size_0);
+    sec(&mut want, 0x02, sid_live, None, b"B"); // PART
+    sec(&mut want, 0x02, sid_ram, None, &eos);
+    sec(&mut want, 0x03, sid_live, None, b"C"); // END
+    sec(&mut want, 0x03, sid_ram, None, &eos);
+    sec(&mut want, 0x04, sid_dev, Some(("dev", 2)), &[1, 2, 3]); // FULL
     assert_eq!(&bytes[..want.len()], &want[..], "sections before globalstate");
     let rest = &bytes[want.len()..];
     // FULL globalstate (registered by livemig), then EOF and the vmdesc.
@@ -180,6 +187,6 @@ fn framing_round_trip_and_refusals() {
         assert!(e.contains(msg), "want '{msg}', got '{e}' for {stream:02x?}");
     }
     // A failing handler is named with QEMU's context line.
-    let e = load(with(&[[0x01, 0, 0, 0, 7, 2].as_slice(), b"lv", &[0, 0, 0, 0, 0, 0, 0, 4]].concat())).unwrap_err();
+    let e = load(with(&[[0x01, 0, 0, 0, 77, 2].as_slice(), b"lv", &[0, 0, 0, 0, 0, 0, 0, 4]].concat())).unwrap_err();
     assert_eq!(e, "error while loading state for instance 0x0 of device 'lv': unexpected end of migration stream");
 }

@@ -324,7 +324,7 @@ fn livemig_to_qemu_xbzrle_dirtying() {
     assert!(stat(&out, "dirty-sync-count") >= 8, "{out}");
 }
 
-fn livemig_to_livemig(uri: &str, name: &str) {
+fn livemig_to_livemig(uri: &str, name: &str, extra: &[&str]) {
     let dir = tmpdir(name);
     let src = dir.join("src.img");
     std::fs::write(&src, random()).unwrap();
@@ -353,6 +353,7 @@ fn livemig_to_livemig(uri: &str, name: &str) {
         .iter()
         .map(|s| s.to_string())
         .chain(["--dirty-pages", "2048", "--speed", "50000000", "--downtime-ms", "0", "--converge-after-syncs", "5"].map(String::from))
+        .chain(extra.iter().map(|s| s.to_string()))
         .collect();
     let out = run_peer(&sargs);
     let dout = wait_output(d);
@@ -372,11 +373,18 @@ fn livemig_to_livemig(uri: &str, name: &str) {
 #[test]
 fn livemig_to_livemig_dirtying_tcp() {
     let _g = serial();
-    livemig_to_livemig("tcp", "l2l-tcp");
+    livemig_to_livemig("tcp", "l2l-tcp", &[]);
 }
 
 #[test]
 fn livemig_to_livemig_dirtying_unix() {
     let _g = serial();
-    livemig_to_livemig("unix", "l2l-unix");
+    livemig_to_livemig("unix", "l2l-unix", &[]);
+}
+
+#[test]
+fn livemig_to_livemig_host_dirty_log() {
+    let _g = serial();
+    // The dirtier's writes reach livemig only through dirty_log_sync.
+    livemig_to_livemig("tcp", "l2l-dirty-log", &["--dirty-log"]);
 }

@@ -35,3 +35,30 @@ pub extern "C" fn livemig_ram_mark_dirty(idstr: *const c_char, offset: u64, leng
         Ok(true)
     })
 }
+
+/// Called when an incoming stream changes the used length of a resizable
+/// block (on the incoming thread, without the host lock).
+pub type LivemigRamResized = Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, new_length: u64)>;
+
+/// Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
+/// `used_length` bytes now, up to `max_length` mapped at `host`. An
+/// incoming stream may set any used length up to the maximum; `resized` is
+/// then called with the new length. Longer lengths are refused with QEMU's
+/// "Size too large" message.
+#[no_mangle]
+pub extern "C" fn livemig_ram_block_add_resizable(
+    idstr: *const c_char,
+    host: *mut c_void,
+    used_length: u64,
+    max_length: u64,
+    resized: LivemigRamResized,
+    opaque: *mut c_void,
+    errp: *mut *mut Error,
+) -> bool {
+    guard_err("livemig_ram_block_add_resizable", errp, false, || {
+        let f = resized.ok_or_else(|| crate::error::MigError::new("livemig_ram_block_add_resizable: resized must not be NULL"))?;
+        let r = crate::ram::Resized { f, opaque: opaque as usize };
+        crate::ram::block_add_resizable(cstr(idstr, "idstr")?, host.cast(), used_length, max_length, Some(r))?;
+        Ok(true)
+    })
+}

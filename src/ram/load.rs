@@ -44,7 +44,7 @@ impl Loader {
 
     /// The page at `addr` in `b`, or the error if it lies outside.
     fn page_ptr(b: &RamBlock, addr: u64) -> Result<*mut u8> {
-        if addr >= b.length {
+        if addr >= b.length() {
             return Err(MigError::new(format!("Illegal RAM offset {addr:x}")));
         }
         Ok(b.page_ptr((addr / PAGE as u64) as usize))
@@ -105,11 +105,15 @@ impl Loader {
             f.check()?;
             let name_s = String::from_utf8_lossy(&name).into_owned();
             let b = self.find(&name).ok_or_else(|| MigError::new(format!("Unknown ramblock \"{name_s}\", cannot accept migration")))?;
-            if len != b.length {
-                return Err(MigError::new(format!(
-                    "Size mismatch: {name_s}: 0x{len:x} != 0x{:x}: Invalid argument (ram block '{name_s}': stream says {len} bytes, host registered {})",
-                    b.length, b.length
-                )));
+            if len != b.length() {
+                if !b.resizable() {
+                    return Err(MigError::new(format!(
+                        "Size mismatch: {name_s}: 0x{len:x} != 0x{:x}: Invalid argument (ram block '{name_s}': stream says {len} bytes, host registered {})",
+                        b.length(),
+                        b.length()
+                    )));
+                }
+                b.resize(len)?;
             }
             left = left
                 .checked_sub(len)

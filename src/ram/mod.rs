@@ -67,16 +67,71 @@ pub struct RamBlock {
     /// Name in the stream (e.g. "ram", "pc.ram").
     pub idstr: String,
     host: usize,
-    /// Length in bytes (a multiple of the page size).
-    pub length: u64,
+    /// Used length in bytes (a multiple of the page size).
+    used: AtomicU64,
+    /// Largest length a resizable block may take (= used for the others).
+    max_length: u64,
+    /// Told when an incoming stream resizes the block.
+    resized: Option<Resized>,
     /// Pages the host marked dirty itself (`livemig_ram_mark_dirty`).
     marks: Mutex<DirtyBitmap>,
 }
 
+/// A host callback for a resized block: `f(opaque, idstr, new_length)`.
+#[derive(Clone, Copy)]
+pub struct Resized {
+    /// The callback.
+    pub f: unsafe extern "C" fn(opaque: *mut std::ffi::c_void, idstr: *const std::ffi::c_char, new_length: u64),
+    /// Its argument.
+    pub opaque: usize,
+}
+
 impl RamBlock {
-    /// Pages in the block.
+    /// Used length in bytes.
+    pub fn length(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Pages in the block's used length.
     pub fn pages(&self) -> usize {
-        (self.length / TARGET_PAGE_SIZE) as usize
+        (self.length() / TARGET_PAGE_SIZE) as usize
+    }
+
+    /// True for a block registered as resizable.
+    pub fn resizable(&self) -> bool {
+        self.resized.is_some()
+    }
+
+    /// Largest length of a resizable block.
+    pub fn max_length(&self) -> u64 {
+        self.max_length
+    }
+
+    /// Sets the used length of a resizable block (QEMU's qemu_ram_resize),
+    /// telling the host; refused above the maximum, with QEMU's message.
+    pub fn resize(&self, new_length: u64) -> Result<()> {
+        let Some(r) = self.resized else {
+            return Err(MigError::new(format!(
+                "Size mismatch: {}: 0x{new_length:x} != 0x{:x}: Invalid argument (ram block '{}' is not resizable)",
+                self.idstr,
+                self.length(),
+                self.idstr
+            )));
+        };
+        if new_length > self.max_length || new_length == 0 || !new_length.is_multiple_of(TARGET_PAGE_SIZE) {
+            return Err(MigError::new(format!(
+                "Size too large: {}: 0x{new_length:x} > 0x{:x}: Invalid argument",
+                self.idstr, self.max_length
+            )));
+        }
+        if new_length != self.length() {
+            self.used.store(new_length, Ordering::Release);
+            let name = std::ffi::CString::new(self.idstr.as_str()).expect("no NUL in block names");
+            // SAFETY: the host registered this callback and opaque pointer
+            // with the block; the name lives across the call.
+            unsafe { (r.f)(r.opaque as *mut std::ffi::c_void, name.as_ptr(), new_length) };
+        }
+        Ok(())
     }
 
     /// The host address of page `page` (bounds-checked by the caller:
@@ -105,22 +160,41 @@ static BLOCKS: Mutex<Vec<Arc<RamBlock>>> = Mutex::new(Vec::new());
 /// Registers a block of guest RAM. The memory must stay mapped until the
 /// block is removed (and no migration is running).
 pub fn block_add(idstr: &str, host: *mut u8, length: u64) -> Result<()> {
+    block_add_resizable(idstr, host, length, length, None)
+}
+
+/// Registers a block whose used length an incoming stream may change up to
+/// `max_length` (QEMU's resizable blocks, e.g. ACPI tables); `resized` is
+/// told of every change. With `resized` None the block is fixed.
+pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: u64, resized: Option<Resized>) -> Result<()> {
     if idstr.is_empty() || idstr.len() > 255 || idstr.contains('\0') {
         return Err(MigError::new(format!("ram block name '{idstr}' must be 1 to 255 bytes without NUL")));
     }
     if host.is_null() || !(host as usize).is_multiple_of(PAGE) {
         return Err(MigError::new(format!("ram block '{idstr}': host address {host:p} must be non-NULL and page aligned")));
     }
-    if length == 0 || !length.is_multiple_of(TARGET_PAGE_SIZE) || (host as u64).checked_add(length).is_none() {
+    if length == 0 || !length.is_multiple_of(TARGET_PAGE_SIZE) || (host as u64).checked_add(max_length).is_none() {
         return Err(MigError::new(format!("ram block '{idstr}': length {length} must be a non-zero multiple of {TARGET_PAGE_SIZE}")));
+    }
+    if max_length < length || !max_length.is_multiple_of(TARGET_PAGE_SIZE) {
+        return Err(MigError::new(format!(
+            "ram block '{idstr}': maximum length {max_length} must be a multiple of {TARGET_PAGE_SIZE} and at least {length}"
+        )));
     }
     busy_check()?;
     let mut b = BLOCKS.lock();
     if b.iter().any(|x| x.idstr == idstr) {
         return Err(MigError::new(format!("ram block '{idstr}' is already registered")));
     }
-    let pages = (length / TARGET_PAGE_SIZE) as usize;
-    b.push(Arc::new(RamBlock { idstr: idstr.to_string(), host: host as usize, length, marks: Mutex::new(DirtyBitmap::new(pages)) }));
+    let pages = (max_length / TARGET_PAGE_SIZE) as usize;
+    b.push(Arc::new(RamBlock {
+        idstr: idstr.to_string(),
+        host: host as usize,
+        used: AtomicU64::new(length),
+        max_length,
+        resized,
+        marks: Mutex::new(DirtyBitmap::new(pages)),
+    }));
     log::info!("ram block '{idstr}' registered: {length} bytes at {host:p}");
     Ok(())
 }
@@ -144,7 +218,7 @@ fn busy_check() -> Result<()> {
 /// The registered blocks, largest first (QEMU's MEM_SIZE order).
 pub fn blocks() -> Vec<Arc<RamBlock>> {
     let mut v = BLOCKS.lock().clone();
-    v.sort_by_key(|b| std::cmp::Reverse(b.length));
+    v.sort_by_key(|b| std::cmp::Reverse(b.max_length));
     v
 }
 
@@ -155,8 +229,8 @@ pub fn mark_dirty(idstr: &str, offset: u64, len: u64) -> Result<()> {
     let b = b.ok_or_else(|| MigError::new(format!("ram block '{idstr}' is not registered")))?;
     let end = offset
         .checked_add(len)
-        .filter(|&e| e <= b.length)
-        .ok_or_else(|| MigError::new(format!("ram block '{idstr}': range {offset:#x}+{len:#x} exceeds its length {:#x}", b.length)))?;
+        .filter(|&e| e <= b.length())
+        .ok_or_else(|| MigError::new(format!("ram block '{idstr}': range {offset:#x}+{len:#x} exceeds its length {:#x}", b.length())))?;
     if len == 0 {
         return Ok(());
     }

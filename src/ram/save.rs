@@ -78,7 +78,7 @@ impl Saver {
                 let mut bitmap = DirtyBitmap::new(block.pages());
                 bitmap.fill();
                 let s = BlockState { bitmap, base, block };
-                base += s.block.length;
+                base += s.block.length();
                 s
             })
             .collect::<Vec<_>>();
@@ -117,7 +117,7 @@ impl Saver {
     }
 
     fn total(&self) -> u64 {
-        self.blocks.iter().map(|b| b.block.length).sum()
+        self.blocks.iter().map(|b| b.block.length()).sum()
     }
 
     /// Writes the block list and EOS (the START payload).
@@ -140,7 +140,7 @@ impl Saver {
         f.put_be64(self.total() | flags::MEM_SIZE);
         for b in &self.blocks {
             f.put_counted_str(&b.block.idstr);
-            f.put_be64(b.block.length);
+            f.put_be64(b.block.length());
         }
         f.put_be64(flags::EOS);
         f.check()
@@ -152,7 +152,7 @@ impl Saver {
         let before = self.dirty_pages;
         for b in &mut self.blocks {
             if let Some(h) = &self.host {
-                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.block.length, b.bitmap.words_mut())?;
+                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.block.length(), b.bitmap.words_mut())?;
             }
             b.block.take_marks(&mut b.bitmap);
         }
