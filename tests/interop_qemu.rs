@@ -281,8 +281,16 @@ fn livemig_to_qemu(name: &str, image: Vec<u8>, peer_args: &[&str]) -> String {
     assert!(out.status.success(), "qemu_peer failed");
     let r = qmp.wait_migration();
     assert_eq!(r["status"], "completed", "QEMU destination: {r}");
-    let st = qmp.cmd(r#"{"execute":"query-status"}"#);
-    assert_eq!(st["status"], "running", "QEMU runs after a running source: {st}");
+    // QEMU starts the VM just after it reports "completed": poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = qmp.cmd(r#"{"execute":"query-status"}"#);
+        if st["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "QEMU does not run after a running source: {st}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let _ = qmp.cmd(r#"{"execute":"quit"}"#);
     let _ = q.wait();
     // The source's RAM at the switchover is what QEMU must hold.
