@@ -293,6 +293,52 @@ static void run_step(const char *uri, const char *expect)
     free(d);
 }
 
+/* Bad values and NULLs get a clear error and change nothing. */
+static void check_bad_input(void)
+{
+    Error *err = NULL;
+    uint64_t downtime = migrate_max_downtime();
+    int64_t cache = migrate_xbzrle_cache_size();
+    qmp_migrate_set_downtime(0.0 / 0.0, &err);
+    CHECK(err && strstr(error_get_pretty(err), "downtime_limit"), "NaN downtime accepted");
+    error_free(err), err = NULL;
+    qmp_migrate_set_downtime(-1, &err);
+    CHECK(err, "negative downtime accepted");
+    error_free(err), err = NULL;
+    qmp_migrate_set_speed(-5, &err);
+    CHECK(err && strstr(error_get_pretty(err), "got -5"), "negative speed accepted");
+    error_free(err), err = NULL;
+    qmp_migrate_set_cache_size(100, &err);
+    CHECK(err && strstr(error_get_pretty(err), "xbzrle_cache_size"), "tiny cache accepted");
+    error_free(err), err = NULL;
+    CHECK(migrate_max_downtime() == downtime && migrate_xbzrle_cache_size() == cache, "a refused value changed a parameter");
+    qmp_migrate(NULL, false, false, false, false, false, false, &err);
+    CHECK(err && strcmp(error_get_pretty(err), "uri must not be NULL") == 0, "NULL uri: %s", err ? error_get_pretty(err) : "accepted");
+    error_free(err), err = NULL;
+    qmp_migrate("ftp:x", false, false, false, false, false, false, &err);
+    CHECK(err && strstr(error_get_pretty(err), "unknown protocol 'ftp'"), "bad uri accepted");
+    error_free(err), err = NULL;
+    qmp_migrate("tcp:127.0.0.1:1", true, true, false, false, false, false, &err);
+    CHECK(err && strstr(error_get_pretty(err), "block migration"), "block migration accepted");
+    error_free(err), err = NULL;
+    CHECK(query_status(false) == MIGRATION_STATUS_NONE, "a refused migration changed the state");
+    SaveVMHandlers bad = dev_ops;
+    bad.save_live_pending = NULL;
+    CHECK(livemig_register_savevm_live(NULL, "bad", 0, 1, &bad, NULL, &err) < 0 && err &&
+          strstr(error_get_pretty(err), "required callback 'save_live_pending' is NULL"), "missing callback accepted");
+    error_free(err), err = NULL;
+    LivemigHostOps ops = { .version = LIVEMIG_HOST_OPS_VERSION, .size = sizeof(ops) };
+    CHECK(!livemig_set_host_ops(&ops, NULL, &err) && err &&
+          strstr(error_get_pretty(err), "required callback 'iothread_lock' is NULL"), "empty host ops accepted");
+    error_free(err), err = NULL;
+    ops.version = 99;
+    CHECK(!livemig_set_host_ops(&ops, NULL, &err) && err && strstr(error_get_pretty(err), "version 99"), "bad version");
+    error_free(err), err = NULL;
+    CHECK(qemu_get_be32(NULL) == 0 && qemu_file_get_error(NULL) < 0, "NULL QEMUFile");
+    CHECK(!migration_is_active(NULL) && !migration_has_finished(NULL), "NULL state");
+    printf("src: bad input refused, nothing changed\n");
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -325,6 +371,7 @@ int main(int argc, char **argv)
     Error *err = NULL;
     fakehost_setup(true, true);
     register_devices();
+    check_bad_input();
     if (speed) {
         qmp_migrate_set_speed(speed, &err);
         CHECK_OK(err);

@@ -60,7 +60,11 @@ fn start(open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
         return Err(MigError::new("an incoming migration is already in progress"));
     }
     if let Some(t) = g.thread.take() {
-        let _ = t.join();
+        // Never wait for it (see outgoing::start): it only notifies after
+        // its final transition.
+        if t.is_finished() {
+            let _ = t.join();
+        }
     }
     g.error = None;
     g.final_runstate = None;

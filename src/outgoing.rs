@@ -127,8 +127,13 @@ pub fn start(target: Target) -> Result<()> {
         return Err(MigError::new("There's a migration process in progress"));
     }
     if let Some(t) = o.thread.take() {
-        // The previous thread set its final state as its last act.
-        let _ = t.join();
+        // The previous thread touches no shared state after its final
+        // transition (it may still be running its notifiers): reap it if it
+        // has exited, else let it end on its own. Never wait here — the
+        // caller may hold the host lock, or be that thread's notifier.
+        if t.is_finished() {
+            let _ = t.join();
+        }
     }
     let aborter = match Aborter::new() {
         Ok(a) => a,
@@ -205,20 +210,14 @@ fn run(host: Host, target: Target, aborter: Aborter) {
         Target::File(f) => Ok(f),
         Target::Uri(uri, text) => transport::connect(&uri, &text, &aborter).map(|c| QemuFile::new(c, Direction::Write)),
     };
-    let result = match file {
-        Ok(mut f) => {
-            let r = migrate(&host, &mut f, &mut p);
-            match r {
-                Ok(()) => f.close(),
-                Err(e) => Err(e),
-            }
-        }
-        Err(e) => Err(e),
-    };
+    let result = file.and_then(|f| migrate(&host, f, &mut p));
     finish(&host, result, p);
 }
 
-fn migrate(host: &Host, f: &mut QemuFile, p: &mut Progress) -> Result<()> {
+/// Runs the migration; on success the stream is closed and the state is
+/// COMPLETED. On error `f` is dropped (closing the channel).
+fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
+    let f = &mut f;
     let start = Instant::now();
     let mut prm = params::get();
     f.set_rate_limit(prm.speed / 10);
@@ -303,6 +302,10 @@ impl Window {
     }
 }
 
+/// Stop-and-copy under the host lock. Everything that can fail, and every
+/// change to shared state (stream closed, handlers cleaned up), happens
+/// before the transition to COMPLETED: after it, a later error must not
+/// restart a VM that now runs on the destination.
 fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_running_vm: &mut bool, start: Instant) -> Result<()> {
     let _l = host.lock();
     host.system_wakeup_request();
@@ -315,21 +318,28 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     let before = f.tell();
     save.complete(f)?;
     f.flush()?;
+    // Close the channel now (for exec:, wait for the command): its failure
+    // is the migration's failure.
+    let closing = std::mem::replace(f, QemuFile::closed());
+    let sent = closing.tell();
+    closing.close()?;
+    save.cleanup();
     let downtime = stop_time.elapsed().as_millis() as u64;
     let total = start.elapsed();
     update(|s| {
-        s.transferred = f.tell();
-        s.downtime_bytes = f.tell() - before;
+        s.transferred = sent;
+        s.downtime_bytes = sent - before;
         s.downtime_ms = Some(downtime);
         s.total_time_ms = total.as_millis() as u64;
         s.remaining = 0;
-        s.mbps = f.tell() as f64 * 8.0 / total.as_secs_f64().max(1e-9) / 1e6;
+        s.mbps = sent as f64 * 8.0 / total.as_secs_f64().max(1e-9) / 1e6;
     });
+    OUT.lock().aborter = None;
     if !OUTGOING.cas(S::Active, S::Completed) {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
     }
     host.runstate_set(RunState::Postmigrate);
-    log::info!("migration completed: {} bytes, total {} ms, downtime {downtime} ms", f.tell(), total.as_millis());
+    log::info!("migration completed: {sent} bytes, total {} ms, downtime {downtime} ms", total.as_millis());
     notify(S::Completed, false);
     Ok(())
 }
@@ -343,7 +353,6 @@ fn finish(host: &Host, result: Result<()>, mut p: Progress) {
     }
     let Err(err) = result else {
         // Completed and notified inside the switchover, under the host lock.
-        OUT.lock().aborter = None;
         return;
     };
     let host_err = OUT.lock().host_error.take();

@@ -50,6 +50,13 @@ impl QemuFile {
         QemuFile { chan, dir, buf: Vec::with_capacity(IO_BUF_SIZE), rpos: 0, pos: 0, error: None, rate_limit_max: 0, rate_limit_used: 0 }
     }
 
+    /// A placeholder stream whose channel is gone: every operation fails.
+    pub fn closed() -> QemuFile {
+        let mut f = QemuFile::new(Box::new(crate::transport::mem::MemChannel::broken()), Direction::Write);
+        f.set_error(MigError::with_errno("stream already closed", libc::EBADF));
+        f
+    }
+
     /// The direction of this stream.
     pub fn direction(&self) -> Direction {
         self.dir
