@@ -85,12 +85,15 @@ case_cancel_then_migrate() {
     wait $d1 && wait $d2 && [ $s -eq 0 ]
 }
 case_failed_destination_then_migrate() {
-    $TO $V $H dst tcp:127.0.0.1:0 --port-file "$T/f1.port" --fail-load --expect failed \
+    # 16 MiB at 8 MB/s: far more than socket buffers hold, so the source is
+    # still sending when the destination gives up, however slow it starts.
+    local sz=16777216
+    $TO $V $H dst tcp:127.0.0.1:0 --size $sz --port-file "$T/f1.port" --fail-load --expect failed \
         --error "error while loading state for instance 0x0 of device 'dev': 'dev' load handler failed (-22)" &
     local d1=$!
-    $TO $V $H dst tcp:127.0.0.1:0 --port-file "$T/f2.port" &
+    $TO $V $H dst tcp:127.0.0.1:0 --size $sz --port-file "$T/f2.port" &
     local d2=$!
-    $TO $V $H src --speed 4000000 "tcp:127.0.0.1:@$T/f1.port=failed" "tcp:127.0.0.1:@$T/f2.port=completed"
+    $TO $V $H src --size $sz --speed 8000000 "tcp:127.0.0.1:@$T/f1.port=failed" "tcp:127.0.0.1:@$T/f2.port=completed"
     local s=$?
     wait $d1 && wait $d2 && [ $s -eq 0 ]
 }
