@@ -31,6 +31,8 @@ use crate::savevm::{SaveVmHandler, SectionKind};
 
 /// Longest one iterate call works before yielding (QEMU's MAX_WAIT).
 const MAX_WAIT: Duration = Duration::from_millis(50);
+/// Shortest period the dirty and page rates are measured over.
+const RATE_PERIOD: Duration = Duration::from_millis(250);
 
 struct BlockState {
     block: Arc<RamBlock>,
@@ -63,8 +65,10 @@ pub struct Saver {
     xbzrle_enabled: bool,
     last_stage: bool,
     logging: bool,
-    sync_time: Instant,
-    sent_since_sync: u64,
+    /// Start of the current rate period, and what it has counted so far.
+    rate_start: Instant,
+    rate_dirtied: u64,
+    rate_sent: u64,
     rounds: u64,
 }
 
@@ -110,8 +114,9 @@ impl Saver {
             xbzrle_enabled: false,
             last_stage: false,
             logging: false,
-            sync_time: Instant::now(),
-            sent_since_sync: 0,
+            rate_start: Instant::now(),
+            rate_dirtied: 0,
+            rate_sent: 0,
             rounds: 0,
         })
     }
@@ -159,11 +164,21 @@ impl Saver {
         self.dirty_pages = self.blocks.iter().map(|b| b.bitmap.count() as u64).sum();
         let c = &*COUNTERS;
         let n = c.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
-        let secs = self.sync_time.elapsed().as_secs_f64().max(1e-3);
         let newly = self.dirty_pages.saturating_sub(before);
+        // Rates over periods of at least RATE_PERIOD: syncs can be a few ms
+        // apart, and a guest dirties in bursts.
         if n > 1 {
-            c.dirty_pages_rate.store((newly as f64 / secs) as u64, Ordering::Relaxed);
-            c.pages_per_second.store((self.sent_since_sync as f64 / secs) as u64, Ordering::Relaxed);
+            self.rate_dirtied += newly;
+        }
+        let secs = self.rate_start.elapsed().as_secs_f64();
+        if secs >= RATE_PERIOD.as_secs_f64() || self.last_stage {
+            if n > 1 {
+                c.dirty_pages_rate.store((self.rate_dirtied as f64 / secs.max(1e-3)) as u64, Ordering::Relaxed);
+                c.pages_per_second.store((self.rate_sent as f64 / secs.max(1e-3)) as u64, Ordering::Relaxed);
+            }
+            self.rate_start = Instant::now();
+            self.rate_dirtied = 0;
+            self.rate_sent = 0;
         }
         if let Some(x) = &mut self.xbzrle {
             let lookups = x.lookups - x.last_lookups;
@@ -179,9 +194,7 @@ impl Saver {
             }
             (x.last_lookups, x.last_miss, x.last_pages, x.last_bytes) = (x.lookups, miss, pages, bytes);
         }
-        log::debug!("ram: dirty sync {n}: {} dirty pages ({newly} new in {secs:.3} s), {} sent", self.dirty_pages, self.sent_since_sync);
-        self.sync_time = Instant::now();
-        self.sent_since_sync = 0;
+        log::debug!("ram: dirty sync {n}: {} dirty pages ({newly} new)", self.dirty_pages);
         c.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -229,7 +242,7 @@ impl Saver {
         self.blocks[bi].bitmap.clear(page);
         self.dirty_pages -= 1;
         self.cur_page = page + 1;
-        self.sent_since_sync += 1;
+        self.rate_sent += 1;
         if self.rounds > 0 {
             COUNTERS.resent.fetch_add(1, Ordering::Relaxed);
         }
