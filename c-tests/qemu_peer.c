@@ -5,7 +5,7 @@
  *   qemu_peer --incoming URI [--dump FILE] [--port-file F]
  *   qemu_peer --migrate URI [--xbzrle] [--speed B/s] [--downtime-ms MS]
  *             [--dirty-pages N] [--dump FILE] [--paused]
- *             [--converge-after-syncs K] [--dirty-log]
+ *             [--converge-after-syncs K] [--dirty-log] [--return-path]
  *   common:   [--ram-name NAME] [--ram-size SIZE[K|M|G]] [--ram-file FILE]
  *
  * --dirty-pages N runs a thread that rewrites N pages continuously (a busy
@@ -177,7 +177,7 @@ static void print_info(void)
 int main(int argc, char **argv)
 {
     const char *incoming = NULL, *migrate = NULL, *dump = NULL, *ram_file = NULL, *port_file = NULL;
-    bool xbzrle = false, paused = false;
+    bool xbzrle = false, paused = false, return_path = false;
     long long speed = -1, downtime_ms = -1, converge_after = 0;
     Error *err = NULL;
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -197,6 +197,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--dirty-pages") && v) dirty_pages = atol(argv[++i]);
         else if (!strcmp(a, "--converge-after-syncs") && v) converge_after = atoll(argv[++i]);
         else if (!strcmp(a, "--dirty-log")) use_dirty_log = true;
+        else if (!strcmp(a, "--return-path")) return_path = true;
         else CHECK(0, "bad argument '%s' (see the comment at the top of qemu_peer.c)", a);
     }
     CHECK(!incoming != !migrate, "exactly one of --incoming and --migrate");
@@ -247,9 +248,11 @@ int main(int argc, char **argv)
         return st == MIGRATION_STATUS_COMPLETED ? 0 : 1;
     }
 
-    if (xbzrle) {
-        MigrationCapabilityStatus cap = { MIGRATION_CAPABILITY_XBZRLE, true };
-        MigrationCapabilityStatusList l = { NULL, &cap };
+    {
+        MigrationCapabilityStatus caps[2] = { { MIGRATION_CAPABILITY_XBZRLE, xbzrle },
+                                              { MIGRATION_CAPABILITY_RETURN_PATH, return_path } };
+        MigrationCapabilityStatusList l2 = { NULL, &caps[1] };
+        MigrationCapabilityStatusList l = { &l2, &caps[0] };
         qmp_migrate_set_capabilities(&l, &err);
         CHECK_OK(err);
     }

@@ -153,6 +153,22 @@
 #define QEMU_VM_SECTION_FOOTER 126
 
 /*
+ Command: open the return path.
+ */
+#define MIG_CMD_OPEN_RETURN_PATH 1
+
+/*
+ Return-path message: the destination is done (be32 status, 0 = loaded).
+ */
+#define MIG_RP_MSG_SHUT 1
+
+/*
+ Return-path message: reply to a ping (QEMU's enum: INVALID 0, SHUT 1,
+ PONG 2, REQ_PAGES_ID 3, ...).
+ */
+#define MIG_RP_MSG_PONG 2
+
+/*
  The VM run state, numbered as QEMU 7.2's QAPI `RunState`.
  */
 typedef enum RunState {
@@ -286,7 +302,7 @@ typedef enum MigrationStatus {
 
 /*
  Migration capabilities, numbered as QEMU 7.2's QAPI `MigrationCapability`.
- livemig implements `xbzrle`; the others can be queried and switched off,
+ livemig implements `xbzrle` and `return-path`; the others can be queried and switched off,
  and switching one on is refused with an error naming it.
  */
 typedef enum MigrationCapability {
@@ -331,7 +347,8 @@ typedef enum MigrationCapability {
    */
   MIGRATION_CAPABILITY_BLOCK = 9,
   /*
-   Not supported.
+   The destination confirms the load on the same socket before the
+   source completes (QEMU's return path; tcp, unix and socket fds).
    */
   MIGRATION_CAPABILITY_RETURN_PATH = 10,
   /*
@@ -909,6 +926,13 @@ bool livemig_fd_add(const char *name, int32_t fd, struct Error **errp);
  Closes and forgets the fd registered as `name`.
  */
 bool livemig_fd_remove(const char *name, struct Error **errp);
+
+/*
+ Sets how long a migration stream may make no progress (a peer that
+ stops reading or writing without closing) before it fails: 100 ms to one
+ day; 60 s by default. Applies to both directions, from the next wait on.
+ */
+bool livemig_set_io_timeout(uint64_t ms, struct Error **errp);
 
 /*
  The current (outgoing) migration state object. Never NULL.

@@ -125,16 +125,30 @@ fn run(host: Host, source: Source) {
         Source::File(f) => Ok(f),
         Source::Listener(l) => l.accept().map(|c| QemuFile::new(c, Direction::Read)),
     };
-    let result = file.and_then(|mut f| {
-        if INCOMING.cas(S::Setup, S::Active) {
-            let _l = host.lock();
-            host.runstate_set(RunState::Inmigrate);
-            notify(S::Active, true);
+    let (mut result, mut file) = match file {
+        Ok(mut f) => {
+            if INCOMING.cas(S::Setup, S::Active) {
+                let _l = host.lock();
+                host.runstate_set(RunState::Inmigrate);
+                notify(S::Active, true);
+            }
+            let r = crate::loadvm::load_stream(&mut f, Some(&host));
+            (r, Some(f))
         }
-        let r = crate::loadvm::load_stream(&mut f, Some(&host));
-        drop(f);
-        r
-    });
+        Err(e) => (Err(e), None),
+    };
+    // With a return path, tell the source how the load went. The VM starts
+    // only once the source has been told: if the confirmation cannot be
+    // sent, the source will restart its VM, so this side must not run it.
+    if let Some(f) = file.as_mut().filter(|f| f.return_path) {
+        let status: u32 = if result.is_ok() { 0 } else { 1 };
+        if let Err(e) = f.rp_send(crate::savevm::MIG_RP_MSG_SHUT, &status.to_be_bytes()) {
+            if result.is_ok() {
+                result = Err(e.context("could not confirm the load to the source"));
+            }
+        }
+    }
+    drop(file);
     let _l = host.lock();
     match result {
         Ok(()) => {

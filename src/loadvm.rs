@@ -97,7 +97,11 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
                     .map_err(|e| e.context(format!("error while loading state section id {section_id}({})", l.entry.idstr)))?;
                 check_footer(f, section_id, &l.entry.idstr.clone())?;
             }
-            QEMU_VM_COMMAND => load_command(f)?,
+            QEMU_VM_COMMAND => {
+                if load_command(f)? {
+                    f.return_path = true;
+                }
+            }
             other => return Err(MigError::new(format!("Unknown savevm section type {other}"))),
         }
     }
@@ -206,12 +210,21 @@ fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
     f.check()
 }
 
-fn load_command(f: &mut QemuFile) -> Result<()> {
+/// Reads a command; `Ok(true)` when it opens the return path.
+fn load_command(f: &mut QemuFile) -> Result<bool> {
     let cmd = f.get_be16();
     let len = f.get_be16();
     f.check()?;
     match (cmd, len) {
-        (1, 0) => Err(MigError::with_errno("the source asked for a return path, which livemig does not support", libc::ENOTSUP)),
+        (1, 0) if f.bidirectional() => Ok(true),
+        (2, 4) if f.return_path => {
+            // PING: answer with a PONG carrying the same value.
+            let v = f.get_be32();
+            f.check()?;
+            f.rp_send(crate::savevm::MIG_RP_MSG_PONG, &v.to_be_bytes())?;
+            Ok(false)
+        }
+        (1, 0) => Err(MigError::with_errno("the source asked for a return path, but this channel is not a socket", libc::ENOTSUP)),
         (2, 4) => Err(MigError::with_errno("CMD_PING (0x1) received with no return path", libc::EPERM)),
         (2, n) => Err(MigError::with_errno(format!("PING received with bad length - expecting 4, got {n}"), libc::ERANGE)),
         (3, 16) => Err(MigError::new("RAM postcopy is disabled but have 16 byte advise")),

@@ -318,6 +318,7 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     let before = f.tell();
     save.complete(f)?;
     f.flush()?;
+    save.await_destination(f)?;
     // Close the channel now (for exec:, wait for the command): its failure
     // is the migration's failure.
     let closing = std::mem::replace(f, QemuFile::closed());

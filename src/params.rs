@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use crate::error::{MigError, Result};
 
 /// Migration capabilities, numbered as QEMU 7.2's QAPI `MigrationCapability`.
-/// livemig implements `xbzrle`; the others can be queried and switched off,
+/// livemig implements `xbzrle` and `return-path`; the others can be queried and switched off,
 /// and switching one on is refused with an error naming it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,8 @@ pub enum MigrationCapability {
     ReleaseRam = 8,
     /// Not supported.
     Block = 9,
-    /// Not supported.
+    /// The destination confirms the load on the same socket before the
+    /// source completes (QEMU's return path; tcp, unix and socket fds).
     ReturnPath = 10,
     /// Not supported.
     PauseBeforeSwitchover = 11,
@@ -126,7 +127,7 @@ impl MigrationCapability {
 
     /// True for the capabilities livemig implements.
     pub fn supported(self) -> bool {
-        self == MigrationCapability::Xbzrle
+        matches!(self, MigrationCapability::Xbzrle | MigrationCapability::ReturnPath)
     }
 }
 

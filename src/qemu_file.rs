@@ -38,6 +38,8 @@ pub struct QemuFile {
     /// Bytes written by the user (write side) or consumed (read side).
     pos: u64,
     error: Option<MigError>,
+    /// The source asked for a return path (set by the loader).
+    pub return_path: bool,
     /// Bytes allowed per rate-limit window; 0 means unlimited.
     rate_limit_max: u64,
     /// Bytes counted against the current window.
@@ -47,7 +49,17 @@ pub struct QemuFile {
 impl QemuFile {
     /// A stream over `chan`.
     pub fn new(chan: Box<dyn Channel>, dir: Direction) -> QemuFile {
-        QemuFile { chan, dir, buf: Vec::with_capacity(IO_BUF_SIZE), rpos: 0, pos: 0, error: None, rate_limit_max: 0, rate_limit_used: 0 }
+        QemuFile {
+            chan,
+            dir,
+            buf: Vec::with_capacity(IO_BUF_SIZE),
+            rpos: 0,
+            pos: 0,
+            error: None,
+            return_path: false,
+            rate_limit_max: 0,
+            rate_limit_used: 0,
+        }
     }
 
     /// A placeholder stream whose channel is gone: every operation fails.
@@ -243,6 +255,60 @@ impl QemuFile {
         let flushed = self.flush();
         let closed = self.chan.close().map_err(|e| MigError::io(format!("closing {}", self.chan.describe()), e));
         flushed.and(closed)
+    }
+
+    // ----- the return path: the other direction of the same socket -----
+
+    /// Sends a return-path message (`be16 type, be16 len, data`) back to
+    /// the source (destination side).
+    pub fn rp_send(&mut self, msg_type: u16, data: &[u8]) -> Result<()> {
+        let mut m = Vec::with_capacity(4 + data.len());
+        m.extend_from_slice(&msg_type.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        m.extend_from_slice(data);
+        let mut rest = &m[..];
+        while !rest.is_empty() {
+            match self.chan.write(rest) {
+                Ok(0) => return Err(MigError::with_errno("return path closed", libc::EPIPE)),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MigError::io(format!("return path to {}", self.chan.describe()), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one return-path message (source side): `(type, data)`, or
+    /// `None` when the destination closed the connection.
+    pub fn rp_recv(&mut self) -> Result<Option<(u16, Vec<u8>)>> {
+        let mut hdr = [0u8; 4];
+        if !self.rp_read_exact(&mut hdr)? {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+        let mut data = vec![0u8; len];
+        if !self.rp_read_exact(&mut data)? {
+            return Ok(None);
+        }
+        Ok(Some((u16::from_be_bytes([hdr[0], hdr[1]]), data)))
+    }
+
+    fn rp_read_exact(&mut self, buf: &mut [u8]) -> Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.chan.read(&mut buf[got..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MigError::io(format!("return path from {}", self.chan.describe()), e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// True when the channel is a socket (can carry a return path).
+    pub fn bidirectional(&self) -> bool {
+        self.chan.bidirectional()
     }
 
     // ----- reading -----

@@ -49,6 +49,13 @@ pub const QEMU_VM_CONFIGURATION: u8 = 0x07;
 pub const QEMU_VM_COMMAND: u8 = 0x08;
 /// A section footer.
 pub const QEMU_VM_SECTION_FOOTER: u8 = 0x7E;
+/// Command: open the return path.
+pub const MIG_CMD_OPEN_RETURN_PATH: u16 = 1;
+/// Return-path message: the destination is done (be32 status, 0 = loaded).
+pub const MIG_RP_MSG_SHUT: u16 = 1;
+/// Return-path message: reply to a ping (QEMU's enum: INVALID 0, SHUT 1,
+/// PONG 2, REQ_PAGES_ID 3, ...).
+pub const MIG_RP_MSG_PONG: u16 = 2;
 
 /// Which kind of section a load handler is reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,14 +269,28 @@ pub struct SaveState {
 }
 
 impl SaveState {
-    /// Writes the header, the configuration and every live START section.
+    /// Writes the header, the configuration, the return-path command when
+    /// that capability is on, and every live START section.
     pub fn begin(f: &mut QemuFile) -> Result<SaveState> {
+        let return_path = crate::params::get().cap(crate::params::MigrationCapability::ReturnPath);
+        if return_path && !f.bidirectional() {
+            return Err(MigError::new(format!(
+                "capability 'return-path' needs a socket (tcp:, unix: or a socket fd), not {}",
+                f.describe()
+            )));
+        }
         f.put_be32(QEMU_VM_FILE_MAGIC);
         f.put_be32(QEMU_VM_FILE_VERSION);
         if let Some(name) = machine_name() {
             f.put_u8(QEMU_VM_CONFIGURATION);
             f.put_be32(name.len() as u32);
             f.put_buffer(name.as_bytes());
+        }
+        if return_path {
+            f.put_u8(QEMU_VM_COMMAND);
+            f.put_be16(MIG_CMD_OPEN_RETURN_PATH);
+            f.put_be16(0);
+            f.return_path = true;
         }
         let mut entries = entries();
         entries.retain(|e| !e.live || e.handler.lock().is_active());
@@ -337,6 +358,30 @@ impl SaveState {
         f.put_be32(desc.len() as u32);
         f.put_buffer(desc.as_bytes());
         f.check()
+    }
+
+    /// With a return path: waits (bounded by the io timeout) for the
+    /// destination to confirm it loaded the whole stream.
+    pub fn await_destination(&mut self, f: &mut QemuFile) -> Result<()> {
+        if !f.return_path {
+            return Ok(());
+        }
+        loop {
+            match f.rp_recv()? {
+                None => {
+                    return Err(MigError::with_errno("the destination closed the return path without confirming the load", libc::EPIPE))
+                }
+                Some((MIG_RP_MSG_SHUT, d)) => {
+                    let status = d.get(..4).map_or(1, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+                    if status != 0 {
+                        return Err(MigError::new(format!("the destination failed to load the stream (return path status {status})")));
+                    }
+                    log::info!("the destination confirmed the load");
+                    return Ok(());
+                }
+                Some((t, _)) => log::debug!("return path: message {t} ignored"),
+            }
+        }
     }
 
     /// The migration failed or was cancelled: tell every handler.

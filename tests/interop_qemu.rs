@@ -396,3 +396,64 @@ fn livemig_to_livemig_host_dirty_log() {
     // The dirtier's writes reach livemig only through dirty_log_sync.
     livemig_to_livemig("tcp", "l2l-dirty-log", &["--dirty-log"]);
 }
+
+/// The return path both ways: QEMU 7.2 confirms the load to a livemig
+/// source, and livemig confirms it to a QEMU 7.2 source that waits for it.
+#[test]
+fn return_path_both_ways() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    // livemig → QEMU.
+    let dir = tmpdir("rp-to-qemu");
+    let (src, dst) = (dir.join("src.img"), dir.join("dst.img"));
+    std::fs::write(&src, patterned()).unwrap();
+    std::fs::write(&dst, vec![0u8; MIB64]).unwrap();
+    let port = free_port();
+    let (mut q, mut qmp) = qemu(&dir, Some(("m", &dst, true)), &["-incoming", "defer"]);
+    qmp.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}"#);
+    qmp.cmd(&format!(r#"{{"execute":"migrate-incoming","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
+    let out = run_peer(&[
+        "--migrate".into(),
+        format!("tcp:127.0.0.1:{port}"),
+        "--ram-name".into(),
+        "m".into(),
+        "--ram-file".into(),
+        src.display().to_string(),
+        "--return-path".into(),
+    ]);
+    assert!(out.status.success(), "livemig source with return path into QEMU");
+    assert_eq!(qmp.wait_migration()["status"], "completed");
+    let _ = qmp.cmd(r#"{"execute":"quit"}"#);
+    let _ = q.wait();
+    assert_same(&std::fs::read(&dst).unwrap(), &std::fs::read(&src).unwrap(), "rp to QEMU");
+
+    // QEMU → livemig.
+    let dir = tmpdir("rp-from-qemu");
+    let img = dir.join("src.img");
+    std::fs::write(&img, patterned()).unwrap();
+    let (mut q, mut qmp) = qemu(&dir, Some(("m", &img, false)), &[]);
+    qmp.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}"#);
+    let pf = dir.join("port");
+    let dump = dir.join("dump.img");
+    let p = spawn_peer(&[
+        "--incoming".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--port-file".into(),
+        pf.display().to_string(),
+        "--ram-name".into(),
+        "m".into(),
+        "--dump".into(),
+        dump.display().to_string(),
+    ]);
+    let port = read_port(&pf);
+    qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
+    let r = qmp.wait_migration();
+    assert_eq!(r["status"], "completed", "QEMU source with return path: {r}");
+    let out = wait_output(p);
+    assert!(out.status.success());
+    let _ = q.kill();
+    let _ = q.wait();
+    assert_same(&std::fs::read(&dump).unwrap(), &std::fs::read(&img).unwrap(), "rp from QEMU");
+}

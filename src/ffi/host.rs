@@ -82,3 +82,14 @@ pub extern "C" fn livemig_fd_remove(name: *const c_char, errp: *mut *mut Error) 
         Ok(true)
     })
 }
+
+/// Sets how long a migration stream may make no progress (a peer that
+/// stops reading or writing without closing) before it fails: 100 ms to one
+/// day; 60 s by default. Applies to both directions, from the next wait on.
+#[no_mangle]
+pub extern "C" fn livemig_set_io_timeout(ms: u64, errp: *mut *mut Error) -> bool {
+    guard_err("livemig_set_io_timeout", errp, false, || {
+        crate::transport::set_stall_timeout(ms)?;
+        Ok(true)
+    })
+}

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Aborter, Channel, FdChannel, STALL_TIMEOUT};
+use super::{Aborter, Channel, FdChannel};
 use crate::error::{MigError, Result};
 
 /// Runs `cmd` with `/bin/sh -c`; `outgoing` pipes its stdin, else its stdout.
@@ -25,7 +25,7 @@ pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<B
 
 /// Waits for the command to exit, bounded by the stall timeout and the aborter.
 pub(super) fn wait_child(child: &mut Child, abort: &Aborter) -> io::Result<ExitStatus> {
-    let deadline = Instant::now() + STALL_TIMEOUT;
+    let deadline = Instant::now() + super::stall_timeout();
     loop {
         if let Some(st) = child.try_wait()? {
             return Ok(st);

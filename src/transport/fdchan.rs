@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::Child;
 use std::time::Instant;
 
-use super::{Aborter, Channel, STALL_TIMEOUT};
+use super::{Aborter, Channel};
 use crate::error::{MigError, Result};
 
 /// A socket or pipe driven with `poll`, interruptible by an [`Aborter`].
@@ -31,11 +31,14 @@ pub(super) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// Waits until `fd` is ready for `events`, the aborter fires, or the stall
 /// timeout passes.
 pub(super) fn wait_fd(fd: RawFd, events: libc::c_short, abort: &Aborter, what: &str) -> io::Result<()> {
-    let deadline = Instant::now() + STALL_TIMEOUT;
+    let deadline = Instant::now() + super::stall_timeout();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress on {what} for {} s", STALL_TIMEOUT.as_secs())));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no progress on {what} for {} ms", super::stall_timeout().as_millis()),
+            ));
         }
         let mut pfds = [libc::pollfd { fd, events, revents: 0 }, libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 }];
         // SAFETY: two valid pollfds in a live array.
@@ -147,6 +150,10 @@ impl Channel for FdChannel {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    fn bidirectional(&self) -> bool {
+        self.is_socket
     }
 }
 

@@ -5,7 +5,7 @@
 //! - a cancel ([`Aborter::abort`]) wakes a thread blocked in connect, accept,
 //!   read or write at once;
 //! - a peer that stops reading or writing without closing is detected
-//!   (no progress for [`STALL_TIMEOUT`] fails the stream);
+//!   (no progress for the stall timeout, [`stall_timeout`], fails the stream);
 //! - a write to a closed peer returns `EPIPE` instead of raising `SIGPIPE`.
 //!
 //! URI forms:
@@ -34,8 +34,26 @@ use crate::error::{MigError, Result};
 
 pub use fdchan::FdChannel;
 
-/// How long a read or write may make no progress before the stream fails.
-pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a read or write may make no progress before the stream fails,
+/// by default.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+static STALL_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(60_000);
+
+/// The current stall timeout.
+pub fn stall_timeout() -> Duration {
+    Duration::from_millis(STALL_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Sets the stall timeout (100 ms to 1 day); a peer that stops reading or
+/// writing without closing fails the stream after this long.
+pub fn set_stall_timeout(ms: u64) -> Result<()> {
+    if !(100..=86_400_000).contains(&ms) {
+        return Err(MigError::new(format!("io timeout {ms} ms is out of range (100 ms to 1 day)")));
+    }
+    STALL_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
 
 /// A byte channel under a migration stream.
 pub trait Channel: Send {
@@ -48,6 +66,10 @@ pub trait Channel: Send {
     fn close(&mut self) -> io::Result<()>;
     /// The URI (or a description) for messages.
     fn describe(&self) -> String;
+    /// True when bytes can flow back on the same channel (sockets).
+    fn bidirectional(&self) -> bool {
+        false
+    }
 }
 
 /// Wakes and fails every blocking operation of the channels it was given to.
