@@ -198,7 +198,20 @@ pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketList
             let _ = std::fs::remove_file(path);
         }
     }
-    let l = UnixListener::bind(path).map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
+    // Bind and listen under a temporary name, then rename: the path appears
+    // only once the socket accepts, so a source that waits for the path
+    // never meets a bound-but-not-listening socket (ECONNREFUSED).
+    // (A path too long for the temporary name is bound directly.)
+    let tmp = format!("{path}.{}.tmp", std::process::id());
+    let bind_at = if tmp.len() < 108 { tmp.as_str() } else { path };
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(bind_at).map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
+    if bind_at != path {
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(MigError::io(format!("Failed to bind socket for '{text}'"), e));
+        }
+    }
     let fd = OwnedFd::from(l);
     set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
     Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some(path.to_string()) })
