@@ -6,6 +6,7 @@
  *   qemu_peer --migrate URI [--xbzrle] [--speed B/s] [--downtime-ms MS]
  *             [--dirty-pages N] [--dump FILE] [--paused]
  *             [--converge-after-syncs K] [--dirty-log] [--return-path]
+ *   --prefault: touch all RAM before listening (like QEMU's prealloc=on)
  *   common:   [--ram-name NAME] [--ram-size SIZE[K|M|G]] [--ram-file FILE]
  *
  * --dirty-pages N runs a thread that rewrites N pages continuously (a busy
@@ -177,7 +178,7 @@ static void print_info(void)
 int main(int argc, char **argv)
 {
     const char *incoming = NULL, *migrate = NULL, *dump = NULL, *ram_file = NULL, *port_file = NULL;
-    bool xbzrle = false, paused = false, return_path = false;
+    bool xbzrle = false, paused = false, return_path = false, prefault = false;
     long long speed = -1, downtime_ms = -1, converge_after = 0;
     Error *err = NULL;
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -198,11 +199,16 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--converge-after-syncs") && v) converge_after = atoll(argv[++i]);
         else if (!strcmp(a, "--dirty-log")) use_dirty_log = true;
         else if (!strcmp(a, "--return-path")) return_path = true;
+        else if (!strcmp(a, "--prefault")) prefault = true;
         else CHECK(0, "bad argument '%s' (see the comment at the top of qemu_peer.c)", a);
     }
     CHECK(!incoming != !migrate, "exactly one of --incoming and --migrate");
     ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     CHECK(ram != MAP_FAILED, "mmap %" PRIu64 " bytes", ram_size);
+    if (prefault) {
+        for (uint64_t off = 0; off < ram_size; off += 4096)
+            ram[off] = 0;
+    }
     if (ram_file) {
         int fd = open(ram_file, O_RDONLY);
         CHECK(fd >= 0, "open %s: %s", ram_file, strerror(errno));

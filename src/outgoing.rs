@@ -336,10 +336,11 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
         s.mbps = sent as f64 * 8.0 / total.as_secs_f64().max(1e-9) / 1e6;
     });
     OUT.lock().aborter = None;
+    // The run state first: whoever sees COMPLETED sees POSTMIGRATE.
+    host.runstate_set(RunState::Postmigrate);
     if !OUTGOING.cas(S::Active, S::Completed) {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
     }
-    host.runstate_set(RunState::Postmigrate);
     log::info!("migration completed: {sent} bytes, total {} ms, downtime {downtime} ms", total.as_millis());
     notify(S::Completed, false);
     Ok(())

@@ -18,6 +18,16 @@ use crate::transport::Channel;
 
 /// Buffer size of a stream: large enough that a pass costs few syscalls.
 const IO_BUF_SIZE: usize = 256 * 1024;
+/// Most pieces handed to one writev.
+const MAX_IOV: usize = 128;
+
+/// A queued piece of output: bytes in the staging buffer, or a range of
+/// guest memory sent straight from where it is (no copy).
+#[derive(Clone, Copy)]
+enum Seg {
+    Buf { off: usize, len: usize },
+    Guest { ptr: usize, len: usize },
+}
 
 /// Which way the bytes flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +43,10 @@ pub struct QemuFile {
     chan: Box<dyn Channel>,
     dir: Direction,
     buf: Vec<u8>,
+    /// Write side: what goes out, in order, at the next flush.
+    segs: Vec<Seg>,
+    /// Write side: guest bytes queued in `segs`.
+    guest_queued: usize,
     /// Read side: the next unread byte in `buf`.
     rpos: usize,
     /// Bytes written by the user (write side) or consumed (read side).
@@ -53,6 +67,8 @@ impl QemuFile {
             chan,
             dir,
             buf: Vec::with_capacity(IO_BUF_SIZE),
+            segs: Vec::new(),
+            guest_queued: 0,
             rpos: 0,
             pos: 0,
             error: None,
@@ -130,7 +146,7 @@ impl QemuFile {
         debug_assert_eq!(self.dir, Direction::Write, "write on a read stream");
     }
 
-    /// Appends bytes to the stream.
+    /// Appends bytes to the stream (copied into the staging buffer).
     pub fn put_buffer(&mut self, data: &[u8]) {
         self.assert_write();
         if self.error.is_some() {
@@ -138,50 +154,42 @@ impl QemuFile {
         }
         self.pos += data.len() as u64;
         self.rate_limit_used += data.len() as u64;
+        if data.len() >= IO_BUF_SIZE {
+            self.flush_buf();
+            self.write_out(data);
+            return;
+        }
         if self.buf.len() + data.len() > IO_BUF_SIZE {
             self.flush_buf();
-            if data.len() >= IO_BUF_SIZE {
-                self.write_out(data);
-                return;
-            }
         }
+        let off = self.buf.len();
         self.buf.extend_from_slice(data);
+        match self.segs.last_mut() {
+            Some(Seg::Buf { off: o, len }) if *o + *len == off => *len += data.len(),
+            _ => self.segs.push(Seg::Buf { off, len: data.len() }),
+        }
     }
 
-    /// Appends `len` bytes copied from guest memory at `src`.
+    /// Appends `len` bytes of guest memory at `src`, sent from there by the
+    /// next flush (writev), not copied.
     ///
     /// # Safety
-    /// `src` must be valid for reads of `len` bytes for the duration of the
-    /// call. The memory may be written concurrently by a running guest: the
-    /// copy then holds a mix of old and new bytes, which the dirty log makes
-    /// good by sending the page again.
+    /// `src` must stay valid for reads of `len` bytes until the next flush
+    /// (guest RAM stays mapped while it is registered). The memory may be
+    /// written concurrently by a running guest: what goes out is then a mix
+    /// of old and new bytes, which the dirty log makes good by sending the
+    /// page again; with the VM stopped it is exact.
     pub unsafe fn put_guest(&mut self, src: *const u8, len: usize) {
         self.assert_write();
         if self.error.is_some() {
             return;
         }
-        if self.buf.len() + len > IO_BUF_SIZE {
-            self.flush_buf();
-        }
         self.pos += len as u64;
         self.rate_limit_used += len as u64;
-        if len > IO_BUF_SIZE {
-            let mut tmp = vec![0u8; len];
-            // SAFETY: the caller guarantees `src` is readable for `len`
-            // bytes; `tmp` is a fresh allocation of `len` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), len) };
-            self.write_out(&tmp);
-            return;
-        }
-        let old = self.buf.len();
-        self.buf.reserve(len);
-        // SAFETY: `reserve` made room for `len` more bytes after `old`; the
-        // caller guarantees `src` is readable for `len` bytes; the regions
-        // cannot overlap (one is our private heap buffer). After the copy
-        // the bytes are initialised, so the length may grow over them.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr().add(old), len);
-            self.buf.set_len(old + len);
+        self.segs.push(Seg::Guest { ptr: src as usize, len });
+        self.guest_queued += len;
+        if self.segs.len() >= MAX_IOV || self.guest_queued >= IO_BUF_SIZE {
+            self.flush_buf();
         }
     }
 
@@ -233,13 +241,50 @@ impl QemuFile {
     }
 
     fn flush_buf(&mut self) {
-        if self.buf.is_empty() {
+        if self.segs.is_empty() {
+            self.buf.clear();
             return;
         }
-        let buf = std::mem::take(&mut self.buf);
-        self.write_out(&buf);
-        self.buf = buf;
+        let base = self.buf.as_ptr();
+        let mut iov: Vec<libc::iovec> = self
+            .segs
+            .iter()
+            .map(|s| match *s {
+                // SAFETY: `off + len` lies within `buf` (recorded as it grew).
+                Seg::Buf { off, len } => libc::iovec { iov_base: unsafe { base.add(off) } as *mut libc::c_void, iov_len: len },
+                Seg::Guest { ptr, len } => libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len },
+            })
+            .collect();
+        let mut i = 0;
+        while i < iov.len() && self.error.is_none() {
+            match self.chan.writev(&iov[i..]) {
+                Ok(0) => {
+                    let e = MigError::with_errno(format!("unable to write to {}: connection closed", self.chan.describe()), libc::EPIPE);
+                    self.set_error(e);
+                }
+                Ok(mut n) => {
+                    while n > 0 {
+                        if n >= iov[i].iov_len {
+                            n -= iov[i].iov_len;
+                            i += 1;
+                        } else {
+                            // SAFETY: advancing within the same iovec.
+                            iov[i].iov_base = unsafe { iov[i].iov_base.cast::<u8>().add(n) }.cast();
+                            iov[i].iov_len -= n;
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let e = MigError::io(format!("unable to write to {}", self.chan.describe()), e);
+                    self.set_error(e);
+                }
+            }
+        }
+        self.segs.clear();
         self.buf.clear();
+        self.guest_queued = 0;
     }
 
     /// Hands every buffered byte to the channel.
@@ -512,6 +557,26 @@ mod tests {
         assert_eq!(out[0], 7);
         assert_eq!(&out[1..1 + big.len()], &big[..]);
         assert_eq!(out[out.len() - 1], 9);
+    }
+
+    #[test]
+    fn guest_pieces_go_out_in_order_without_copies() {
+        let (chan, out) = MemChannel::sink();
+        let mut f = QemuFile::new(Box::new(chan), Direction::Write);
+        let pages: Vec<Vec<u8>> = (0..300u32).map(|i| vec![i as u8; 4096]).collect();
+        let mut want = Vec::new();
+        for (i, p) in pages.iter().enumerate() {
+            f.put_be64(i as u64);
+            want.extend_from_slice(&(i as u64).to_be_bytes());
+            // SAFETY: `p` is a live 4096-byte buffer that outlives the flush.
+            unsafe { f.put_guest(p.as_ptr(), p.len()) };
+            want.extend_from_slice(p);
+        }
+        f.put_u8(0xEE);
+        want.push(0xEE);
+        assert_eq!(f.tell(), want.len() as u64);
+        f.flush().unwrap();
+        assert_eq!(*out.lock(), want);
     }
 
     #[test]

@@ -16,12 +16,51 @@ pub struct Loader {
     last_block: Option<Arc<RamBlock>>,
     page: Box<[u8; PAGE]>,
     enc: Box<[u8; PAGE]>,
+    /// Per block (by host address): which 2 MiB chunks were faulted in.
+    populated: std::collections::HashMap<usize, Vec<u64>>,
+}
+
+/// Chunk faulted in at once before the first page is written into it.
+const POPULATE_CHUNK: u64 = 2 << 20;
+/// MADV_POPULATE_WRITE (Linux 5.14); off after the first refusal.
+const MADV_POPULATE_WRITE: i32 = 23;
+static POPULATE_OK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Faults in the 2 MiB chunk of `b` holding `addr` in one call, the first
+/// time a page lands in it: far cheaper than one page fault per page.
+fn populate(populated: &mut std::collections::HashMap<usize, Vec<u64>>, b: &RamBlock, addr: u64) {
+    use std::sync::atomic::Ordering;
+    if !POPULATE_OK.load(Ordering::Relaxed) {
+        return;
+    }
+    let chunk = (addr / POPULATE_CHUNK) as usize;
+    let bits = populated.entry(b.host_ptr() as usize).or_insert_with(|| vec![0; (b.length() / POPULATE_CHUNK) as usize / 64 + 1]);
+    let (w, m) = (chunk / 64, 1u64 << (chunk % 64));
+    if bits[w] & m != 0 {
+        return;
+    }
+    bits[w] |= m;
+    let start = chunk as u64 * POPULATE_CHUNK;
+    let len = POPULATE_CHUNK.min(b.length() - start) as usize;
+    // SAFETY: the range lies inside the registered block; the advice only
+    // faults pages in (their content is unchanged).
+    let r = unsafe { libc::madvise(b.host_ptr().add(start as usize).cast(), len, MADV_POPULATE_WRITE) };
+    if r != 0 {
+        log::debug!("MADV_POPULATE_WRITE unavailable ({}); faulting page by page", std::io::Error::last_os_error());
+        POPULATE_OK.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Loader {
     /// A loader over the blocks registered now.
     pub fn new() -> Loader {
-        Loader { blocks: super::blocks(), last_block: None, page: Box::new([0; PAGE]), enc: Box::new([0; PAGE]) }
+        Loader {
+            blocks: super::blocks(),
+            last_block: None,
+            page: Box::new([0; PAGE]),
+            enc: Box::new([0; PAGE]),
+            populated: std::collections::HashMap::new(),
+        }
     }
 
     fn find(&self, name: &[u8]) -> Option<Arc<RamBlock>> {
@@ -81,6 +120,7 @@ impl Loader {
                 flags::PAGE => {
                     let b = self.block_for(f, flg, addr)?;
                     let p = Self::page_ptr(&b, addr)?;
+                    populate(&mut self.populated, &b, addr);
                     // SAFETY: as above; `get_guest` writes exactly one page.
                     unsafe { f.get_guest(p, PAGE) };
                     f.check()?;

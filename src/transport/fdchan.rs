@@ -122,6 +122,34 @@ impl Channel for FdChannel {
         }
     }
 
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let iov = &iov[..iov.len().min(1024)]; // IOV_MAX
+        loop {
+            let fd = self.fd.as_raw_fd();
+            // SAFETY: `iov` is a live array of iovecs the caller guarantees
+            // readable; msghdr points at it for the duration of the call.
+            let r = unsafe {
+                if self.is_socket {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                    msg.msg_iovlen = iov.len() as _;
+                    libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+                } else {
+                    libc::writev(fd, iov.as_ptr(), iov.len() as i32)
+                }
+            };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => wait_fd(fd, libc::POLLOUT, &self.abort, &self.name)?,
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
     fn close(&mut self) -> io::Result<()> {
         if self.is_socket {
             // SAFETY: shutdown on our own socket; the fd stays open until drop.

@@ -61,6 +61,17 @@ pub trait Channel: Send {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes some bytes.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Writes some bytes from several pieces (which may point into guest
+    /// memory: they are read through raw pointers only). By default the
+    /// first non-empty piece is copied out and written.
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let Some(v) = iov.iter().find(|v| v.iov_len > 0) else { return Ok(0) };
+        let mut tmp = vec![0u8; v.iov_len];
+        // SAFETY: the caller guarantees every iovec is readable; `tmp` is a
+        // fresh buffer of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), tmp.as_mut_ptr(), v.iov_len) };
+        self.write(&tmp)
+    }
     /// Releases the channel (for `exec:`, waits for the command and reports
     /// a non-zero exit).
     fn close(&mut self) -> io::Result<()>;

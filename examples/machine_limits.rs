@@ -1,0 +1,55 @@
+//! The machine's limits, for the benchmark table: single-thread memcpy
+//! bandwidth and one loopback TCP stream's throughput. Prints
+//! `memcpy_GBps=X` and `loopback_tcp_GBps=Y` (medians of 5).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let len = 256 << 20;
+    let src = vec![1u8; len];
+    let mut dst = vec![0u8; len];
+    dst.copy_from_slice(&src); // fault both in
+    let memcpy: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            len as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+
+    let total: usize = 2 << 30;
+    let tcp: Vec<f64> = (0..5)
+        .map(|_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let rx = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0;
+                while got < total {
+                    let n = s.read(&mut buf).unwrap();
+                    assert!(n > 0);
+                    got += n;
+                }
+            });
+            let mut s = TcpStream::connect(addr).unwrap();
+            let buf = vec![7u8; 1 << 20];
+            let t = Instant::now();
+            for _ in 0..total / buf.len() {
+                s.write_all(&buf).unwrap();
+            }
+            rx.join().unwrap();
+            total as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    println!("memcpy_GBps={:.2}", median(memcpy));
+    println!("loopback_tcp_GBps={:.2}", median(tcp));
+}
