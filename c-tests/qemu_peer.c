@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -208,6 +209,21 @@ int main(int argc, char **argv)
     if (prefault) {
         for (uint64_t off = 0; off < ram_size; off += 4096)
             ram[off] = 0;
+    }
+    if (ram_file) {
+        int fd = open(ram_file, O_RDONLY);
+        CHECK(fd >= 0, "open %s: %s", ram_file, strerror(errno));
+        struct stat st;
+        if (!prefault && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size == ram_size) {
+            /* A private mapping of the image, as QEMU's memory-backend-file
+             * with share=off: pages come from the page cache on first touch
+             * and copies are made only when the guest (dirtier) writes. */
+            munmap(ram, ram_size);
+            ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+            CHECK(ram != MAP_FAILED, "mmap %s", ram_file);
+            close(fd);
+            ram_file = NULL;
+        }
     }
     if (ram_file) {
         int fd = open(ram_file, O_RDONLY);

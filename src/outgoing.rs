@@ -3,7 +3,8 @@
 //! The thread ("livemig-out") owns the stream. It connects, writes the
 //! setup sections, then runs 100 ms windows: within a window's byte budget
 //! (speed / 10) it asks the live handlers how much is pending and iterates
-//! while that exceeds `max_size` = bandwidth × downtime limit; once the rest
+//! while that exceeds `max_size` = bandwidth × downtime limit × 0.8 (a margin
+//! for the last pass); once the rest
 //! fits in the downtime limit it switches over under the host lock: wake the
 //! guest, stop the VM (FINISH_MIGRATE), lift the rate limit, write END and
 //! FULL sections, EOF. A failure or cancel at any point cancels the
@@ -22,6 +23,9 @@ use crate::qemu_file::{Direction, QemuFile};
 use crate::savevm::SaveState;
 use crate::state::{notify, MigrationStatus, MigrationStatus as S, OUTGOING};
 use crate::transport::{self, Aborter, Uri};
+
+/// Share of the downtime limit the switchover plans to use.
+pub const SWITCHOVER_MARGIN: f64 = 0.8;
 
 /// Length of one rate-limit / bandwidth window.
 pub const WINDOW: Duration = Duration::from_millis(100);
@@ -296,7 +300,9 @@ impl Window {
     pub fn measure(sent: u64, elapsed: Duration, downtime_ns: u64, dirty_bytes_rate: u64, pending: u64) -> Window {
         let secs = elapsed.as_secs_f64().max(1e-9);
         let bw_per_ms = sent as f64 / secs / 1000.0;
-        let max_size = (bw_per_ms * (downtime_ns as f64 / 1e6)) as u64;
+        // Aim at 80 % of the limit: the last pass shares the link and the
+        // destination's CPU with the final sync and device state.
+        let max_size = (bw_per_ms * (downtime_ns as f64 / 1e6) * SWITCHOVER_MARGIN) as u64;
         let expected_downtime_ms = if bw_per_ms > 0.0 { ((pending.max(dirty_bytes_rate / 1000)) as f64 / bw_per_ms) as u64 } else { 0 };
         Window { max_size, expected_downtime_ms, mbps: sent as f64 * 8.0 / secs / 1e6 }
     }
@@ -403,9 +409,9 @@ mod tests {
     #[test]
     fn window_figures() {
         // 10 MB in 100 ms = 100 MB/s = 100_000 bytes/ms; 300 ms of downtime
-        // sends 30 MB.
+        // sends 30 MB, of which the switchover plans to use 80 %.
         let w = Window::measure(10_000_000, Duration::from_millis(100), 300_000_000, 0, 15_000_000);
-        assert_eq!(w.max_size, 30_000_000);
+        assert_eq!(w.max_size, 24_000_000);
         assert_eq!(w.expected_downtime_ms, 150);
         assert!((w.mbps - 800.0).abs() < 1e-6);
         // Nothing sent: nothing fits, no estimate.
