@@ -70,12 +70,14 @@ for t in "${TARGETS[@]}"; do
     if [ -d "corpus/$t" ]; then
         cp -R "corpus/$t/." "$work/corpus/$t/"
     fi
+    dict=()
+    case "$t" in load_stream | ram_section) dict=(-dict=dict/stream.dict) ;; esac
     echo "== $t: fuzzing for $SECS s"
     t0=$(date +%s)
     # The outer timeout is a safety net; -timeout catches slow inputs.
     timeout --signal=INT --kill-after=30 $((SECS + 300)) \
         cargo fuzz run "${FLAGS[@]}" "$t" "$work/corpus/$t" -- \
-        -max_total_time="$SECS" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
+        -max_total_time="$SECS" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
         >"$work/$t.log" 2>&1
     rc=$?
     dt=$(($(date +%s) - t0))

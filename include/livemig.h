@@ -23,6 +23,11 @@
 #define LIVEMIG_HOST_OPS_VERSION 1
 
 /*
+ Share of the downtime limit the switchover plans to use.
+ */
+#define SWITCHOVER_MARGIN 0.8
+
+/*
  Number of capabilities.
  */
 #define CAPABILITY_COUNT 21

@@ -4,6 +4,7 @@
 //! process; a write outside registered guest RAM faults and the fuzzer
 //! reports it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 
 use livemig::error::{MigError, Result};
@@ -53,8 +54,8 @@ fn guarded(len: usize) -> *mut u8 {
     }
 }
 
-struct Rom(usize);
-static mut ROM: Rom = Rom(0);
+/// Host address of the "rom" block's memory (set once by `setup`).
+static ROM: AtomicUsize = AtomicUsize::new(0);
 
 unsafe extern "C" fn resized(_: *mut std::ffi::c_void, _: *const std::ffi::c_char, new_length: u64) {
     assert!(new_length as usize <= ROM_MAX && new_length > 0, "resized to {new_length}");
@@ -73,9 +74,8 @@ pub fn setup() {
         savevm::set_machine_name(Some("none")).expect("machine name");
         livemig::ram::block_add("ram", guarded(RAM_LEN), RAM_LEN as u64).expect("ram block");
         let rom = guarded(ROM_MAX);
+        ROM.store(rom as usize, Ordering::Relaxed);
         add_rom(rom);
-        // SAFETY: written once, here, before any reader.
-        unsafe { ROM = Rom(rom as usize) };
     });
 }
 
@@ -86,8 +86,7 @@ fn reset_rom() {
     if b.length() != ROM_LEN as u64 {
         drop(b);
         livemig::ram::block_remove("rom").expect("remove rom");
-        // SAFETY: set once in `setup`, read-only afterwards.
-        add_rom(unsafe { ROM.0 } as *mut u8);
+        add_rom(ROM.load(Ordering::Relaxed) as *mut u8);
     }
 }
 
