@@ -13,11 +13,13 @@
 
 use std::sync::{Mutex, MutexGuard, Once};
 
-use livemig::error::{MigError, Result};
+mod common;
+use common::Timer;
+
 use livemig::host::RunState;
 use livemig::loadvm::load_stream;
 use livemig::qemu_file::{Direction, QemuFile};
-use livemig::savevm::{self, Priority, SaveState, SaveVmHandler, SectionKind};
+use livemig::savevm::{self, Priority, SaveState};
 use livemig::transport::mem::MemChannel;
 
 const VEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors");
@@ -27,26 +29,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// QEMU's "timer" device: 24 bytes, version 2, minimum version 1.
-struct Timer;
-
-impl SaveVmHandler for Timer {
-    fn is_live(&self) -> bool {
-        false
-    }
-    fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
-        f.put_buffer(&[0u8; 24]);
-        Ok(())
-    }
-    fn load(&mut self, f: &mut QemuFile, version_id: u32, _k: SectionKind) -> Result<()> {
-        if version_id < 1 {
-            return Err(MigError::new(format!("timer: incoming version_id {version_id} is too old for local minimum version_id  1")));
-        }
-        f.skip(24);
-        f.check()
-    }
 }
 
 /// Guest memory for a block: an anonymous mapping, unmapped on drop.

@@ -31,18 +31,31 @@ pub(super) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// Waits until `fd` is ready for `events`, the aborter fires, or the stall
 /// timeout passes.
 pub(super) fn wait_fd(fd: RawFd, events: libc::c_short, abort: &Aborter, what: &str) -> io::Result<()> {
-    let deadline = Instant::now() + super::stall_timeout();
+    let limit = super::stall_timeout();
+    wait_ready(fd, events, abort, Some(limit)).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut => io::Error::new(io::ErrorKind::TimedOut, format!("no progress on {what} for {} ms", limit.as_millis())),
+        _ => e,
+    })
+}
+
+/// Waits until `fd` is ready for `events` or the aborter fires (ECANCELED),
+/// for at most `limit` (TimedOut) or, with None, without a limit.
+pub(super) fn wait_ready(fd: RawFd, events: libc::c_short, abort: &Aborter, limit: Option<std::time::Duration>) -> io::Result<()> {
+    let deadline = limit.map(|l| Instant::now() + l);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no progress on {what} for {} ms", super::stall_timeout().as_millis()),
-            ));
-        }
+        let timeout_ms = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+            None => -1,
+        };
         let mut pfds = [libc::pollfd { fd, events, revents: 0 }, libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 }];
         // SAFETY: two valid pollfds in a live array.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {

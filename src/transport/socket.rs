@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
-use super::fdchan::{set_nonblocking, wait_fd};
+use super::fdchan::{set_nonblocking, wait_fd, wait_ready};
 use super::{Aborter, Channel, FdChannel};
 use crate::error::{MigError, Result};
 
@@ -140,33 +140,11 @@ impl SocketListener {
             match e.raw_os_error() {
                 Some(libc::EAGAIN) => {
                     // Waiting for the source has no stall limit; only a cancel ends it.
-                    wait_accept(raw, &self.abort).map_err(|e| MigError::io(format!("{}: accept", self.name), e))?
+                    wait_ready(raw, libc::POLLIN, &self.abort, None).map_err(|e| MigError::io(format!("{}: accept", self.name), e))?
                 }
                 Some(libc::EINTR) | Some(libc::ECONNABORTED) => {}
                 _ => return Err(MigError::io(format!("{}: accept", self.name), e)),
             }
-        }
-    }
-}
-
-fn wait_accept(fd: RawFd, abort: &Aborter) -> io::Result<()> {
-    loop {
-        let mut pfds =
-            [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: abort.raw_fd(), events: libc::POLLIN, revents: 0 }];
-        // SAFETY: two valid pollfds in a live array.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if pfds[1].revents != 0 {
-            return Err(io::Error::from_raw_os_error(libc::ECANCELED));
-        }
-        if pfds[0].revents != 0 {
-            return Ok(());
         }
     }
 }

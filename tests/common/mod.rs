@@ -53,8 +53,9 @@ unsafe extern "C" fn set(_: *mut c_void, st: RunState) {
     STATE.store(st as u32, Ordering::SeqCst);
 }
 
-/// QEMU's "timer": 24 bytes, version 2.
-struct Timer;
+/// QEMU's "timer": 24 bytes, version 2, minimum version 1 (with a 7.2
+/// destination's message when the version is too old).
+pub struct Timer;
 
 impl SaveVmHandler for Timer {
     fn is_live(&self) -> bool {
@@ -66,7 +67,7 @@ impl SaveVmHandler for Timer {
     }
     fn load(&mut self, f: &mut QemuFile, version_id: u32, _k: SectionKind) -> Result<()> {
         if version_id < 1 {
-            return Err(MigError::new(format!("timer: incoming version_id {version_id} is too old")));
+            return Err(MigError::new(format!("timer: incoming version_id {version_id} is too old for local minimum version_id  1")));
         }
         f.skip(24);
         f.check()
