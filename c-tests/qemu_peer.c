@@ -159,6 +159,10 @@ static void print_info(void)
         printf("total-time: %" PRId64 " ms\n", i->total_time);
     if (i->has_downtime)
         printf("downtime: %" PRId64 " ms\n", i->downtime);
+    if (i->has_expected_downtime)
+        printf("expected-downtime: %" PRId64 " ms\n", i->expected_downtime);
+    if (i->has_ram)
+        printf("precopy-bytes: %" PRId64 "\ndowntime-bytes: %" PRId64 "\n", i->ram->precopy_bytes, i->ram->downtime_bytes);
     if (i->has_setup_time)
         printf("setup-time: %" PRId64 " ms\n", i->setup_time);
     if (i->has_ram) {

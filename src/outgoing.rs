@@ -41,7 +41,8 @@ pub struct OutStats {
     pub downtime_ms: Option<u64>,
     /// Setup time in ms.
     pub setup_time_ms: u64,
-    /// Expected downtime in ms (while active).
+    /// Expected downtime in ms (while active; once completed, the estimate
+    /// the switchover was decided on).
     pub expected_downtime_ms: u64,
     /// Bytes written to the stream.
     pub transferred: u64,
@@ -238,6 +239,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     let mut window_start = Instant::now();
     let mut window_bytes_start = f.tell();
     let mut max_size: u64 = 0;
+    let mut bw_per_ms = 0.0f64;
     loop {
         if OUTGOING.status() != S::Active {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
@@ -249,6 +251,9 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             if should_iterate(pending, max_size) {
                 save.iterate(f)?;
             } else {
+                // The estimate the switchover is made on, kept for the report.
+                let expected = if bw_per_ms > 0.0 { (pending as f64 / bw_per_ms) as u64 } else { 0 };
+                update(|s| s.expected_downtime_ms = expected);
                 return switchover(host, f, save, &mut p.stopped_running_vm, start);
             }
         }
@@ -258,6 +263,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             prm = params::get();
             let w = Window::measure(sent, elapsed, prm.downtime_ns, crate::ram::dirty_bytes_rate(), save.pending(max_size));
             max_size = w.max_size;
+            bw_per_ms = sent as f64 / elapsed.as_secs_f64() / 1000.0;
             let expected = w.expected_downtime_ms;
             update(|s| {
                 s.transferred = f.tell();

@@ -138,7 +138,7 @@ def run_qemu(tmp, img, prefault, speed):
         raise RuntimeError(f"QEMU migration: {r}")
     ram = r["ram"]
     return {"total_ms": r["total-time"], "downtime_ms": r["downtime"], "bytes": ram["transferred"],
-            "cpu_s": cs + cd}
+            "precopy_bytes": ram["transferred"] - ram["downtime-bytes"], "cpu_s": cs + cd}
 
 
 def run_livemig(tmp, img, prefault, speed, extra_src=()):
@@ -166,7 +166,8 @@ def run_livemig(tmp, img, prefault, speed, extra_src=()):
     if rs or rd:
         raise RuntimeError(f"livemig migration failed: {out}")
     num = lambda k: int(re.search(rf"{k}:?\s+(-?\d+)", out).group(1))
-    return {"total_ms": num("total-time"), "downtime_ms": num("downtime"), "bytes": num("transferred"), "cpu_s": cs + cd}
+    return {"total_ms": num("total-time"), "downtime_ms": num("downtime"), "bytes": num("transferred"),
+            "precopy_bytes": num("transferred") - num("downtime-bytes"), "cpu_s": cs + cd}
 
 
 def stats(vals):
@@ -263,11 +264,13 @@ def table(key, title, res, speed, size_mib):
         ratio = f"{lm / qm:.2f}" if lm is not None and qm else "–"
         out.append(f"| {name} | {ls} | {qs} | {ratio} |")
     if speed:
+        # The limit applies while the VM runs; the stop-and-copy is
+        # unthrottled (as in QEMU), so the rate is taken over the pre-copy.
         for side in ("livemig", "qemu"):
             if res[side]:
-                rates = [r["bytes"] / (r["total_ms"] / 1000) for r in res[side]]
+                rates = [r["precopy_bytes"] / ((r["total_ms"] - r["downtime_ms"]) / 1000) for r in res[side]]
                 m = statistics.median(rates)
-                out.append(f"| achieved rate, {side} | {m / 1048576:.1f} MiB/s = {100 * (m / speed - 1):+.1f} % of the limit | | |")
+                out.append(f"| pre-copy rate, {side} | {m / 1048576:.1f} MiB/s = {100 * (m / speed - 1):+.1f} % against the limit | | |")
     return "\n".join(out)
 
 
@@ -277,7 +280,7 @@ def dirtying(tmp, runs):
            "unthrottled link, downtime limit 100 ms); QEMU omitted: -machine none runs no guest",
            "", "| run | downtime (ms) | limit (ms) | expected downtime at switchover (ms) | total (ms) | passes |",
            "|---|---|---|---|---|---|"]
-    ok = 0
+    ok = close = 0
     for i in range(runs):
         r = subprocess.run([os.path.join(TOP, "c-tests/minivmm/demo.sh"), "--out", os.path.join(tmp, "e"),
                             "--ram", "256", "--dirty-rate", "150", "--speed", "0", "--downtime-ms", "100",
@@ -286,11 +289,11 @@ def dirtying(tmp, runs):
         dt = int(re.search(r"downtime:\s+(\d+)", txt).group(1))
         tot = int(re.search(r"total time:\s+(\d+)", txt).group(1))
         passes = int(re.search(r"passes:\s+(\d+)", txt).group(1))
-        exp = re.findall(r"expected downtime\s+(\d+) ms", txt)
-        exp_v = exp[-2] if len(exp) >= 2 else (exp[-1] if exp else "?")
+        exp_v = int(re.search(r"expected downtime at switchover:\s+(-?\d+)", txt).group(1))
         ok += dt <= 100
+        close += exp_v > 0 and abs(exp_v - dt) <= 0.25 * dt
         out.append(f"| {i + 1} | {dt} | 100 | {exp_v} | {tot} | {passes} |")
-    out.append(f"\ndowntime within the limit in {ok}/{runs} runs")
+    out.append(f"\ndowntime within the limit in {ok}/{runs} runs; expected downtime within ±25 % of actual in {close}/{runs} runs")
     return "\n".join(out)
 
 

@@ -459,6 +459,7 @@ static void final_report(void)
         MigrationStats *r = i->ram;
         printf("total time:      %" PRId64 " ms\n", i->total_time);
         printf("downtime:        %" PRId64 " ms\n", i->has_downtime ? i->downtime : -1);
+        printf("expected downtime at switchover: %" PRId64 " ms\n", i->has_expected_downtime ? i->expected_downtime : -1);
         printf("setup time:      %" PRId64 " ms\n", i->setup_time);
         printf("throughput:      %.1f Mbit/s\n", r->mbps);
         printf("transferred:     %" PRId64 " bytes (RAM %" PRId64 " MiB)\n", r->transferred, r->total >> 20);

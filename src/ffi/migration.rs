@@ -270,7 +270,9 @@ fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
         info.total_time = st.total_time_ms as i64;
         info.has_setup_time = status != MigrationStatus::Setup;
         info.setup_time = st.setup_time_ms as i64;
-        if status == MigrationStatus::Active {
+        // While active, and once completed (then: the estimate the
+        // switchover was decided on, to compare with `downtime`).
+        if matches!(status, MigrationStatus::Active | MigrationStatus::Completed) {
             info.has_expected_downtime = true;
             info.expected_downtime = st.expected_downtime_ms as i64;
         }

@@ -201,7 +201,8 @@ pub struct MigrationInfo {
     pub has_total_time: bool,
     /// Milliseconds since the start (or in all, once finished).
     pub total_time: i64,
-    /// Whether `expected_downtime` is set (while active).
+    /// Whether `expected_downtime` is set (while active, and once completed:
+    /// then it is the estimate the switchover was decided on).
     pub has_expected_downtime: bool,
     /// Expected downtime in ms.
     pub expected_downtime: i64,
