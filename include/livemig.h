@@ -690,7 +690,8 @@ typedef struct MigrationInfo {
    */
   int64_t total_time;
   /*
-   Whether `expected_downtime` is set (while active).
+   Whether `expected_downtime` is set (while active, and once completed:
+   then it is the estimate the switchover was decided on).
    */
   bool has_expected_downtime;
   /*
