@@ -266,11 +266,11 @@ def table(key, title, res, speed, size_mib):
     if speed:
         # The limit applies while the VM runs; the stop-and-copy is
         # unthrottled (as in QEMU), so the rate is taken over the pre-copy.
-        for side in ("livemig", "qemu"):
-            if res[side]:
-                rates = [r["precopy_bytes"] / ((r["total_ms"] - r["downtime_ms"]) / 1000) for r in res[side]]
-                m = statistics.median(rates)
-                out.append(f"| pre-copy rate, {side} | {m / 1048576:.1f} MiB/s = {100 * (m / speed - 1):+.1f} % against the limit | | |")
+        if res["livemig"]:
+            rates = [r["precopy_bytes"] / ((r["total_ms"] - r["downtime_ms"]) / 1000) for r in res["livemig"]]
+            m = statistics.median(rates)
+            out.append(f"| pre-copy rate, livemig | {m / 1048576:.1f} MiB/s = {100 * (m / speed - 1):+.1f} % against the limit"
+                       " | n/a: QEMU 7.2 counts every byte in downtime-bytes | |")
     return "\n".join(out)
 
 
