@@ -119,6 +119,11 @@ bool fakehost_running(void)
 
 void fakehost_events(char *out, size_t len, bool incoming)
 {
+    /* livemig makes each final transition and runs its notifiers under the
+     * host lock: taking it once after seeing the final state waits for
+     * those notifiers to finish. */
+    pthread_mutex_lock(&fake_host.lock);
+    pthread_mutex_unlock(&fake_host.lock);
     pthread_mutex_lock(&events_lock);
     out[0] = 0;
     for (int i = 0; i < n_events; i++) {

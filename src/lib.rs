@@ -20,6 +20,10 @@
 //! - Notifiers run only on these threads, with the host lock held, once per
 //!   state transition and in order. A notifier may call any query function,
 //!   `qmp_migrate_cancel`, and add or remove notifiers.
+//! - Transitions made by livemig's threads happen under the host lock
+//!   together with their notifiers, so a host that reads the state with
+//!   its lock held never sees a state whose notifiers have not run yet
+//!   (without the lock, it may see the state a moment earlier).
 //! - Lock order: host lock before livemig's internal locks; livemig never
 //!   takes the host lock while holding one of its own.
 //!
