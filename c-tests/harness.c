@@ -334,6 +334,17 @@ static void check_bad_input(void)
     ops.version = 99;
     CHECK(!livemig_set_host_ops(&ops, NULL, &err) && err && strstr(error_get_pretty(err), "version 99"), "bad version");
     error_free(err), err = NULL;
+    MigrationCapabilityStatus caps[2] = { { MIGRATION_CAPABILITY_XBZRLE, true }, { (MigrationCapability)99, true } };
+    MigrationCapabilityStatusList l2 = { NULL, &caps[1] }, l1 = { &l2, &caps[0] };
+    qmp_migrate_set_capabilities(&l1, &err);
+    CHECK(err && strstr(error_get_pretty(err), "unknown capability 99") && !migrate_use_xbzrle(),
+          "a list with an unknown capability is refused whole");
+    error_free(err), err = NULL;
+    caps[1].capability = MIGRATION_CAPABILITY_COMPRESS;
+    qmp_migrate_set_capabilities(&l1, &err);
+    CHECK(err && strstr(error_get_pretty(err), "capability 'compress' is not supported") && !migrate_use_xbzrle(),
+          "an unsupported capability is refused with its name");
+    error_free(err), err = NULL;
     CHECK(qemu_get_be32(NULL) == 0 && qemu_file_get_error(NULL) < 0, "NULL QEMUFile");
     CHECK(!migration_is_active(NULL) && !migration_has_finished(NULL), "NULL state");
     printf("src: bad input refused, nothing changed\n");

@@ -204,12 +204,19 @@ pub extern "C" fn qmp_migrate_set_capabilities(params: *mut MigrationCapabilityS
         // SAFETY: the caller passes a well-formed, NULL-terminated list
         // that stays alive during the call; NULL values are refused.
         while let Some(n) = unsafe { node.as_ref() } {
-            let v = unsafe { n.value.as_ref() }.ok_or_else(|| MigError::new("capability list node with a NULL value"))?;
-            // Read the enum as an integer first: C may pass any value.
-            // SAFETY: MigrationCapability is a repr(C) enum, i.e. a C int.
-            let raw = unsafe { *(std::ptr::addr_of!(v.capability) as *const u32) };
+            let v = n.value;
+            if v.is_null() {
+                return Err(MigError::new("capability list node with a NULL value"));
+            }
+            // Read the fields through raw pointers, the enum as an integer
+            // first: C may pass any value, and no Rust reference to an
+            // invalid enum may exist.
+            // SAFETY: `v` is non-NULL and points to a caller-owned
+            // MigrationCapabilityStatus (repr(C): a C int, then a bool).
+            let (raw, state) =
+                unsafe { (std::ptr::addr_of!((*v).capability).cast::<u32>().read(), std::ptr::addr_of!((*v).state).cast::<u8>().read()) };
             let cap = MigrationCapability::from_u32(raw).ok_or_else(|| MigError::new(format!("unknown capability {raw}")))?;
-            list.push((cap, v.state));
+            list.push((cap, state != 0));
             node = n.next;
         }
         params::set_capabilities(&list)
