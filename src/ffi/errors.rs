@@ -39,6 +39,15 @@ pub(crate) fn set(errp: *mut *mut Error, e: &MigError) {
     }
 }
 
+/// For the QEMU-signature calls that return only a code: logs the error
+/// the checked variant produced (if any) and frees it.
+pub(crate) fn log_and_free(err: *mut Error, what: &str) {
+    if let Some(m) = Error::message(err) {
+        log::error!("{what}: {m}");
+    }
+    error_free(err);
+}
+
 /// Creates an error with `msg` (NULL gives an empty message).
 #[no_mangle]
 pub extern "C" fn error_new(msg: *const c_char) -> *mut Error {

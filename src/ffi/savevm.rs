@@ -131,10 +131,7 @@ pub extern "C" fn register_savevm_live(
 ) -> c_int {
     let mut err: *mut Error = std::ptr::null_mut();
     let r = livemig_register_savevm_live(dev, idstr, instance_id, version_id, ops, opaque, &mut err);
-    if !err.is_null() {
-        log::error!("register_savevm_live: {}", Error::message(err).unwrap_or_default());
-        super::errors::error_free(err);
-    }
+    super::errors::log_and_free(err, "register_savevm_live");
     r
 }
 
@@ -197,10 +194,7 @@ pub extern "C" fn register_savevm(
         })?;
         Ok(id as c_int)
     });
-    if !err.is_null() {
-        log::error!("{}", Error::message(err).unwrap_or_default());
-        super::errors::error_free(err);
-    }
+    super::errors::log_and_free(err, "register_savevm");
     r
 }
 
@@ -217,5 +211,5 @@ pub extern "C" fn unregister_savevm(dev: *mut DeviceState, idstr: *const c_char,
         }
         Ok(())
     });
-    super::errors::error_free(err);
+    super::errors::log_and_free(err, "unregister_savevm");
 }
