@@ -80,7 +80,7 @@ if command -v gnuplot >/dev/null 2>&1 && [ -s "$out/timeline.csv" ]; then
 set terminal pngcairo size 900,450
 set output "$out/timeline.png"
 set datafile separator ","
-set key autotitle columnhead center right
+set key autotitle columnhead below
 set title "livemig: live migration of a running minivmm guest"
 set xlabel "time since migrate (s)"
 set ylabel "remaining (MiB)"
@@ -88,7 +88,7 @@ set y2label "throughput, dirty rate (MB/s)"
 set ytics nomirror
 set y2tics
 set arrow from $stop, graph 0 to $stop, graph 1 nohead dt 2 lc rgb "red"
-set label "stop-and-copy" at $stop, graph 0.5 right offset -0.5,0 tc rgb "red"
+set label "stop-and-copy" at $stop, graph 0.9 right offset -0.5,0 tc rgb "red"
 plot "$out/timeline.csv" using 1:(\$3/1048576) with lines lw 2 title "remaining (MiB)", \
      "" using 1:5 axes x1y2 with lines title "throughput (MB/s)", \
      "" using 1:6 axes x1y2 with lines dt 3 title "dirty rate (MB/s)"
