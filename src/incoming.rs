@@ -76,6 +76,7 @@ fn start(open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
     let spawned = std::thread::Builder::new().name("livemig-in".into()).spawn(move || {
         crate::block_sigpipe();
         run(host, source);
+        log::info!("incoming migration thread done: {} ms CPU", crate::thread_cpu_time().as_millis());
     });
     match spawned {
         Ok(t) => {

@@ -56,6 +56,15 @@ pub(crate) fn block_sigpipe() {
     }
 }
 
+/// CPU time the calling thread has used so far, for the threads' closing
+/// log lines (`RUST_LOG=livemig=info`).
+pub(crate) fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Initialises logging (`RUST_LOG`, e.g. `RUST_LOG=livemig=debug`) once;
 /// output goes to stderr, never stdout.
 pub(crate) fn init() {

@@ -3,8 +3,8 @@
 //! The thread ("livemig-out") owns the stream. It connects, writes the
 //! setup sections, then runs 100 ms windows: within a window's byte budget
 //! (speed / 10) it asks the live handlers how much is pending and iterates
-//! while that exceeds `max_size` = bandwidth × downtime limit × 0.8 (a margin
-//! for the last pass); once the rest
+//! while that exceeds `max_size` = bandwidth × (downtime limit × 0.8 − the
+//! last dirty-log sync's time) (a margin for the last pass); once the rest
 //! fits in the downtime limit it switches over under the host lock: wake the
 //! guest, stop the VM (FINISH_MIGRATE), lift the rate limit, write END and
 //! FULL sections, EOF. A failure or cancel at any point cancels the
@@ -154,6 +154,7 @@ pub fn start(target: Target) -> Result<()> {
     let spawned = std::thread::Builder::new().name("livemig-out".into()).spawn(move || {
         crate::block_sigpipe();
         run(host, target, aborter);
+        log::info!("migration thread done: {} ms CPU", crate::thread_cpu_time().as_millis());
     });
     match spawned {
         Ok(t) => {
@@ -238,8 +239,9 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     }
     let mut window_start = Instant::now();
     let mut window_bytes_start = f.tell();
+    let mut sample = WindowSample::default();
     let mut max_size: u64 = 0;
-    let mut bw_per_ms = 0.0f64;
+    let mut rates = Rates::default();
     loop {
         if OUTGOING.status() != S::Active {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
@@ -249,32 +251,49 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             let pending = save.pending(max_size);
             update(|s| s.remaining = pending);
             if should_iterate(pending, max_size) {
+                let (t, b, done, resent) = (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes());
                 save.iterate(f)?;
+                let (wire, retired) = (f.tell() - b, crate::ram::dirty_bytes_done() - done);
+                let bucket = if (crate::ram::resent_bytes() - resent) * 10 >= retired * 9 { &mut sample.resend } else { &mut sample.first };
+                bucket.add(wire, retired, t.elapsed());
             } else {
                 // The estimate the switchover is made on, kept for the report.
-                let expected = if bw_per_ms > 0.0 { (pending as f64 / bw_per_ms) as u64 } else { 0 };
+                let fresh = crate::ram::first_round_left_bytes();
+                let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
                 update(|s| s.expected_downtime_ms = expected);
                 return switchover(host, f, save, &mut p.stopped_running_vm, start);
             }
         }
         let elapsed = window_start.elapsed();
+        sample.throttled |= f.rate_limit_exceeded();
         if elapsed >= WINDOW {
-            let sent = f.tell() - window_bytes_start;
+            sample.sent = f.tell() - window_bytes_start;
+            sample.elapsed = elapsed;
             prm = params::get();
-            let w = Window::measure(sent, elapsed, prm.downtime_ns, crate::ram::dirty_bytes_rate(), save.pending(max_size));
-            max_size = w.max_size;
-            bw_per_ms = sent as f64 / elapsed.as_secs_f64() / 1000.0;
+            let pending = save.pending(max_size);
+            let fresh = crate::ram::first_round_left_bytes();
+            let w = Window::measure(rates, sample, prm.downtime_ns, pending, fresh, crate::ram::last_sync_time());
+            (max_size, rates) = (w.max_size, w.rates);
             let expected = w.expected_downtime_ms;
             update(|s| {
                 s.transferred = f.tell();
                 s.mbps = w.mbps;
                 s.expected_downtime_ms = expected;
             });
-            log::debug!("window: {sent} bytes in {elapsed:?}, max_size {max_size}, expected downtime {expected} ms");
+            log::debug!(
+                "window: {} bytes in {elapsed:?} (re-sending {:?}, first round {:?}), link {:.0}{} / first round {:.0} bytes/ms, pending {pending} ({fresh} first round), max_size {max_size}, expected downtime {expected} ms",
+                sample.sent,
+                sample.resend,
+                sample.first,
+                rates.link,
+                if rates.link_from_resend { " (re-sent pages)" } else { "" },
+                rates.first_round
+            );
             f.set_rate_limit(prm.speed / 10);
             f.reset_rate_limit();
             window_start = Instant::now();
             window_bytes_start = f.tell();
+            sample = WindowSample::default();
         } else if f.rate_limit_exceeded() {
             f.check()?;
             sleep_interruptible(WINDOW - elapsed);
@@ -291,26 +310,147 @@ pub fn should_iterate(pending: u64, max_size: u64) -> bool {
 /// What one finished window tells about bandwidth and convergence.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
-    /// Bytes that fit in the downtime limit at the measured bandwidth.
+    /// The rates the last pass is expected to go at.
+    pub rates: Rates,
+    /// Dirty bytes (of the pending mix) that fit in the downtime limit.
     pub max_size: u64,
-    /// Expected downtime in ms: the larger of (pending / bandwidth) and
-    /// (dirty rate / bandwidth), QEMU's estimate.
+    /// Expected downtime of switching over at the end of the window.
     pub expected_downtime_ms: u64,
-    /// Throughput in megabits per second.
+    /// Throughput of the window in megabits per second.
     pub mbps: f64,
 }
 
+/// One window's measurements.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WindowSample {
+    /// Bytes written in the window, and its length.
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// The handlers' iterate calls that mostly re-sent pages the guest
+    /// dirtied again, and the others (mostly first-round pages).
+    pub resend: Bucket,
+    pub first: Bucket,
+    /// The window hit its byte budget (the speed limit was in force).
+    pub throttled: bool,
+}
+
+/// What some iterate calls did: bytes written, dirty bytes retired (pages
+/// × page size, however each went on the wire), and the time they took
+/// (dirty-log syncs and pacing sleeps are outside them).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Bucket {
+    pub wire: u64,
+    pub retired: u64,
+    pub time: Duration,
+}
+
+impl Bucket {
+    fn add(&mut self, wire: u64, retired: u64, time: Duration) {
+        self.wire += wire;
+        self.retired += retired;
+        self.time += time;
+    }
+
+    /// (wire, retired) bytes per ms, when there is enough to measure.
+    fn rates(&self) -> Option<(f64, f64)> {
+        let ms = self.time.as_secs_f64() * 1000.0;
+        (ms >= 1.0 && self.retired > 0).then(|| (self.wire as f64 / ms, self.retired as f64 / ms))
+    }
+}
+
+/// Rates of the last pass, in bytes per millisecond, kept across windows.
+///
+/// Pending pages are of two kinds. Pages the guest dirtied again were
+/// sent before and hold its writes: they go at the rate whole pages were
+/// re-sent (`link`). Pages the first round has not reached yet may be
+/// anything, and are often untouched zero pages that cost a scan, not a
+/// page on the link: they go at the rate the first round has been
+/// retiring pages (`first_round`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Rates {
+    pub link: f64,
+    pub first_round: f64,
+    /// `link` was measured on re-sent pages (not first-round ones, which
+    /// also pay for the destination's first touch of its memory).
+    pub link_from_resend: bool,
+}
+
+impl Rates {
+    /// Takes in one window. Unthrottled, the rates are those of the
+    /// iterate calls: the last pass, like them, writes as fast as the
+    /// link takes, with no syncs between its writes. Under a speed limit
+    /// they are the window's, as in QEMU: the link's real rate is unknown
+    /// then, and the estimate errs long, never short.
+    pub fn update(&mut self, w: &WindowSample) {
+        let window_ms = w.elapsed.as_secs_f64() * 1000.0;
+        if w.throttled {
+            let r = w.sent as f64 / window_ms.max(1e-6);
+            *self = Rates {
+                link: r,
+                first_round: r.max((w.resend.retired + w.first.retired) as f64 / window_ms.max(1e-6)),
+                link_from_resend: false,
+            };
+            return;
+        }
+        if let Some((wire, _)) = w.resend.rates() {
+            (self.link, self.link_from_resend) = (wire, true);
+        }
+        if let Some((wire, retired)) = w.first.rates() {
+            self.first_round = retired;
+            if !self.link_from_resend {
+                // Mostly whole pages: a measure of the link. Mostly zero
+                // pages: the scans took part of the time, a lower bound.
+                self.link = if w.first.wire * 2 >= w.first.retired { wire } else { self.link.max(wire) };
+            }
+        }
+        if self.link <= 0.0 && window_ms > 0.0 {
+            self.link = w.sent as f64 / window_ms;
+        }
+        self.first_round = self.first_round.max(self.link);
+    }
+
+    /// Milliseconds to send `pending` dirty bytes, `fresh` of them in
+    /// pages the first round has not reached (None: nothing measured).
+    pub fn time_ms(&self, pending: u64, fresh: u64) -> Option<f64> {
+        if self.link <= 0.0 {
+            return None;
+        }
+        let fresh = fresh.min(pending);
+        Some((pending - fresh) as f64 / self.link + fresh as f64 / self.first_round.max(self.link))
+    }
+}
+
 impl Window {
-    /// Figures from `sent` bytes in `elapsed`, a downtime limit, the dirty
-    /// rate (bytes/s) and the bytes pending.
-    pub fn measure(sent: u64, elapsed: Duration, downtime_ns: u64, dirty_bytes_rate: u64, pending: u64) -> Window {
-        let secs = elapsed.as_secs_f64().max(1e-9);
-        let bw_per_ms = sent as f64 / secs / 1000.0;
+    /// Figures from the rates so far, one more window, the downtime limit, the dirty bytes
+    /// pending (`fresh` of them not reached by the first round yet) and
+    /// the time the last dirty-log sync took (the final one runs with the
+    /// VM stopped).
+    pub fn measure(mut rates: Rates, w: WindowSample, downtime_ns: u64, pending: u64, fresh: u64, sync: Duration) -> Window {
+        rates.update(&w);
+        let fixed_ms = sync.as_secs_f64() * 1000.0;
         // Aim at 80 % of the limit: the last pass shares the link and the
-        // destination's CPU with the final sync and device state.
-        let max_size = (bw_per_ms * (downtime_ns as f64 / 1e6) * SWITCHOVER_MARGIN) as u64;
-        let expected_downtime_ms = if bw_per_ms > 0.0 { ((pending.max(dirty_bytes_rate / 1000)) as f64 / bw_per_ms) as u64 } else { 0 };
-        Window { max_size, expected_downtime_ms, mbps: sent as f64 * 8.0 / secs / 1e6 }
+        // destination's CPU with device state and the host's stop.
+        let budget_ms = (downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN - fixed_ms).max(0.0);
+        // The bytes of the pending mix that fit in the budget.
+        let max_size = match rates.time_ms(pending, fresh) {
+            Some(t) if t > 0.0 => (pending as f64 * budget_ms / t) as u64,
+            _ => (rates.link * budget_ms) as u64,
+        };
+        Window {
+            rates,
+            max_size,
+            expected_downtime_ms: expected_downtime_ms(&rates, pending, fresh, sync),
+            mbps: w.sent as f64 * 8.0 / w.elapsed.as_secs_f64().max(1e-9) / 1e6,
+        }
+    }
+}
+
+/// The downtime of switching over now: the final sync, then the pending
+/// bytes at `rates` (0 when nothing was measured yet).
+pub fn expected_downtime_ms(rates: &Rates, pending: u64, fresh: u64, sync: Duration) -> u64 {
+    match rates.time_ms(pending, fresh) {
+        Some(t) => (sync.as_secs_f64() * 1000.0 + t).round() as u64,
+        None => 0,
     }
 }
 
@@ -326,18 +466,28 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     let stop_time = Instant::now();
     host.vm_stop_force_state(RunState::FinishMigrate)?;
     *stopped_running_vm = was_running;
+    let stopped = stop_time.elapsed();
     f.set_rate_limit(0);
     let before = f.tell();
     save.complete(f)?;
     f.flush()?;
+    let sent = stop_time.elapsed();
     save.await_destination(f)?;
+    log::debug!(
+        "switchover: VM stopped in {stopped:?}, {} bytes sent by {sent:?}, destination confirmed by {:?}",
+        f.tell() - before,
+        stop_time.elapsed()
+    );
     // Close the channel now (for exec:, wait for the command): its failure
     // is the migration's failure.
     let closing = std::mem::replace(f, QemuFile::closed());
     let sent = closing.tell();
     closing.close()?;
-    save.cleanup();
+    // Downtime ends here, as in QEMU: everything is on its way to the
+    // destination, which needs nothing more from us; stopping the dirty
+    // log does not delay it.
     let downtime = stop_time.elapsed().as_millis() as u64;
+    save.cleanup();
     let total = start.elapsed();
     update(|s| {
         s.transferred = sent;
@@ -412,17 +562,96 @@ pub fn status() -> MigrationStatus {
 mod tests {
     use super::*;
 
+    const MB: u64 = 1_000_000;
+
+    fn bucket(wire: u64, retired: u64, ms: u64) -> Bucket {
+        Bucket { wire, retired, time: Duration::from_millis(ms) }
+    }
+
+    fn first(sent: u64, b: Bucket, throttled: bool) -> WindowSample {
+        WindowSample { sent, elapsed: Duration::from_millis(100), first: b, throttled, ..Default::default() }
+    }
+
     #[test]
     fn window_figures() {
-        // 10 MB in 100 ms = 100 MB/s = 100_000 bytes/ms; 300 ms of downtime
-        // sends 30 MB, of which the switchover plans to use 80 %.
-        let w = Window::measure(10_000_000, Duration::from_millis(100), 300_000_000, 0, 15_000_000);
-        assert_eq!(w.max_size, 24_000_000);
-        assert_eq!(w.expected_downtime_ms, 150);
+        // 10 MB in 100 ms = 100_000 bytes/ms, all of it while sending, all
+        // pages whole; 300 ms of downtime sends 30 MB, of which the
+        // switchover plans to use 80 %.
+        let w = Window::measure(
+            Rates::default(),
+            first(10 * MB, bucket(10 * MB, 10 * MB, 100), false),
+            300_000_000,
+            15 * MB,
+            0,
+            Duration::ZERO,
+        );
+        assert_eq!((w.rates.link, w.rates.first_round), (100_000.0, 100_000.0));
+        assert_eq!((w.max_size, w.expected_downtime_ms), (24 * MB, 150));
         assert!((w.mbps - 800.0).abs() < 1e-6);
+        // Half the window went on syncs and the guest: the last pass goes
+        // at the sending rate; a 10 ms sync comes off the budget and onto
+        // the estimate.
+        let w = Window::measure(
+            Rates::default(),
+            first(10 * MB, bucket(10 * MB, 10 * MB, 50), false),
+            300_000_000,
+            15 * MB,
+            0,
+            Duration::from_millis(10),
+        );
+        assert_eq!(w.rates.link, 200_000.0);
+        assert_eq!((w.max_size, w.expected_downtime_ms), (46 * MB, 85));
+        // Throttled: the window's rate, however fast the bursts were.
+        let w =
+            Window::measure(Rates::default(), first(10 * MB, bucket(10 * MB, 10 * MB, 5), true), 300_000_000, 15 * MB, 0, Duration::ZERO);
+        assert_eq!((w.rates.link, w.expected_downtime_ms), (100_000.0, 150));
+        // A sync longer than the budget: nothing fits.
+        let w = Window::measure(
+            Rates::default(),
+            first(10 * MB, bucket(10 * MB, 10 * MB, 100), false),
+            10_000_000,
+            1,
+            0,
+            Duration::from_millis(9),
+        );
+        assert_eq!(w.max_size, 0);
         // Nothing sent: nothing fits, no estimate.
-        let w = Window::measure(0, Duration::from_millis(100), 300_000_000, 1 << 20, 1 << 20);
+        let w = Window::measure(Rates::default(), first(0, Bucket::default(), false), 300_000_000, 1 << 20, 0, Duration::ZERO);
         assert_eq!((w.max_size, w.expected_downtime_ms), (0, 0));
+        assert_eq!(expected_downtime_ms(&Rates::default(), 1 << 20, 0, Duration::from_millis(5)), 0);
+    }
+
+    #[test]
+    fn first_round_and_resent_pages_have_their_own_rates() {
+        // Whole pages at 100_000 bytes/ms set the link rate.
+        let mut r = Rates::default();
+        r.update(&first(10 * MB, bucket(10 * MB, 10 * MB, 100), false));
+        // Then a window of mostly zero pages: 40 MB retired, 5 MB on the
+        // wire. The first round goes at 400_000; the link rate is not
+        // lowered by the time the scans took.
+        let w = Window::measure(r, first(5 * MB, bucket(5 * MB, 40 * MB, 100), false), 300_000_000, 20 * MB, 16 * MB, Duration::ZERO);
+        assert_eq!((w.rates.link, w.rates.first_round), (100_000.0, 400_000.0));
+        // 20 MB pending, 16 MB of them not reached yet: 4 MB / 100_000 +
+        // 16 MB / 400_000 = 80 ms; the mix that fits in 240 ms is three
+        // times the pending bytes.
+        assert_eq!((w.expected_downtime_ms, w.max_size), (80, 60 * MB));
+        // Re-dirtied pages only (the first round is over): the link's rate.
+        assert_eq!(expected_downtime_ms(&w.rates, 20 * MB, 0, Duration::ZERO), 200);
+        // Re-sending whole pages measures the link from then on; first-
+        // round windows no longer change it.
+        let mut r = w.rates;
+        r.update(&WindowSample {
+            sent: 25 * MB,
+            elapsed: Duration::from_millis(100),
+            resend: bucket(25 * MB, 25 * MB, 100),
+            ..Default::default()
+        });
+        assert_eq!((r.link, r.link_from_resend), (250_000.0, true));
+        r.update(&first(10 * MB, bucket(10 * MB, 10 * MB, 100), false));
+        assert_eq!(r.link, 250_000.0);
+        // A throttled window starts over from the window's rate.
+        r.update(&first(10 * MB, bucket(10 * MB, 10 * MB, 5), true));
+        assert_eq!((r.link, r.link_from_resend), (100_000.0, false));
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct QemuFile {
     guest_queued: usize,
     /// Read side: the next unread byte in `buf`.
     rpos: usize,
+    /// Read side: the end of the bytes read into `buf` (`buf` itself is
+    /// allocated once, at its full size, on the first read).
+    rlen: usize,
     /// Bytes written by the user (write side) or consumed (read side).
     pos: u64,
     error: Option<MigError>,
@@ -70,6 +73,7 @@ impl QemuFile {
             segs: Vec::new(),
             guest_queued: 0,
             rpos: 0,
+            rlen: 0,
             pos: 0,
             error: None,
             return_path: false,
@@ -366,19 +370,26 @@ impl QemuFile {
         if self.error.is_some() {
             return None;
         }
-        self.buf.drain(..self.rpos);
+        if self.buf.len() < IO_BUF_SIZE {
+            // Zeroed by the allocator (calloc), not by a pass over it.
+            self.buf = vec![0; IO_BUF_SIZE];
+        }
+        // Keep the unread tail (usually part of one record) at the front.
+        self.buf.copy_within(self.rpos..self.rlen, 0);
+        self.rlen -= self.rpos;
         self.rpos = 0;
-        let old = self.buf.len();
-        self.buf.resize(IO_BUF_SIZE.max(old + 1), 0);
+        if self.rlen == self.buf.len() {
+            let grown = self.buf.len() * 2;
+            self.buf.resize(grown, 0);
+        }
         loop {
-            match self.chan.read(&mut self.buf[old..]) {
+            match self.chan.read(&mut self.buf[self.rlen..]) {
                 Ok(n) => {
-                    self.buf.truncate(old + n);
+                    self.rlen += n;
                     return Some(n > 0);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.buf.truncate(old);
                     let e = MigError::io(format!("unable to read from {}", self.chan.describe()), e);
                     self.set_error(e);
                     return None;
@@ -400,7 +411,7 @@ impl QemuFile {
     }
 
     fn available(&self) -> &[u8] {
-        &self.buf[self.rpos..]
+        &self.buf[self.rpos..self.rlen]
     }
 
     /// Reads exactly `out.len()` bytes; on a short stream records the error,

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::residency::Residency;
 use super::scan::is_zero_raw;
 use super::{flags, RamBlock, PAGE};
 use crate::error::{MigError, Result};
@@ -16,51 +17,19 @@ pub struct Loader {
     last_block: Option<Arc<RamBlock>>,
     page: Box<[u8; PAGE]>,
     enc: Box<[u8; PAGE]>,
-    /// Per block (by host address): which 2 MiB chunks were faulted in.
-    populated: std::collections::HashMap<usize, Vec<u64>>,
-}
-
-/// Chunk faulted in at once before the first page is written into it.
-const POPULATE_CHUNK: u64 = 2 << 20;
-/// MADV_POPULATE_WRITE (Linux 5.14); off after the first refusal.
-const MADV_POPULATE_WRITE: i32 = 23;
-static POPULATE_OK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Faults in the 2 MiB chunk of `b` holding `addr` in one call, the first
-/// time a page lands in it: far cheaper than one page fault per page.
-fn populate(populated: &mut std::collections::HashMap<usize, Vec<u64>>, b: &RamBlock, addr: u64) {
-    use std::sync::atomic::Ordering;
-    if !POPULATE_OK.load(Ordering::Relaxed) {
-        return;
-    }
-    let chunk = (addr / POPULATE_CHUNK) as usize;
-    let bits = populated.entry(b.host_ptr() as usize).or_insert_with(|| vec![0; (b.length() / POPULATE_CHUNK) as usize / 64 + 1]);
-    let (w, m) = (chunk / 64, 1u64 << (chunk % 64));
-    if bits[w] & m != 0 {
-        return;
-    }
-    bits[w] |= m;
-    let start = chunk as u64 * POPULATE_CHUNK;
-    let len = POPULATE_CHUNK.min(b.length() - start) as usize;
-    // SAFETY: the range lies inside the registered block; the advice only
-    // faults pages in (their content is unchanged).
-    let r = unsafe { libc::madvise(b.host_ptr().add(start as usize).cast(), len, MADV_POPULATE_WRITE) };
-    if r != 0 {
-        log::debug!("MADV_POPULATE_WRITE unavailable ({}); faulting page by page", std::io::Error::last_os_error());
-        POPULATE_OK.store(false, Ordering::Relaxed);
-    }
+    /// Which pages are backed by memory yet (faulting in, zero pages).
+    residency: Residency,
 }
 
 impl Loader {
     /// A loader over the blocks registered now.
     pub fn new() -> Loader {
-        Loader {
-            blocks: super::blocks(),
-            last_block: None,
-            page: Box::new([0; PAGE]),
-            enc: Box::new([0; PAGE]),
-            populated: std::collections::HashMap::new(),
-        }
+        Self::with_blocks(super::blocks())
+    }
+
+    /// A loader over `blocks`.
+    fn with_blocks(blocks: Vec<Arc<RamBlock>>) -> Loader {
+        Loader { blocks, last_block: None, page: Box::new([0; PAGE]), enc: Box::new([0; PAGE]), residency: Residency::default() }
     }
 
     fn find(&self, name: &[u8]) -> Option<Arc<RamBlock>> {
@@ -109,18 +78,23 @@ impl Loader {
                     let fill = f.get_u8();
                     f.check()?;
                     let p = Self::page_ptr(&b, addr)?;
+                    let page = (addr / PAGE as u64) as usize;
+                    if fill == 0 && self.residency.reads_as_zero(&b, page) {
+                        continue; // untouched memory: left untouched
+                    }
                     // SAFETY: `p` is a whole page inside the registered block
                     // (checked); the destination VM does not run during a load.
                     unsafe {
                         if fill != 0 || !is_zero_raw(p, PAGE) {
                             std::ptr::write_bytes(p, fill, PAGE);
+                            self.residency.written(&b, page);
                         }
                     }
                 }
                 flags::PAGE => {
                     let b = self.block_for(f, flg, addr)?;
                     let p = Self::page_ptr(&b, addr)?;
-                    populate(&mut self.populated, &b, addr);
+                    self.residency.before_write(&b, (addr / PAGE as u64) as usize);
                     // SAFETY: as above; `get_guest` writes exactly one page.
                     unsafe { f.get_guest(p, PAGE) };
                     f.check()?;
@@ -129,6 +103,7 @@ impl Loader {
                     let b = self.block_for(f, flg, addr)?;
                     let p = Self::page_ptr(&b, addr)?;
                     self.load_xbzrle(f, p, addr)?;
+                    self.residency.written(&b, (addr / PAGE as u64) as usize);
                 }
                 flags::EOS if flg == flags::EOS => return Ok(()),
                 flags::COMPRESS_PAGE => return Err(MigError::new("Received an unexpected compressed page")),
@@ -193,5 +168,61 @@ impl Loader {
 impl Default for Loader {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu_file::Direction;
+    use crate::transport::mem::MemChannel;
+
+    /// A fresh anonymous mapping: zero pages for untouched memory leave
+    /// it untouched, a zero page over loaded data clears it, and a page
+    /// filled with a byte is written.
+    #[test]
+    fn zero_pages_on_fresh_and_loaded_memory() {
+        let len = 4 << 20;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p.cast::<u8>();
+        let block = Arc::new(RamBlock::for_test("ram", base, len as u64));
+        let page = PAGE as u64;
+        let mut s = Vec::new();
+        let rec = |s: &mut Vec<u8>, addr: u64, flag: u64, first: bool| {
+            s.extend_from_slice(&(addr | flag | if first { 0 } else { flags::CONTINUE }).to_be_bytes());
+            if first {
+                s.push(3);
+                s.extend_from_slice(b"ram");
+            }
+        };
+        // Page 1 loaded with data, then cleared; page 2 filled with 0x5a;
+        // page 600 (another chunk, untouched) sent as zero.
+        rec(&mut s, page, flags::PAGE, true);
+        s.extend_from_slice(&[0xab; PAGE]);
+        rec(&mut s, page, flags::ZERO, false);
+        s.push(0);
+        rec(&mut s, 2 * page, flags::ZERO, false);
+        s.push(0x5a);
+        rec(&mut s, 600 * page, flags::ZERO, false);
+        s.push(0);
+        s.extend_from_slice(&flags::EOS.to_be_bytes());
+        let mut f = QemuFile::new(Box::new(MemChannel::source(s)), Direction::Read);
+        let mut l = Loader::with_blocks(vec![block]);
+        l.load(&mut f, 4).expect("load");
+        // SAFETY: the pages read lie inside the mapping.
+        let byte = |pg: usize, i: usize| unsafe { *base.add(pg * PAGE + i) };
+        assert!((0..PAGE).all(|i| byte(1, i) == 0), "page 1 cleared");
+        assert!((0..PAGE).all(|i| byte(2, i) == 0x5a), "page 2 filled");
+        let mut vec = [0u8; 1];
+        // SAFETY: one page inside the mapping, one byte of output.
+        assert_eq!(unsafe { libc::mincore(base.add(600 * PAGE).cast(), PAGE, vec.as_mut_ptr()) }, 0);
+        assert_eq!(vec[0] & 1, 0, "an untouched page stays untouched");
+        assert_eq!(byte(600, 0), 0);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p, len) };
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod load;
 pub mod page_cache;
+mod residency;
 pub mod save;
 pub mod scan;
 pub mod xbzrle;
@@ -132,6 +133,19 @@ impl RamBlock {
             unsafe { (r.f)(r.opaque as *mut std::ffi::c_void, name.as_ptr(), new_length) };
         }
         Ok(())
+    }
+
+    /// An unregistered block over `len` bytes at `host`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(idstr: &str, host: *mut u8, len: u64) -> RamBlock {
+        RamBlock {
+            idstr: idstr.to_string(),
+            host: host as usize,
+            used: AtomicU64::new(len),
+            max_length: len,
+            resized: None,
+            marks: Mutex::new(DirtyBitmap::new((len / TARGET_PAGE_SIZE) as usize)),
+        }
     }
 
     /// The host address of page `page` (bounds-checked by the caller:
@@ -255,6 +269,14 @@ pub struct RamCounters {
     pub normal: AtomicU64,
     /// Bitmap syncs.
     pub dirty_sync_count: AtomicU64,
+    /// Dirty pages handled (sent in any form, or skipped) since the start.
+    pub pages_done: AtomicU64,
+    /// Pages the first round has not reached yet (as of the last pending
+    /// query): never sent, so not known to hold guest writes.
+    pub first_round_left: AtomicU64,
+    /// How long the last bitmap sync took, in microseconds (the final one
+    /// runs with the VM stopped, so it is part of the downtime estimate).
+    pub last_sync_us: AtomicU64,
     /// Pages dirtied per second (last sync period).
     pub dirty_pages_rate: AtomicU64,
     /// Pages sent per second (last sync period).
@@ -284,6 +306,28 @@ static CACHE_RESIZED: AtomicBool = AtomicBool::new(false);
 /// The measured dirty rate of guest RAM, in bytes per second.
 pub fn dirty_bytes_rate() -> u64 {
     COUNTERS.dirty_pages_rate.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
+}
+
+/// Bytes of dirty RAM handled so far (pages × page size, however each
+/// went on the wire): what the pending figure counts down.
+pub fn dirty_bytes_done() -> u64 {
+    COUNTERS.pages_done.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
+}
+
+/// Of the pending dirty bytes, those of pages the first round has not
+/// reached yet (often untouched, zero pages: a scan, not a page on the link).
+pub fn first_round_left_bytes() -> u64 {
+    COUNTERS.first_round_left.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
+}
+
+/// Bytes of pages sent again (after the first round reached them).
+pub fn resent_bytes() -> u64 {
+    COUNTERS.resent.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
+}
+
+/// How long the last dirty-log sync took.
+pub fn last_sync_time() -> std::time::Duration {
+    std::time::Duration::from_micros(COUNTERS.last_sync_us.load(Ordering::Relaxed))
 }
 
 /// The XBZRLE cache size parameter changed: a running migration resizes.

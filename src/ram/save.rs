@@ -128,9 +128,20 @@ impl Saver {
     /// Writes the block list and EOS (the START payload).
     pub fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
         let c = &*COUNTERS;
-        for a in [&c.transferred, &c.duplicate, &c.normal, &c.dirty_sync_count, &c.dirty_pages_rate, &c.pages_per_second, &c.skipped]
-            .into_iter()
-            .chain([&c.xbzrle_pages, &c.xbzrle_bytes, &c.xbzrle_cache_miss, &c.xbzrle_overflow, &c.resent])
+        for a in [
+            &c.transferred,
+            &c.duplicate,
+            &c.normal,
+            &c.dirty_sync_count,
+            &c.last_sync_us,
+            &c.pages_done,
+            &c.first_round_left,
+            &c.dirty_pages_rate,
+            &c.pages_per_second,
+            &c.skipped,
+        ]
+        .into_iter()
+        .chain([&c.xbzrle_pages, &c.xbzrle_bytes, &c.xbzrle_cache_miss, &c.xbzrle_overflow, &c.resent])
         {
             a.store(0, Ordering::Relaxed);
         }
@@ -155,6 +166,7 @@ impl Saver {
     /// rates of the period since the last sync.
     fn sync(&mut self) -> Result<()> {
         let before = self.dirty_pages;
+        let started = Instant::now();
         for b in &mut self.blocks {
             if let Some(h) = &self.host {
                 h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.block.length(), b.bitmap.words_mut())?;
@@ -163,6 +175,7 @@ impl Saver {
         }
         self.dirty_pages = self.blocks.iter().map(|b| b.bitmap.count() as u64).sum();
         let c = &*COUNTERS;
+        c.last_sync_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         let n = c.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
         let newly = self.dirty_pages.saturating_sub(before);
         // Rates over periods of at least RATE_PERIOD: syncs can be a few ms
@@ -243,6 +256,7 @@ impl Saver {
         self.dirty_pages -= 1;
         self.cur_page = page + 1;
         self.rate_sent += 1;
+        COUNTERS.pages_done.fetch_add(1, Ordering::Relaxed);
         if self.rounds > 0 {
             COUNTERS.resent.fetch_add(1, Ordering::Relaxed);
         }
@@ -372,6 +386,13 @@ impl Saver {
             }
             remaining = self.dirty_pages * PAGE as u64;
         }
+        let left = if self.rounds == 0 {
+            let later: usize = self.blocks.iter().skip(self.cur_block + 1).map(|b| b.block.pages()).sum();
+            later + self.blocks.get(self.cur_block).map_or(0, |b| b.block.pages().saturating_sub(self.cur_page))
+        } else {
+            0
+        };
+        COUNTERS.first_round_left.store(left as u64, Ordering::Relaxed);
         remaining
     }
 

@@ -1,0 +1,243 @@
+//! What the destination knows about which guest pages are backed by memory
+//! yet, so that loading RAM neither faults pages in one at a time nor
+//! touches pages that need no write at all.
+//!
+//! * Before the first raw page lands in a 2 MiB chunk, the whole chunk is
+//!   faulted in with one `MADV_POPULATE_WRITE` (unless mincore(2) says it
+//!   already is: a prefaulted host pays nothing).
+//! * A zero page needs no write when the guest page already reads as zero.
+//!   Checking that by reading it would fault in every page of a fresh
+//!   destination; instead, for private anonymous memory, a page that
+//!   `/proc/self/pagemap` shows neither present nor swapped out reads as
+//!   zero without being touched. Other memory (file-backed, shared, or when
+//!   the kernel does not tell) is checked by reading it, as before.
+//!
+//! Contract (the design's, restated): while an incoming migration loads,
+//! nothing but the loader writes guest RAM, so what was learnt about a
+//! chunk stays true until the loader itself writes into it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{RamBlock, PAGE};
+
+/// Chunk faulted in or probed at once.
+const CHUNK: usize = 2 << 20;
+const CHUNK_PAGES: usize = CHUNK / PAGE;
+/// MADV_POPULATE_WRITE (Linux 5.14); off after the first refusal.
+const MADV_POPULATE_WRITE: i32 = 23;
+static POPULATE_OK: AtomicBool = AtomicBool::new(true);
+
+/// pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+
+type Bits = [u64; CHUNK_PAGES / 64];
+
+/// Per incoming migration: what is known about the blocks' pages.
+#[derive(Default)]
+pub struct Residency {
+    /// Per block (host address): which chunks were faulted in.
+    populated: HashMap<usize, Vec<u64>>,
+    /// Per block (host address): private anonymous memory or not.
+    anon: HashMap<usize, bool>,
+    /// Per (block, chunk): pages known to read as zero untouched.
+    absent: HashMap<(usize, usize), Bits>,
+}
+
+impl Residency {
+    /// Called before a raw page is written at page `page` of `b`: faults in
+    /// its chunk in one call the first time.
+    pub fn before_write(&mut self, b: &RamBlock, page: usize) {
+        let chunk = page / CHUNK_PAGES;
+        self.absent.remove(&(b.host_ptr() as usize, chunk));
+        if !POPULATE_OK.load(Ordering::Relaxed) {
+            return;
+        }
+        let bits = self.populated.entry(b.host_ptr() as usize).or_insert_with(|| vec![0; b.pages() / CHUNK_PAGES / 64 + 1]);
+        let (w, m) = (chunk / 64, 1u64 << (chunk % 64));
+        if w >= bits.len() {
+            bits.resize(w + 1, 0); // the block grew (resizable)
+        }
+        if bits[w] & m != 0 {
+            return;
+        }
+        bits[w] |= m;
+        let first = chunk * CHUNK_PAGES;
+        let len = CHUNK_PAGES.min(b.pages() - first) * PAGE;
+        let base = b.page_ptr(first);
+        if resident(base, len) {
+            return; // already faulted in (a prefaulted host): nothing to do
+        }
+        // SAFETY: the range lies inside the registered block; the advice only
+        // faults pages in (their content is unchanged).
+        let r = unsafe { libc::madvise(base.cast(), len, MADV_POPULATE_WRITE) };
+        if r != 0 {
+            log::debug!("MADV_POPULATE_WRITE unavailable ({}); faulting page by page", std::io::Error::last_os_error());
+            POPULATE_OK.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Called after something other than a whole-chunk populate wrote page
+    /// `page` of `b` (a filled zero page, an XBZRLE page).
+    pub fn written(&mut self, b: &RamBlock, page: usize) {
+        if let Some(bits) = self.absent.get_mut(&(b.host_ptr() as usize, page / CHUNK_PAGES)) {
+            let i = page % CHUNK_PAGES;
+            bits[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// True when page `page` of `b` is known to read as zero without being
+    /// touched (false means "unknown": read it to find out).
+    pub fn reads_as_zero(&mut self, b: &RamBlock, page: usize) -> bool {
+        let key = (b.host_ptr() as usize, page / CHUNK_PAGES);
+        if !self.absent.contains_key(&key) {
+            let bits = self.probe(b, key.1).unwrap_or_default();
+            self.absent.insert(key, bits);
+        }
+        let i = page % CHUNK_PAGES;
+        self.absent[&key][i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// The pages of chunk `chunk` of `b` that are untouched private
+    /// anonymous memory (None when that cannot be known).
+    fn probe(&mut self, b: &RamBlock, chunk: usize) -> Option<Bits> {
+        let host = b.host_ptr() as usize;
+        let anon = *self.anon.entry(host).or_insert_with(|| private_anonymous(host, b.length() as usize));
+        if !anon {
+            return None;
+        }
+        // Opened per probe (one per 2 MiB), so no descriptor outlives a load.
+        let pagemap = File::open("/proc/self/pagemap").ok()?;
+        let first = chunk * CHUNK_PAGES;
+        let n = CHUNK_PAGES.min(b.pages().checked_sub(first)?);
+        let mut raw = [0u8; CHUNK_PAGES * 8];
+        let vpage = (host / PAGE + first) as u64;
+        pagemap.read_exact_at(&mut raw[..n * 8], vpage * 8).ok()?;
+        let mut bits = Bits::default();
+        for (i, e) in raw[..n * 8].chunks_exact(8).enumerate() {
+            let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+            if e & (PM_PRESENT | PM_SWAPPED) == 0 {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Some(bits)
+    }
+}
+
+/// True when every page of `[base, base + len)` is resident, as far as
+/// mincore(2) can tell (false when it cannot): a walk of the page tables,
+/// much cheaper than asking the kernel to fault in what is already there.
+fn resident(base: *mut u8, len: usize) -> bool {
+    let mut vec = [0u8; CHUNK_PAGES];
+    let pages = len.div_ceil(PAGE);
+    if pages > vec.len() || !(base as usize).is_multiple_of(PAGE) {
+        return false;
+    }
+    // SAFETY: `vec` has room for one byte per page of the range; mincore
+    // only reads the page tables of our own mapping.
+    let r = unsafe { libc::mincore(base.cast(), len, vec.as_mut_ptr()) };
+    r == 0 && vec[..pages].iter().all(|v| v & 1 != 0)
+}
+
+/// True when `[start, start + len)` is covered by private anonymous
+/// mappings only (per /proc/self/maps): memory whose untouched pages read
+/// as zero. False when unsure.
+fn private_anonymous(start: usize, len: usize) -> bool {
+    match std::fs::read_to_string("/proc/self/maps") {
+        Ok(maps) => covered_by_private_anonymous(&maps, start, start + len),
+        Err(_) => false,
+    }
+}
+
+/// The parsing half of [`private_anonymous`], over the text of a maps file.
+fn covered_by_private_anonymous(maps: &str, start: usize, end: usize) -> bool {
+    let mut at = start;
+    for line in maps.lines() {
+        let mut f = line.split_ascii_whitespace();
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
+            return false;
+        };
+        let path = f.next().unwrap_or("");
+        let Some((lo, hi)) = range.split_once('-') else { return false };
+        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else {
+            return false;
+        };
+        if hi <= at {
+            continue;
+        }
+        if lo > at {
+            return false; // a hole
+        }
+        let anon = inode == "0" && (path.is_empty() || path == "[heap]" || path.starts_with("[anon:"));
+        if !perms.starts_with("rw") || perms.as_bytes().get(3) != Some(&b'p') || !anon {
+            return false;
+        }
+        at = hi;
+        if at >= end {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 
+7f0000100000-7f0000200000 rw-p 00000000 00:00 0 
+7f0000200000-7f0000300000 rw-s 00000000 00:01 1234                       /dev/zero (deleted)
+7f0000300000-7f0000400000 rw-p 00000000 fd:01 5678                       /tmp/ram.img
+7f0000400000-7f0000401000 ---p 00000000 00:00 0 
+7f0000500000-7f0000600000 rw-p 00000000 00:00 0                          [anon:guest-ram]
+";
+
+    #[test]
+    fn maps_private_anonymous_coverage() {
+        // Two adjacent anonymous mappings count as one range.
+        assert!(covered_by_private_anonymous(MAPS, 0x7f0000000000, 0x7f0000200000));
+        assert!(covered_by_private_anonymous(MAPS, 0x7f0000080000, 0x7f0000180000));
+        assert!(covered_by_private_anonymous(MAPS, 0x55d0c0000000, 0x55d0c0001000));
+        assert!(covered_by_private_anonymous(MAPS, 0x7f0000500000, 0x7f0000600000));
+        // Shared, file-backed, inaccessible, a hole, past the end: unsure.
+        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000200000, 0x7f0000201000));
+        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000100000, 0x7f0000201000));
+        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000300000, 0x7f0000301000));
+        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000400000, 0x7f0000401000));
+        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000401000, 0x7f0000402000));
+        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000500000, 0x7f0000700000));
+        assert!(!covered_by_private_anonymous("garbage", 0x1000, 0x2000));
+    }
+
+    /// A fresh anonymous mapping: untouched pages read as zero, touched
+    /// ones are "unknown" until the loader is told it wrote them.
+    #[test]
+    fn untouched_anonymous_pages_read_as_zero() {
+        let len = 2 * CHUNK;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: page 3 lies inside the mapping.
+        unsafe { *p.cast::<u8>().add(3 * PAGE) = 1 };
+        let b = RamBlock::for_test("pm", p.cast(), len as u64);
+        let mut r = Residency::default();
+        assert!(r.reads_as_zero(&b, 0));
+        assert!(!r.reads_as_zero(&b, 3), "a touched page is not known to be zero");
+        assert!(r.reads_as_zero(&b, CHUNK_PAGES + 7));
+        r.written(&b, 0);
+        assert!(!r.reads_as_zero(&b, 0), "written pages are no longer assumed zero");
+        // SAFETY: page CHUNK_PAGES + 7 lies inside the mapping.
+        unsafe { *p.cast::<u8>().add((CHUNK_PAGES + 7) * PAGE) = 1 };
+        r.before_write(&b, CHUNK_PAGES);
+        assert!(!r.reads_as_zero(&b, CHUNK_PAGES + 7), "a populated chunk is probed again");
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p, len) };
+    }
+}
