@@ -104,6 +104,18 @@ class Qmp:
             time.sleep(0.01)
 
 
+# CPUs the source and destination processes run on (both sides alike);
+# None: wherever the scheduler puts them.
+PIN = None
+
+
+def pinned(args, side):
+    """`args` prefixed with taskset for `side` ("src"/"dst") when pinning."""
+    if PIN is None:
+        return args
+    return ["taskset", "-c", str(PIN[0] if side == "src" else PIN[1])] + args
+
+
 def qemu_proc(tmp, name, img, share, extra):
     sock = os.path.join(tmp, f"{name}.qmp")
     if os.path.exists(sock):
@@ -113,7 +125,7 @@ def qemu_proc(tmp, name, img, share, extra):
             f"memory-backend-file,id=m,size={SIZE_MIB}M,mem-path={img},share={'on' if share else 'off'}"
             + (",prealloc=on" if "prealloc" in extra else ""),
             "-qmp", f"unix:{sock},server=on,wait=off"] + [e for e in extra if e != "prealloc"]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(pinned(args, name), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return p, Qmp(sock)
 
 
@@ -149,7 +161,7 @@ def run_livemig(tmp, img, prefault, speed, extra_src=()):
     dargs = [PEER, "--incoming", "tcp:127.0.0.1:0", "--port-file", pf, "--ram-size", f"{SIZE_MIB}M"]
     if prefault:
         dargs.append("--prefault")
-    d = subprocess.Popen(dargs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d = subprocess.Popen(pinned(dargs, "dst"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.time() + 60
     while not (os.path.exists(pf) and open(pf).read().strip()):
         if time.time() > end or d.poll() is not None:
@@ -158,7 +170,7 @@ def run_livemig(tmp, img, prefault, speed, extra_src=()):
     port = open(pf).read().strip()
     sargs = [PEER, "--migrate", f"tcp:127.0.0.1:{port}", "--ram-size", f"{SIZE_MIB}M", "--speed", str(speed),
              "--downtime-ms", "300"] + (["--ram-file", img] if img else []) + list(extra_src)
-    s = subprocess.Popen(sargs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    s = subprocess.Popen(pinned(sargs, "src"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = s.stdout.read()
     rs, cs = wait4(s)
     d.stdout.read()
@@ -179,14 +191,19 @@ def fmt(v, unit=""):
 
 
 def main():
-    global SIZE_MIB
+    global SIZE_MIB, PIN
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--out", default=os.path.join(TOP, "c-tests/build/bench"))
     ap.add_argument("--only", default="a,b,c,d,e,f")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the scheduler place the processes (default: source and destination on CPUs of their own)")
+    ap.add_argument("--runs-e", type=int, default=20, help="runs of (e): a share of runs needs more than 5")
     a = ap.parse_args()
     SIZE_MIB = a.size_mib
+    if not a.no_pin and len(os.sched_getaffinity(0)) >= 2:
+        PIN = sorted(os.sched_getaffinity(0))[:2]
     only = set(a.only.split(","))
     os.makedirs(a.out, exist_ok=True)
     have_qemu = subprocess.run(["which", QEMU], capture_output=True).returncode == 0
@@ -197,7 +214,9 @@ def main():
                          capture_output=True, text=True).stdout
     limits = dict(l.split("=") for l in lim.split())
     lines.append(f"machine: {os.cpu_count()} cores; single-thread memcpy {limits['memcpy_GBps']} GB/s; "
-                 f"one loopback TCP stream {limits['loopback_tcp_GBps']} GB/s")
+                 f"one loopback TCP stream {limits['loopback_tcp_GBps']} GB/s; "
+                 + (f"source processes on CPU {PIN[0]}, destination processes on CPU {PIN[1]} (both sides alike)" if PIN
+                    else "processes not pinned"))
 
     with tempfile.TemporaryDirectory(prefix="livemig-bench-") as tmp:
         rnd = os.path.join(tmp, "random.img")
@@ -228,7 +247,7 @@ def main():
                     rows.append({"scenario": key, "side": side, **r})
             lines.append(table(key, title, res, speed, SIZE_MIB))
         if "e" in only:
-            lines.append(dirtying(tmp, a.runs))
+            lines.append(dirtying(tmp, a.runs_e))
         if "f" in only:
             x = subprocess.run(["cargo", "run", "-q", "--release", "--example", "xbzrle_bench"], cwd=TOP,
                                capture_output=True, text=True).stdout

@@ -45,6 +45,9 @@ pub struct Residency {
     anon: HashMap<usize, bool>,
     /// Per (block, chunk): pages known to read as zero untouched.
     absent: HashMap<(usize, usize), Bits>,
+    /// The (block, chunk) the last raw page went to: pages arrive in
+    /// runs, and the common case needs no lookup at all.
+    last_written: Option<(usize, usize)>,
 }
 
 impl Residency {
@@ -52,7 +55,12 @@ impl Residency {
     /// its chunk in one call the first time.
     pub fn before_write(&mut self, b: &RamBlock, page: usize) {
         let chunk = page / CHUNK_PAGES;
-        self.absent.remove(&(b.host_ptr() as usize, chunk));
+        let key = (b.host_ptr() as usize, chunk);
+        if self.last_written == Some(key) {
+            return;
+        }
+        self.last_written = Some(key);
+        self.absent.remove(&key);
         if !POPULATE_OK.load(Ordering::Relaxed) {
             return;
         }
@@ -93,6 +101,9 @@ impl Residency {
     /// touched (false means "unknown": read it to find out).
     pub fn reads_as_zero(&mut self, b: &RamBlock, page: usize) -> bool {
         let key = (b.host_ptr() as usize, page / CHUNK_PAGES);
+        if self.last_written == Some(key) {
+            return false; // being written: probe it again once the run moves on
+        }
         if !self.absent.contains_key(&key) {
             let bits = self.probe(b, key.1).unwrap_or_default();
             self.absent.insert(key, bits);
