@@ -27,6 +27,9 @@ use crate::transport::{self, Aborter, Uri};
 /// Share of the downtime limit the switchover plans to use.
 pub const SWITCHOVER_MARGIN: f64 = 0.8;
 
+/// Sending time one rate measurement takes (unthrottled).
+const RATE_SAMPLE: Duration = Duration::from_millis(20);
+
 /// Length of one rate-limit / bandwidth window.
 pub const WINDOW: Duration = Duration::from_millis(100);
 
@@ -250,16 +253,24 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
         if !f.rate_limit_exceeded() {
             let pending = save.pending(max_size);
             update(|s| s.remaining = pending);
-            if should_iterate(pending, max_size) {
+            let fresh = crate::ram::first_round_left_bytes();
+            let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
+            let budget_ms = prm.downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN;
+            if should_iterate(pending, max_size, expected, budget_ms) {
                 let (t, b, done, resent) = (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes());
                 save.iterate(f)?;
                 let (wire, retired) = (f.tell() - b, crate::ram::dirty_bytes_done() - done);
                 let bucket = if (crate::ram::resent_bytes() - resent) * 10 >= retired * 9 { &mut sample.resend } else { &mut sample.first };
                 bucket.add(wire, retired, t.elapsed());
+                // Unthrottled, every RATE_SAMPLE of sending is a measurement:
+                // a short migration sees few windows, and the passes just
+                // before the switchover resemble it most.
+                if !sample.throttled && !f.rate_limit_exceeded() && sample.resend.time + sample.first.time >= RATE_SAMPLE {
+                    rates.update(&WindowSample { resend: sample.resend, first: sample.first, ..Default::default() });
+                    (sample.resend, sample.first) = (Bucket::default(), Bucket::default());
+                }
             } else {
                 // The estimate the switchover is made on, kept for the report.
-                let fresh = crate::ram::first_round_left_bytes();
-                let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
                 update(|s| s.expected_downtime_ms = expected);
                 return switchover(host, f, save, &mut p.stopped_running_vm, start);
             }
@@ -302,9 +313,11 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
 }
 
 /// The convergence decision: keep iterating while the pending bytes do not
-/// fit in what one downtime window can send.
-pub fn should_iterate(pending: u64, max_size: u64) -> bool {
-    pending > 0 && pending >= max_size
+/// fit in what the downtime budget can send (`max_size`, from the last
+/// window), or the estimate for the pending mix as it is now (after the
+/// sync that `max_size` triggered) exceeds the budget.
+pub fn should_iterate(pending: u64, max_size: u64, expected_ms: u64, budget_ms: f64) -> bool {
+    pending > 0 && (pending >= max_size || expected_ms as f64 > budget_ms)
 }
 
 /// What one finished window tells about bandwidth and convergence.
@@ -656,9 +669,10 @@ mod tests {
 
     #[test]
     fn convergence_decision() {
-        assert!(should_iterate(1, 0), "before the first window everything iterates");
-        assert!(should_iterate(30_000_000, 30_000_000));
-        assert!(!should_iterate(29_999_999, 30_000_000), "fits in the downtime: switch over");
-        assert!(!should_iterate(0, 0), "nothing pending: switch over");
+        assert!(should_iterate(1, 0, 0, 240.0), "before the first window everything iterates");
+        assert!(should_iterate(30_000_000, 30_000_000, 100, 240.0));
+        assert!(!should_iterate(29_999_999, 30_000_000, 240, 240.0), "fits in the downtime: switch over");
+        assert!(should_iterate(29_999_999, 30_000_000, 241, 240.0), "the mix after the sync costs more: go on");
+        assert!(!should_iterate(0, 0, 0, 0.0), "nothing pending: switch over");
     }
 }
