@@ -20,6 +20,7 @@
 //! thread on private copies of pages.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 /// Target page size of the x86_64 stream (`TARGET_PAGE_SIZE`).
 pub const PAGE_SIZE: usize = 4096;
@@ -82,22 +83,75 @@ pub fn uleb128_decode_small(input: &[u8]) -> Option<(u32, usize)> {
 /// Bytes of `dst` past the returned length may be overwritten; on overflow
 /// the content of `dst` is unspecified.
 ///
+/// On x86_64 CPUs with AVX2 (detected once, at the first call) this runs a
+/// vectorised encoder; elsewhere a portable one. Both give the same output.
+///
 /// # Panics
 ///
 /// If `old` and `new` differ in length or are longer than 16383 bytes (a run
 /// length must fit a 2-byte uleb).
 pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
+    encode_with(Encoder::best(), old, new, dst)
+}
+
+/// The implementations of [`encode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoder {
+    /// [`encode_portable`]: any CPU.
+    Portable,
+    /// [`avx2::encode`]: x86_64 CPUs with AVX2, BMI1, BMI2 and POPCNT.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Encoder {
+    /// The fastest encoder this CPU can run, detected once.
+    fn best() -> Encoder {
+        static BEST: OnceLock<Encoder> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2::supported() {
+                return Encoder::Avx2;
+            }
+            Encoder::Portable
+        })
+    }
+}
+
+/// [`encode`] with the given implementation.
+///
+/// # Panics
+///
+/// As [`encode`]; also if this CPU cannot run `encoder`.
+fn encode_with(encoder: Encoder, old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
     let len = old.len();
     assert_eq!(len, new.len(), "xbzrle encode: pages differ in length");
     assert!(len <= ULEB_SMALL_MAX as usize, "xbzrle encode: page too long");
+    match encoder {
+        Encoder::Portable => encode_portable(old, new, dst),
+        #[cfg(target_arch = "x86_64")]
+        Encoder::Avx2 => {
+            assert_eq!(Encoder::best(), Encoder::Avx2, "xbzrle encode: this CPU lacks AVX2");
+            // SAFETY: best() picks Avx2 only after avx2::supported() found
+            // the features avx2::encode is compiled for on this CPU (they
+            // do not go away), and the lengths were checked above.
+            unsafe { avx2::encode(old, new, dst) }
+        }
+    }
+}
+
+/// The portable encoder (the caller has checked the lengths).
+///
+/// It walks the page a 64-byte block at a time. `m` has bit j set when byte
+/// j of the block differs; `t` marks where that changes, so its set bits
+/// are, in order, the start and the end of each nzrun (runs are maximal by
+/// construction). An nzrun may start in one block and end in a later one,
+/// or at the end of the page.
+fn encode_portable(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
+    let len = old.len();
     if len == 0 {
         return Some(0);
     }
-    // Walk the page a 64-byte block at a time. `m` has bit j set when byte
-    // j of the block differs; `t` marks where that changes, so its set bits
-    // are, in order, the start and the end of each nzrun (runs are maximal
-    // by construction). An nzrun may start in one block and end in a later
-    // one, or at the end of the page.
     let mut d = 0; // bytes written
     let mut zrun_start = 0; // end of the previous nzrun
     let mut open = NO_RUN; // start of an nzrun whose end is not yet seen
@@ -158,6 +212,8 @@ fn put_pair(dst: &mut [u8], d: usize, zrun: usize, new: &[u8], s: usize, e: usiz
     put_pair_slow(dst, d, zrun, &new[s..e])
 }
 
+/// Writes the pair (`zrun`, `data`) at `dst[d..]` with QEMU's overflow
+/// checks; returns the new output length, or `None` on overflow.
 #[cold]
 #[inline(never)]
 fn put_pair_slow(dst: &mut [u8], mut d: usize, zrun: usize, data: &[u8]) -> Option<usize> {
@@ -203,14 +259,15 @@ fn diff_mask64(o: &[u8; BLOCK], n: &[u8; BLOCK]) -> u64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse2")]
 fn diff_mask64_sse2(o: &[u8; BLOCK], n: &[u8; BLOCK]) -> u64 {
-    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_movemask_epi8, _mm_set_epi64x};
+    use std::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8};
+    let (o, n) = (o.as_ptr().cast::<__m128i>(), n.as_ptr().cast::<__m128i>());
     let mut equal = 0u64;
     for k in 0..BLOCK / 16 {
-        let lo = k * 16;
-        let a = _mm_set_epi64x(load_le(&o[lo + 8..]) as i64, load_le(&o[lo..]) as i64);
-        let b = _mm_set_epi64x(load_le(&n[lo + 8..]) as i64, load_le(&n[lo..]) as i64);
+        // SAFETY: o and n point to 64 readable bytes, so the 16-byte
+        // vectors 0..4 are in bounds; loadu has no alignment requirement.
+        let (a, b) = unsafe { (_mm_loadu_si128(o.add(k)), _mm_loadu_si128(n.add(k))) };
         let bits = _mm_movemask_epi8(_mm_cmpeq_epi8(a, b)) as u32 as u64;
-        equal |= bits << lo;
+        equal |= bits << (k * 16);
     }
     !equal
 }
@@ -233,6 +290,7 @@ fn diff_mask64_swar(o: &[u8; BLOCK], n: &[u8; BLOCK]) -> u64 {
     m
 }
 
+#[cfg(any(test, not(target_arch = "x86_64")))]
 #[inline(always)]
 fn load_le(bytes: &[u8]) -> u64 {
     let mut w = [0u8; 8];
@@ -252,6 +310,442 @@ fn nonzero_byte_bits(x: u64) -> u64 {
     let hi = (((x & LOW7) + LOW7) | x) & HIGH;
     // Gather the eight flags (now at bits 0, 8, .., 56) into bits 56..63.
     ((hi >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+}
+
+/// The AVX2 encoder.
+///
+/// The portable encoder loses much of its time to branch mispredictions:
+/// how many runs a 64-byte block holds, and whether one continues into the
+/// next, is random. This one splits the page into chunks of 1024 bytes
+/// and handles each in passes whose branches are predictable:
+///
+/// 1. Compare the blocks (two 32-byte VPCMPEQB + VPMOVMSKB each) and keep
+///    each block's transition mask `t` (bit j set where "byte j differs"
+///    changes; see `encode_portable`). Then prefetch the next chunk, as
+///    the passes below touch no uncached memory and would otherwise leave
+///    the memory idle.
+/// 2. List the page offsets of all set bits of the chunk's masks in
+///    `pos`, so that it alternates run start, run end, start, ...: with a
+///    table lookup per mask byte, or, in chunks with few changes, with
+///    TZCNT. `pos[0]` holds the end of the previous nzrun; a run still
+///    open at the end of a chunk is carried to the next.
+/// 3. For each group of 8 pairs, compute in vector registers the zrun and
+///    nzrun lengths (differences of neighbouring `pos` entries), their
+///    uleb header (2 or 3 bytes), the pair's encoded size, and whether it
+///    needs the general path (nzrun longer than 16, or starting less than
+///    16 bytes before the end of the page).
+/// 4. Write the pairs. In the common case, a pair is a single 8-byte store:
+///    its header ORed into the new bytes shifted up by the header length
+///    (bytes past the pair are overwritten by the next one or are
+///    scratch), plus a 16-byte store when the pair is longer than 8 bytes.
+///    A group of 8 goes without per-pair checks when the output has room
+///    for 8 pairs of the largest size; otherwise each pair is checked, and
+///    pairs that may not fit take `put_pair_slow`, whose checks are
+///    QEMU's.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{put_pair_slow, BLOCK};
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// Whether this CPU has the features [`encode`] is compiled for.
+    pub(super) fn supported() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("bmi1")
+            && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("popcnt")
+    }
+
+    /// Bytes of the page handled per round of passes.
+    const CHUNK: usize = 1024;
+    const BLOCKS: usize = CHUNK / BLOCK;
+    /// Entries of `pos`: the previous run end, a run carried over from the
+    /// previous chunk, at most one boundary per byte of the chunk plus the
+    /// page end, and 16 padding entries that the header pass may read
+    /// (see [`Scratch`]).
+    const POS_CAP: usize = 1 + 1 + CHUNK + 1 + 16;
+    /// Pairs per chunk (at most half of the up to 1 + CHUNK + 1
+    /// boundaries), rounded up to whole groups of 8.
+    const PAIRS_CAP: usize = (CHUNK / 2 + 1).div_ceil(8) * 8;
+    /// Largest size of a pair the fast path writes (3-byte header, 16
+    /// bytes of data), and thus the room it needs.
+    const PAIR_MAX: usize = 19;
+
+    /// Per-chunk work arrays. They are left uninitialised (zeroing them
+    /// would cost about as much as encoding a sparse page); every entry is
+    /// written before it is read:
+    ///
+    /// - `pos[0]` is written before the first chunk; the listing writes
+    ///   `pos[1..1 + n]` for the `n` boundaries of the chunk (and some
+    ///   entries past them); 16 padding entries then follow, so that
+    ///   the header pass, which reads `pos[16 g..16 g + 17]` for every
+    ///   group `g` started, reads only written entries.
+    /// - The header pass writes `hdr`, `meta`, `start` for all 8 pairs of
+    ///   each group it handles, and `bad` for the group; the pair writer
+    ///   reads them only for pairs of those groups.
+    struct Scratch {
+        /// Previous run end, then run starts and ends, alternating.
+        pos: [MaybeUninit<u16>; POS_CAP],
+        /// Header bytes of each pair (zrun uleb, then nzrun length).
+        hdr: [MaybeUninit<u32>; PAIRS_CAP],
+        /// Per pair: byte 0 is 8 times the header length; byte 1 the
+        /// encoded size of the pair.
+        meta: [MaybeUninit<u32>; PAIRS_CAP],
+        /// Per pair: page offset of the changed bytes.
+        start: [MaybeUninit<u32>; PAIRS_CAP],
+        /// Per group of 8 pairs: bit j set if pair j needs the checked
+        /// path.
+        bad: [MaybeUninit<u8>; PAIRS_CAP / 8],
+    }
+
+    /// Entry `b`: the positions of the set bits of `b`, ascending, then
+    /// zeros.
+    static BIT_POSITIONS: [[u16; 8]; 256] = {
+        let mut table = [[0u16; 8]; 256];
+        let mut b = 0;
+        while b < 256 {
+            let (mut k, mut j) = (0, 0);
+            while j < 8 {
+                if b & (1 << j) != 0 {
+                    table[b][k] = j as u16;
+                    k += 1;
+                }
+                j += 1;
+            }
+            b += 1;
+        }
+        table
+    };
+
+    /// [`super::encode`] for CPUs with AVX2, BMI1, BMI2 and POPCNT.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support those features (see [`supported`]), and `old`
+    /// and `new` must have the same length, at most 16383.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
+    pub(super) unsafe fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
+        let len = old.len();
+        debug_assert!(len == new.len() && len <= super::ULEB_SMALL_MAX as usize);
+        if len == 0 {
+            return Some(0);
+        }
+        // The first output lines are likely not cached (the caller's
+        // buffer): start fetching them while the first chunk is compared.
+        for off in (0..dst.len().min(512)).step_by(64) {
+            // SAFETY: off < dst.len(); a prefetch has no effect beyond the
+            // cache.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(dst.as_ptr().add(off).cast()) };
+        }
+        let mut scratch = MaybeUninit::<Scratch>::uninit();
+        let sc = scratch.as_mut_ptr();
+        // SAFETY: sc points to the (uninitialised) Scratch; taking the
+        // address of a field reads nothing.
+        let pos = unsafe { (&raw mut (*sc).pos).cast::<u16>() };
+        // SAFETY: pos has POS_CAP > 0 entries.
+        unsafe { pos.write(0) }; // no nzrun yet: zruns count from 0
+        let (mut d, mut n) = (0, 0); // bytes written; boundaries in pos[1..]
+        let mut carry = 0; // does the previous block end with a changed byte
+        for base in (0..len).step_by(CHUNK) {
+            let clen = CHUNK.min(len - base);
+            let (old_c, new_c) = (&old[base..base + clen], &new[base..base + clen]);
+            // Pass 1: transition masks.
+            let mut tmask = [0u64; BLOCKS];
+            let mut count = 0;
+            let (blocks_o, blocks_n) = (old_c.chunks_exact(BLOCK), new_c.chunks_exact(BLOCK));
+            let (rest_o, rest_n) = (blocks_o.remainder(), blocks_n.remainder());
+            let full = clen / BLOCK;
+            for ((o, nw), t) in blocks_o.zip(blocks_n).zip(tmask.iter_mut()) {
+                let m = diff_mask64(o.try_into().unwrap(), nw.try_into().unwrap());
+                *t = m ^ ((m << 1) | carry);
+                carry = m >> 63;
+                count += t.count_ones() as usize;
+            }
+            // Start fetching the next chunk now: the passes below touch no
+            // uncached memory, so the hardware prefetcher would not run
+            // ahead, and pass 1 of the next chunk would wait for memory.
+            for off in (base + CHUNK..len.min(base + 2 * CHUNK)).step_by(64) {
+                // SAFETY: off < len; a prefetch has no effect beyond the cache.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(old.as_ptr().add(off).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(new.as_ptr().add(off).cast());
+                }
+            }
+            // Pass 2: boundaries. Each list_* call writes below
+            // pos[1 + n + 64] (n <= 1 + 64 k before block k), so below
+            // POS_CAP - 17.
+            if count <= 2 * full {
+                for (k, &t) in tmask[..full].iter().enumerate() {
+                    // SAFETY: see above.
+                    n = unsafe { list_sparse(pos.add(1 + n), n, base + k * BLOCK, t) };
+                }
+            } else {
+                for (k, &t) in tmask[..full].iter().enumerate() {
+                    // SAFETY: see above.
+                    n = unsafe { list_dense(pos.add(1 + n), n, base + k * BLOCK, t) };
+                }
+            }
+            if !rest_o.is_empty() {
+                // Last, partial block: pad both with the same bytes. Its
+                // mask has no bits past the page, so a run that reaches the
+                // end of the page ends at `len` (the bit past the data).
+                let (mut o, mut nw) = ([0u8; BLOCK], [0u8; BLOCK]);
+                o[..rest_o.len()].copy_from_slice(rest_o);
+                nw[..rest_n.len()].copy_from_slice(rest_n);
+                let m = diff_mask64(&o, &nw);
+                let t = m ^ ((m << 1) | carry);
+                carry = 0;
+                // SAFETY: as above (this is block number `full` < 16).
+                n = unsafe { list_sparse(pos.add(1 + n), n, base + full * BLOCK, t) };
+            } else if n % 2 == 1 && base + clen == len {
+                // A run still open at the end of the page ends there.
+                // SAFETY: 1 + n <= 2 + CHUNK < POS_CAP.
+                unsafe { pos.add(1 + n).write(len as u16) };
+                n += 1;
+            }
+            // SAFETY: 1 + n + 16 <= POS_CAP; the padding the header pass
+            // may read (its value does not matter).
+            unsafe { _mm256_storeu_si256(pos.add(1 + n).cast(), _mm256_setzero_si256()) };
+            let pairs = n / 2;
+            // Passes 3 and 4.
+            // SAFETY: pos[..1 + n + 16] is written, pairs = n / 2.
+            d = unsafe { put_pairs(sc, pairs, dst, d, new) }?;
+            // The end of the last nzrun, and a run still open, move to the
+            // front.
+            // SAFETY: pos[2 pairs] and, if n is odd, pos[n] = pos[2 pairs
+            // + 1] are written entries.
+            unsafe {
+                pos.write(pos.add(2 * pairs).read());
+                if n % 2 == 1 {
+                    pos.add(1).write(pos.add(n).read());
+                }
+            }
+            n %= 2;
+        }
+        // SAFETY: pos[0] is written.
+        let zrun_start = usize::from(unsafe { pos.read() });
+        if zrun_start < len && d + 2 > dst.len() {
+            // QEMU's check before the (unwritten) trailing zrun; for an
+            // unchanged page, its check before the first pair.
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Bit j of the result is set iff `o[j] != n[j]`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn diff_mask64(o: &[u8; BLOCK], n: &[u8; BLOCK]) -> u64 {
+        let (o, n) = (o.as_ptr().cast::<__m256i>(), n.as_ptr().cast::<__m256i>());
+        // SAFETY: o and n point to 64 readable bytes: two 32-byte vectors
+        // each; loadu has no alignment requirement.
+        let (o0, o1, n0, n1) =
+            unsafe { (_mm256_loadu_si256(o), _mm256_loadu_si256(o.add(1)), _mm256_loadu_si256(n), _mm256_loadu_si256(n.add(1))) };
+        let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(o0, n0)) as u32 as u64;
+        let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(o1, n1)) as u32 as u64;
+        !(lo | hi << 32)
+    }
+
+    /// Writes `base + j` for each set bit j of `t`, ascending, to `p[0..]`
+    /// and returns `n` plus their count. Uses TZCNT; suits masks with few
+    /// bits.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for writing `max(4, t.count_ones())` entries.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
+    #[inline]
+    unsafe fn list_sparse(p: *mut u16, n: usize, base: usize, mut t: u64) -> usize {
+        let count = t.count_ones() as usize;
+        // Page offsets are below 16384.
+        let base = base as u16;
+        // Four unconditionally (extra ones are overwritten later or
+        // ignored), so that the common case has no data-dependent branch.
+        // The volatile stores keep LLVM from gathering the values into a
+        // vector register first, which is slower.
+        for i in 0..4 {
+            // SAFETY: i < 4, within the caller's bound.
+            unsafe { p.add(i).write_volatile(base + t.trailing_zeros() as u16) };
+            t &= t.wrapping_sub(1);
+        }
+        let mut i = 4;
+        while t != 0 {
+            // SAFETY: i < count, within the caller's bound.
+            unsafe { p.add(i).write(base + t.trailing_zeros() as u16) };
+            t &= t.wrapping_sub(1);
+            i += 1;
+        }
+        n + count
+    }
+
+    /// As [`list_sparse`], with a table lookup per byte of `t`: no
+    /// branches, whatever the number of bits.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for writing 64 entries.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
+    #[inline]
+    unsafe fn list_dense(mut p: *mut u16, n: usize, base: usize, t: u64) -> usize {
+        // Page offsets are below 16384.
+        let mut offsets = _mm_set1_epi16(base as i16);
+        for i in 0..8 {
+            let byte = ((t >> (8 * i)) & 0xff) as usize;
+            let bits = &BIT_POSITIONS[byte];
+            // SAFETY: bits is 16 readable bytes. p is at most 8 i entries
+            // past the caller's pointer, so the 8 entries written here are
+            // within its 64.
+            unsafe {
+                let v = _mm_loadu_si128(bits.as_ptr().cast());
+                _mm_storeu_si128(p.cast(), _mm_add_epi16(v, offsets));
+                p = p.add(byte.count_ones() as usize);
+            }
+            offsets = _mm_add_epi16(offsets, _mm_set1_epi16(8));
+        }
+        n + t.count_ones() as usize
+    }
+
+    /// Passes 3 and 4 for the chunk's `pairs` pairs: writes them at
+    /// `dst[d..]` and returns the new output length, or `None` on overflow.
+    ///
+    /// # Safety
+    ///
+    /// `sc` must point to a [`Scratch`] whose `pos[..2 pairs + 17]` is
+    /// written and holds the previous run end, then the `pairs` runs'
+    /// starts and ends, all at most `new.len()` and in increasing order.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
+    #[inline]
+    unsafe fn put_pairs(sc: *mut Scratch, pairs: usize, dst: &mut [u8], mut d: usize, new: &[u8]) -> Option<usize> {
+        // SAFETY: as promised by our caller, the header pass reads written
+        // pos entries; it writes the other arrays for all groups started.
+        unsafe { headers(sc, pairs, new.len()) };
+        // SAFETY: taking the addresses of fields reads nothing.
+        let (pos, hdr, meta, start, bad) = unsafe {
+            (
+                (&raw const (*sc).pos).cast::<u16>(),
+                (&raw const (*sc).hdr).cast::<u32>(),
+                (&raw const (*sc).meta).cast::<u32>(),
+                (&raw const (*sc).start).cast::<u32>(),
+                (&raw const (*sc).bad).cast::<u8>(),
+            )
+        };
+        let mut k = 0;
+        while k < pairs {
+            // SAFETY: k < pairs, so group k / 8 was written.
+            let bad_bits = unsafe { bad.add(k / 8).read() };
+            if k + 8 <= pairs && bad_bits == 0 && d + 8 * PAIR_MAX <= dst.len() {
+                for j in k..k + 8 {
+                    // SAFETY: j < pairs: entries written by the header
+                    // pass; pair j is good (its start is at most
+                    // new.len() - 16); and the room for 8 pairs of at most
+                    // PAIR_MAX bytes was checked.
+                    d = unsafe { put_pair_fast(dst, d, new, start.add(j).read(), hdr.add(j).read(), meta.add(j).read()) };
+                }
+                k += 8;
+                continue;
+            }
+            for j in k..pairs.min(k + 8) {
+                if (bad_bits >> (j % 8)) & 1 == 0 && d + PAIR_MAX <= dst.len() {
+                    // SAFETY: as above, for one pair.
+                    d = unsafe { put_pair_fast(dst, d, new, start.add(j).read(), hdr.add(j).read(), meta.add(j).read()) };
+                } else {
+                    // SAFETY: 2 j + 2 <= 2 pairs: written entries.
+                    let (prev_end, s, e) = unsafe {
+                        let p = pos.add(2 * j);
+                        (usize::from(p.read()), usize::from(p.add(1).read()), usize::from(p.add(2).read()))
+                    };
+                    d = put_pair_slow(dst, d, s - prev_end, &new[s..e])?;
+                }
+            }
+            k = pairs.min(k + 8);
+        }
+        Some(d)
+    }
+
+    /// Pass 3: the `hdr`, `meta`, `start` and `bad` entries of all groups
+    /// of 8 pairs that hold one of the first `pairs`.
+    ///
+    /// # Safety
+    ///
+    /// As [`put_pairs`].
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
+    #[inline]
+    unsafe fn headers(sc: *mut Scratch, pairs: usize, len: usize) {
+        // SAFETY: taking the addresses of fields reads nothing.
+        let (pos, hdr, meta, start, bad) = unsafe {
+            (
+                (&raw const (*sc).pos).cast::<u16>(),
+                (&raw mut (*sc).hdr).cast::<u32>(),
+                (&raw mut (*sc).meta).cast::<u32>(),
+                (&raw mut (*sc).start).cast::<u32>(),
+                (&raw mut (*sc).bad).cast::<u8>(),
+            )
+        };
+        let low16 = _mm256_set1_epi32(0xffff);
+        let last_start = _mm256_set1_epi32(len as i32 - 16);
+        for g in 0..pairs.div_ceil(8) {
+            // 32-bit lane j: start | end << 16 of pair 8 g + j, and
+            // previous end | start << 16; their difference is
+            // zrun | nzrun << 16.
+            // SAFETY: these read pos[16 g..16 g + 17], and 16 g <=
+            // 2 pairs - 2 as g < pairs / 8 rounded up: written entries, per
+            // our caller.
+            let (runs, prev) = unsafe { (_mm256_loadu_si256(pos.add(1 + 16 * g).cast()), _mm256_loadu_si256(pos.add(16 * g).cast())) };
+            let lengths = _mm256_sub_epi16(runs, prev);
+            let zrun = _mm256_and_si256(lengths, low16);
+            let nzrun = _mm256_srli_epi32(lengths, 16);
+            let s = _mm256_and_si256(runs, low16);
+            // zrun < 128: bytes zrun, nzrun. Otherwise zrun takes 2 uleb
+            // bytes (zrun < 16384): (zrun & 0x7f) | 0x80, zrun >> 7.
+            let long = _mm256_cmpgt_epi32(zrun, _mm256_set1_epi32(0x7f));
+            let short_hdr = _mm256_or_si256(zrun, _mm256_slli_epi32(nzrun, 8));
+            let long_hdr = _mm256_or_si256(
+                _mm256_or_si256(_mm256_and_si256(zrun, _mm256_set1_epi32(0x7f)), _mm256_set1_epi32(0x80)),
+                _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(zrun, _mm256_set1_epi32(0x3f80)), 1), _mm256_slli_epi32(nzrun, 16)),
+            );
+            let header = _mm256_blendv_epi8(short_hdr, long_hdr, long);
+            let hdr_len = _mm256_sub_epi32(_mm256_set1_epi32(2), long);
+            let size = _mm256_add_epi32(hdr_len, nzrun);
+            let info = _mm256_or_si256(_mm256_slli_epi32(hdr_len, 3), _mm256_slli_epi32(size, 8));
+            // The fast path copies 16 bytes from the start of the run.
+            let slow = _mm256_or_si256(_mm256_cmpgt_epi32(nzrun, _mm256_set1_epi32(16)), _mm256_cmpgt_epi32(s, last_start));
+            // SAFETY: 8 g + 8 <= PAIRS_CAP and g < PAIRS_CAP / 8, as
+            // pairs <= (POS_CAP - 17) / 2.
+            unsafe {
+                _mm256_storeu_si256(hdr.add(8 * g).cast(), header);
+                _mm256_storeu_si256(meta.add(8 * g).cast(), info);
+                _mm256_storeu_si256(start.add(8 * g).cast(), s);
+                bad.add(g).write(_mm256_movemask_ps(_mm256_castsi256_ps(slow)) as u8);
+            }
+        }
+    }
+
+    /// Writes one pair in at most 19 bytes at `dst[d..]`; returns the new
+    /// output length.
+    ///
+    /// # Safety
+    ///
+    /// `d + PAIR_MAX <= dst.len()`, `s + 16 <= new.len()`, and `hdr`,
+    /// `meta` are the header pass's entries for a pair with at most 16
+    /// changed bytes.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
+    #[inline]
+    unsafe fn put_pair_fast(dst: &mut [u8], d: usize, new: &[u8], s: u32, hdr: u32, meta: u32) -> usize {
+        let (s, shift, size) = (s as usize, meta & 0xff, ((meta >> 8) & 0xff) as usize);
+        let (out, src) = (dst.as_mut_ptr(), new.as_ptr());
+        // SAFETY: new[s..s + 16] and dst[d..d + 19] are in bounds (our
+        // caller's promise); the pair takes size <= 19 bytes, of which the
+        // header shift / 8 <= 3.
+        unsafe {
+            let data = src.add(s).cast::<u64>().read_unaligned();
+            out.add(d).cast::<u64>().write_unaligned(data << shift | u64::from(hdr));
+            if size > 8 {
+                let data = _mm_loadu_si128(src.add(s).cast());
+                _mm_storeu_si128(out.add(d + (shift / 8) as usize).cast(), data);
+            }
+        }
+        d + size
+    }
 }
 
 /// Which run length of a pair a [`DecodeError`] is about.
@@ -346,6 +840,23 @@ pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
     let (mut i, mut d) = (0usize, 0usize);
 
     while i < slen {
+        // Fast path for the common pair: 1-byte lengths, 1 to 16 changed
+        // bytes, and at least 18 input bytes left. It takes only pairs
+        // that pass every check below (2 input bytes at each length: yes,
+        // as 18 are left; zrun 0 only first; nzrun >= 1; within the page
+        // and the input) and does the same writes; any other pair, valid
+        // or not, goes through the checks below.
+        if let Some(w) = src.get(i..i + 18) {
+            let (z, n) = (usize::from(w[0]), usize::from(w[1]));
+            if (z | n) < 0x80 && n.wrapping_sub(1) < 16 && (z != 0 || i == 0) && d + z + n <= page_len {
+                d += z;
+                copy_short(&mut page[d..d + n], &w[2..2 + n]);
+                d += n;
+                i += 2 + n;
+                continue;
+            }
+        }
+
         let (count, used) = length(i, Run::Zrun)?;
         if i != 0 && count == 0 {
             return Err(err(i, ZeroZrun));
@@ -369,7 +880,7 @@ pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
         }
         i += used;
         if n == 1 {
-            page[d] = src[i]; // the common case; skips a memcpy call
+            page[d] = src[i]; // common with 2-byte zruns; no memcpy call
         } else {
             page[d..d + n].copy_from_slice(&src[i..i + n]);
         }
@@ -379,6 +890,25 @@ pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// `dst.copy_from_slice(src)` for 1 to 16 bytes, with at most two
+/// (overlapping) moves instead of a `memcpy` call.
+#[inline(always)]
+fn copy_short(dst: &mut [u8], src: &[u8]) {
+    let n = dst.len();
+    debug_assert!((1..=16).contains(&n) && src.len() == n);
+    if n >= 8 {
+        dst[..8].copy_from_slice(&src[..8]);
+        dst[n - 8..].copy_from_slice(&src[n - 8..n]);
+    } else if n >= 4 {
+        dst[..4].copy_from_slice(&src[..4]);
+        dst[n - 4..].copy_from_slice(&src[n - 4..n]);
+    } else {
+        // n = 1, 2 or 3: bytes 0, n / 2 and n - 1 cover them all.
+        dst[0] = src[0];
+        dst[n / 2] = src[n / 2];
+        dst[n - 1] = src[n - 1];
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,13 +1070,74 @@ mod tests {
         }
     }
 
+    /// The encoders this CPU can run, each of which the tests compare with
+    /// `reference_encode`.
+    fn encoders() -> Vec<Encoder> {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::supported() {
+            return vec![Encoder::Portable, Encoder::Avx2];
+        }
+        eprintln!("note: no vectorised XBZRLE encoder for this CPU; only the portable one is tested");
+        vec![Encoder::Portable]
+    }
+
+    #[test]
+    fn best_encoder_is_detected_once_and_used() {
+        assert!(encoders().contains(&Encoder::best()));
+        assert_eq!(Encoder::best(), Encoder::best());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(Encoder::best() == Encoder::Avx2, avx2::supported());
+    }
+
+    /// Checks every encoder against `reference_encode` for `(old, new)` with
+    /// `dst` of length `dlen`: same result, same bytes, and the encoding
+    /// decodes to `new`.
+    fn check_encoders(old: &[u8], new: &[u8], dlen: usize, what: &str) {
+        let mut want_buf = vec![0u8; dlen];
+        let want = reference_encode(old, new, &mut want_buf);
+        for encoder in encoders() {
+            // Garbage in dst must not matter, and nothing past it may be
+            // written.
+            let mut got_buf = vec![0xa5u8; dlen + 64];
+            let got = encode_with(encoder, old, new, &mut got_buf[..dlen]);
+            assert!(got_buf[dlen..].iter().all(|&b| b == 0xa5), "{encoder:?}, {what}: wrote past dst");
+            assert_eq!(got, want, "{encoder:?}, {what}, dst length {dlen}");
+            if let Some(n) = got {
+                assert_eq!(got_buf[..n], want_buf[..n], "{encoder:?}, {what}, dst length {dlen}");
+                let mut page = old.to_vec();
+                decode(&got_buf[..n], &mut page).unwrap();
+                assert!(page == new, "{encoder:?}, {what}: round trip");
+            }
+        }
+    }
+
+    /// `check_encoders` with room to spare, and with every destination
+    /// length from 0 to a little past the encoding (`all_lengths`) or
+    /// around it (the overflow boundary is at the encoded length, or 2
+    /// bytes past it when unchanged bytes end the page).
+    fn check_encoders_all_room(old: &[u8], new: &[u8], all_lengths: bool, what: &str) {
+        let full = reference_encode(old, new, &mut vec![0u8; 4 * old.len() + 8]).unwrap();
+        let lengths: Vec<usize> = if all_lengths {
+            (0..=full + 40).collect()
+        } else {
+            let mut l: Vec<usize> = (full.saturating_sub(40)..=full + 40).collect();
+            l.extend([0, 1, 2, 3, full / 2, full + 200, 4 * old.len() + 8]);
+            l
+        };
+        for dlen in lengths {
+            check_encoders(old, new, dlen, what);
+        }
+    }
+
     #[test]
     fn random_pages_match_reference_and_round_trip() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut a = vec![0u8; PAGE_SIZE];
-        let mut b = vec![0u8; PAGE_SIZE];
         for round in 0..3000 {
-            let len = if round % 5 == 0 { rng.below(300) } else { PAGE_SIZE };
+            let len = match round % 5 {
+                0 => rng.below(300),
+                1 => 1 + rng.below(ULEB_SMALL_MAX as usize),
+                _ => PAGE_SIZE,
+            };
             let old: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let mut new = old.clone();
             // Densities from "a few bytes" to "almost all", sometimes in bursts.
@@ -563,20 +1154,208 @@ mod tests {
                 k += 1;
             }
             // Output room: plenty, random, or right at the exact length.
-            let full = reference_encode(&old, &new, &mut vec![0u8; 3 * PAGE_SIZE]).unwrap();
+            let full = reference_encode(&old, &new, &mut vec![0u8; 4 * len + 8]).unwrap();
             let dlen = match round % 3 {
                 0 => PAGE_SIZE,
                 1 => rng.below(PAGE_SIZE + 1),
                 _ => (full + rng.below(5)).saturating_sub(2).min(PAGE_SIZE),
             };
-            let got = encode(&old, &new, &mut a[..dlen]);
-            let want = reference_encode(&old, &new, &mut b[..dlen]);
-            assert_eq!(got, want, "round {round}");
-            if let Some(n) = got {
-                assert_eq!(a[..n], b[..n], "round {round}");
-                let mut page = old.clone();
-                decode(&a[..n], &mut page).unwrap();
-                assert_eq!(page, new, "round {round}");
+            check_encoders(&old, &new, dlen, &format!("round {round}"));
+        }
+    }
+
+    #[test]
+    fn encoder_edge_cases_match_reference() {
+        // Each case: the page length and the changed ranges.
+        #[rustfmt::skip]
+        let cases: &[(usize, &[(usize, usize)])] = &[
+            (PAGE_SIZE, &[]),
+            (PAGE_SIZE, &[(0, 1)]),                   // first byte
+            (PAGE_SIZE, &[(4095, 4096)]),             // last byte
+            (PAGE_SIZE, &[(0, 1), (4095, 4096)]),
+            (PAGE_SIZE, &[(0, 4096)]),                // all changed
+            (PAGE_SIZE, &[(1, 4096)]),
+            (PAGE_SIZE, &[(0, 4095)]),
+            (PAGE_SIZE, &[(60, 70), (127, 129), (191, 192), (192, 193)]), // across 64-byte blocks
+            (PAGE_SIZE, &[(63, 64), (64, 65), (255, 257), (319, 384)]),
+            (PAGE_SIZE, &[(1000, 1100), (2040, 2060), (3071, 3073)]), // across 1024-byte chunks
+            (PAGE_SIZE, &[(1023, 1024), (2048, 2049), (3000, 3072)]),
+            (PAGE_SIZE, &[(100, 108), (200, 209), (300, 316), (400, 417)]), // 8, 9, 16, 17 bytes
+            (PAGE_SIZE, &[(127, 128), (256, 257), (384, 390), (4000, 4016)]), // zruns 127, 128, 127, 3610
+            (PAGE_SIZE, &[(4079, 4080), (4081, 4082), (4090, 4096)]), // runs in the last 16 bytes
+            (PAGE_SIZE, &[(4070, 4096)]),
+            (PAGE_SIZE, &[(10, 11), (4064, 4096)]),
+            (0, &[]),
+            (1, &[]),
+            (1, &[(0, 1)]),
+            (17, &[(16, 17)]),
+            (63, &[(0, 63)]),
+            (63, &[(62, 63)]),
+            (64, &[(63, 64)]),
+            (65, &[(63, 65)]),
+            (65, &[(64, 65)]),
+            (100, &[(5, 6), (99, 100)]),
+            (1023, &[(1000, 1023)]),
+            (1024, &[(1023, 1024)]),
+            (1025, &[(1023, 1025)]),
+            (1088, &[(1024, 1088)]),
+            (5000, &[(4095, 4097), (4990, 5000)]),
+            (ULEB_SMALL_MAX as usize, &[(16382, 16383)]), // the longest zrun
+            (ULEB_SMALL_MAX as usize, &[(0, 16383)]),
+            (ULEB_SMALL_MAX as usize, &[(5, 6), (8000, 8200), (16300, 16383)]),
+        ];
+        for (i, &(len, changed)) in cases.iter().enumerate() {
+            let old: Vec<u8> = (0..len).map(|k| (k * 7 + 3) as u8).collect();
+            let mut new = old.clone();
+            for &(s, e) in changed {
+                for b in &mut new[s..e] {
+                    *b ^= 0x5a;
+                }
+            }
+            check_encoders_all_room(&old, &new, len <= 1100, &format!("case {i}"));
+        }
+        // Pairs of the largest size the AVX2 encoder writes without
+        // checks (zrun >= 128, 16 changed bytes), as many as fit a
+        // 1024-byte chunk, then smaller ones.
+        let mut new = vec![0u8; PAGE_SIZE];
+        for k in 0..7 {
+            new[128 + 144 * k..144 + 144 * k].fill(1);
+        }
+        new[1009..1023].fill(1);
+        new[1030..1046].fill(1);
+        check_encoders_all_room(&vec![0u8; PAGE_SIZE], &new, true, "largest pairs");
+        // Every other byte changed (the most pairs), and every third.
+        for step in [2, 3] {
+            for len in [PAGE_SIZE, 1000, 1025] {
+                let old = vec![0u8; len];
+                let new: Vec<u8> = (0..len).map(|k| u8::from(k % step == 0)).collect();
+                check_encoders_all_room(&old, &new, false, &format!("every {step}, length {len}"));
+            }
+        }
+    }
+
+    /// A buffer that ends right before an inaccessible page, so that
+    /// reading or writing past its end faults.
+    #[cfg(unix)]
+    struct Guarded {
+        map: *mut u8,
+        map_len: usize,
+        /// Offset of the buffer in the mapping.
+        start: usize,
+    }
+
+    #[cfg(unix)]
+    impl Guarded {
+        fn new(content: &[u8]) -> Guarded {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let map_len = content.len().div_ceil(page) * page + page;
+            // SAFETY: a new anonymous private mapping; the result is checked.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(map, libc::MAP_FAILED);
+            let map = map.cast::<u8>();
+            // SAFETY: the last page of the mapping is ours to protect.
+            let rc = unsafe { libc::mprotect(map.add(map_len - page).cast(), page, libc::PROT_NONE) };
+            assert_eq!(rc, 0);
+            let mut g = Guarded { map, map_len, start: map_len - page - content.len() };
+            g.as_mut().copy_from_slice(content);
+            g
+        }
+
+        fn as_mut(&mut self) -> &mut [u8] {
+            let len = self.map_len - self.guard() - self.start;
+            // SAFETY: the bytes from start to the guard page are mapped
+            // read-write, and only self hands out references to them.
+            unsafe { std::slice::from_raw_parts_mut(self.map.add(self.start), len) }
+        }
+
+        /// Length of the guard page.
+        fn guard(&self) -> usize {
+            // SAFETY: sysconf has no preconditions.
+            unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+        }
+    }
+
+    #[cfg(unix)]
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: map and map_len describe the mapping made in new.
+            unsafe { libc::munmap(self.map.cast(), self.map_len) };
+        }
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn encoders_and_decoder_stay_within_their_buffers() {
+        // Pages, outputs and inputs that end right before an inaccessible
+        // page: any read or write past them crashes the test.
+        let mut rng = Rng(99);
+        for round in 0..400 {
+            let len = [PAGE_SIZE, 1, 15, 16, 17, 63, 64, 100, 1025, 5000][round % 10];
+            let old: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut new = old.clone();
+            // Changes concentrated near the end, where reads could overrun.
+            let per_mille = [30, 300, 1000][rng.below(3)];
+            for b in &mut new[len.saturating_sub(40)..] {
+                if rng.below(1000) < per_mille {
+                    *b = !*b;
+                }
+            }
+            for _ in 0..rng.below(50) {
+                let k = rng.below(len);
+                new[k] = !new[k];
+            }
+            let (mut g_old, mut g_new) = (Guarded::new(&old), Guarded::new(&new));
+            let full = reference_encode(&old, &new, &mut vec![0u8; 4 * len + 8]).unwrap();
+            for dlen in [full, full + 1, full + 2, full.saturating_sub(1), full.saturating_sub(5), PAGE_SIZE] {
+                let want = reference_encode(&old, &new, &mut vec![0u8; dlen]);
+                let mut g_dst = Guarded::new(&vec![0u8; dlen]);
+                for encoder in encoders() {
+                    let got = encode_with(encoder, g_old.as_mut(), g_new.as_mut(), g_dst.as_mut());
+                    assert_eq!(got, want, "{encoder:?}, round {round}, dst length {dlen}");
+                }
+                if let Some(n) = want {
+                    let mut g_src = Guarded::new(&g_dst.as_mut()[..n]);
+                    let mut g_page = Guarded::new(&old);
+                    decode(g_src.as_mut(), g_page.as_mut()).unwrap();
+                    assert!(g_page.as_mut() == &new[..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encoders_match_reference_on_patterns_near_chunk_ends() {
+        // Runs of every length 1..40 starting at every offset around the
+        // 64-byte block and 1024-byte chunk boundaries, after zruns of
+        // 100..140 bytes (the 1- to 2-byte uleb step).
+        let len = 2 * 1024 + 100;
+        let old: Vec<u8> = (0..len).map(|k| (k * 13) as u8).collect();
+        for run in 1..40 {
+            for start in (1024 - 40..1024 + 8usize).chain(64 * 5 - 20..64 * 5 + 4) {
+                for gap in [100, 127, 128, 140] {
+                    let mut new = old.clone();
+                    let first = start.saturating_sub(gap + 3);
+                    for b in &mut new[first..first + 3] {
+                        *b = !*b;
+                    }
+                    for b in &mut new[start..start + run] {
+                        *b = !*b;
+                    }
+                    let full = reference_encode(&old, &new, &mut vec![0u8; 4 * len]).unwrap();
+                    for dlen in [full - 1, full, full + 1, full + 2, PAGE_SIZE] {
+                        check_encoders(&old, &new, dlen, &format!("run {run} at {start}, gap {gap}"));
+                    }
+                }
             }
         }
     }
@@ -598,6 +1377,112 @@ mod tests {
         let mut new = old.clone();
         new[256] = 0xe9;
         assert_eq!(enc(&old, &new).unwrap(), [0x80, 0x02, 0x01, 0xe9]);
+    }
+
+    /// The decoder without its fast path, to compare the fast one against.
+    fn reference_decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
+        use DecodeErrorKind::*;
+        let (slen, page_len) = (src.len(), page.len());
+        let err = |offset, kind| DecodeError { offset, kind, page_len };
+        let length = |i: usize, run| {
+            if slen - i < 2 {
+                return Err(err(i, Truncated(run, slen - i)));
+            }
+            uleb128_decode_small(&src[i..]).ok_or_else(|| err(i, LongUleb))
+        };
+        let (mut i, mut d) = (0usize, 0usize);
+        while i < slen {
+            let (count, used) = length(i, Run::Zrun)?;
+            if i != 0 && count == 0 {
+                return Err(err(i, ZeroZrun));
+            }
+            d += count as usize;
+            if d > page_len {
+                return Err(err(i, PastPage(Run::Zrun, d)));
+            }
+            i += used;
+            let (count, used) = length(i, Run::Nzrun)?;
+            let n = count as usize;
+            if n == 0 {
+                return Err(err(i, ZeroNzrun));
+            }
+            if d + n > page_len {
+                return Err(err(i, PastPage(Run::Nzrun, d + n)));
+            }
+            if i + used + n > slen {
+                return Err(err(i, PastInput(n)));
+            }
+            i += used;
+            page[d..d + n].copy_from_slice(&src[i..i + n]);
+            d += n;
+            i += n;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decoder_matches_reference_on_any_input() {
+        // Mostly well-formed pair sequences with small lengths (the fast
+        // path), with random damage: zero lengths, long ulebs, runs past
+        // the page or the input, truncation. Result, error and the page
+        // (written up to the error) must all agree.
+        let mut rng = Rng(0xdec0de);
+        for round in 0..20000 {
+            let page_len = [PAGE_SIZE, 64, 300][round % 3];
+            let mut src = Vec::new();
+            for p in 0..1 + rng.below(60) {
+                let z = match rng.below(20) {
+                    0 => 0,
+                    1 => 128 + rng.below(300),
+                    2 => rng.below(page_len + 50),
+                    _ => rng.below(30) + usize::from(p > 0),
+                };
+                let n = match rng.below(20) {
+                    0 => 0,
+                    1 => 17 + rng.below(200),
+                    _ => 1 + rng.below(16),
+                };
+                for v in [z, n] {
+                    if v < 128 && rng.below(50) != 0 {
+                        src.push(v as u8);
+                    } else {
+                        src.extend([(v & 0x7f) as u8 | 0x80, (v >> 7) as u8]);
+                        if rng.below(100) == 0 {
+                            *src.last_mut().unwrap() |= 0x80; // 3-byte uleb
+                        }
+                    }
+                }
+                src.extend((0..n).map(|_| rng.next() as u8));
+            }
+            match rng.below(4) {
+                0 => src.truncate(rng.below(src.len() + 1)),
+                1 => src.iter_mut().take(1).for_each(|b| *b = rng.next() as u8),
+                _ => {}
+            }
+            let base: Vec<u8> = (0..page_len).map(|_| rng.next() as u8).collect();
+            let (mut got, mut want) = (base.clone(), base);
+            let got_result = decode(&src, &mut got);
+            assert_eq!(got_result, reference_decode(&src, &mut want), "round {round}");
+            assert!(got == want, "round {round}: pages differ");
+        }
+        // Arbitrary bytes.
+        for round in 0..20000 {
+            let src: Vec<u8> = (0..rng.below(64)).map(|_| (rng.next() % [256, 20][round % 2]) as u8).collect();
+            let (mut got, mut want) = (vec![7u8; 100], vec![7u8; 100]);
+            assert_eq!(decode(&src, &mut got), reference_decode(&src, &mut want), "bytes {src:?}");
+            assert!(got == want, "bytes {src:?}: pages differ");
+        }
+    }
+
+    #[test]
+    fn copy_short_copies_every_length() {
+        for n in 1..=16 {
+            let src: Vec<u8> = (1..=n as u8).collect();
+            let mut dst = vec![0u8; n + 2];
+            copy_short(&mut dst[1..n + 1], &src);
+            assert_eq!(dst[1..n + 1], src[..], "length {n}");
+            assert_eq!((dst[0], dst[n + 1]), (0, 0), "length {n}");
+        }
     }
 
     fn decode_err(src: &[u8]) -> (usize, DecodeErrorKind) {
