@@ -3,8 +3,9 @@
 //! The thread ("livemig-out") owns the stream. It connects, writes the
 //! setup sections, then runs 100 ms windows: within a window's byte budget
 //! (speed / 10) it asks the live handlers how much is pending and iterates
-//! while that exceeds `max_size` = bandwidth × (downtime limit × 0.8 − the
-//! last dirty-log sync's time) (a margin for the last pass); once the rest
+//! until the first round has reached every page and the rest is expected
+//! to take at most 80 % of the downtime limit (a margin for the last pass;
+//! see [`should_iterate`] and [`Rates`]); once the rest
 //! fits in the downtime limit it switches over under the host lock: wake the
 //! guest, stop the VM (FINISH_MIGRATE), lift the rate limit, write END and
 //! FULL sections, EOF. A failure or cancel at any point cancels the
@@ -256,7 +257,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             let fresh = crate::ram::first_round_left_bytes();
             let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
             let budget_ms = prm.downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN;
-            if should_iterate(pending, max_size, expected, budget_ms) {
+            if should_iterate(pending, fresh, max_size, expected, budget_ms) {
                 let (t, b, done, resent) = (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes());
                 save.iterate(f)?;
                 let (wire, retired) = (f.tell() - b, crate::ram::dirty_bytes_done() - done);
@@ -312,12 +313,15 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     }
 }
 
-/// The convergence decision: keep iterating while the pending bytes do not
-/// fit in what the downtime budget can send (`max_size`, from the last
-/// window), or the estimate for the pending mix as it is now (after the
-/// sync that `max_size` triggered) exceeds the budget.
-pub fn should_iterate(pending: u64, max_size: u64, expected_ms: u64, budget_ms: f64) -> bool {
-    pending > 0 && (pending >= max_size || expected_ms as f64 > budget_ms)
+/// The convergence decision: keep iterating while the first round has not
+/// reached every page (`fresh` bytes left: they must be sent anyway, and
+/// sending them with the guest running costs no downtime), while the
+/// pending bytes do not fit in what the downtime budget can send
+/// (`max_size`, from the last window), or while the estimate for the
+/// pending mix as it is now (after the sync that `max_size` triggered)
+/// exceeds the budget.
+pub fn should_iterate(pending: u64, fresh: u64, max_size: u64, expected_ms: u64, budget_ms: f64) -> bool {
+    pending > 0 && (fresh > 0 || pending >= max_size || expected_ms as f64 > budget_ms)
 }
 
 /// What one finished window tells about bandwidth and convergence.
@@ -669,10 +673,11 @@ mod tests {
 
     #[test]
     fn convergence_decision() {
-        assert!(should_iterate(1, 0, 0, 240.0), "before the first window everything iterates");
-        assert!(should_iterate(30_000_000, 30_000_000, 100, 240.0));
-        assert!(!should_iterate(29_999_999, 30_000_000, 240, 240.0), "fits in the downtime: switch over");
-        assert!(should_iterate(29_999_999, 30_000_000, 241, 240.0), "the mix after the sync costs more: go on");
-        assert!(!should_iterate(0, 0, 0, 0.0), "nothing pending: switch over");
+        assert!(should_iterate(1, 0, 0, 0, 240.0), "before the first window everything iterates");
+        assert!(should_iterate(30_000_000, 0, 30_000_000, 100, 240.0));
+        assert!(!should_iterate(29_999_999, 0, 30_000_000, 240, 240.0), "fits in the downtime: switch over");
+        assert!(should_iterate(29_999_999, 0, 30_000_000, 241, 240.0), "the mix after the sync costs more: go on");
+        assert!(should_iterate(29_999_999, 4096, 30_000_000, 10, 240.0), "the first round is not over: go on");
+        assert!(!should_iterate(0, 0, 0, 0, 0.0), "nothing pending: switch over");
     }
 }
