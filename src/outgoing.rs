@@ -258,11 +258,12 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
             let budget_ms = prm.downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN;
             if should_iterate(pending, fresh, max_size, expected, budget_ms) {
-                let (t, b, done, resent) = (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes());
+                let (t, b, done, resent, zero) =
+                    (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes(), crate::ram::zero_scan_time());
                 save.iterate(f)?;
                 let (wire, retired) = (f.tell() - b, crate::ram::dirty_bytes_done() - done);
                 let bucket = if (crate::ram::resent_bytes() - resent) * 10 >= retired * 9 { &mut sample.resend } else { &mut sample.first };
-                bucket.add(wire, retired, t.elapsed());
+                bucket.add(wire, retired, t.elapsed(), crate::ram::zero_scan_time() - zero);
                 // Unthrottled, every RATE_SAMPLE of sending is a measurement:
                 // a short migration sees few windows, and the passes just
                 // before the switchover resemble it most.
@@ -352,26 +353,36 @@ pub struct WindowSample {
 }
 
 /// What some iterate calls did: bytes written, dirty bytes retired (pages
-/// × page size, however each went on the wire), and the time they took
-/// (dirty-log syncs and pacing sleeps are outside them).
+/// × page size, however each went on the wire), the time they took
+/// (dirty-log syncs and pacing sleeps are outside them) and the part of it
+/// spent in runs of zero pages (a scan each, next to nothing on the wire).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Bucket {
     pub wire: u64,
     pub retired: u64,
     pub time: Duration,
+    pub zero_time: Duration,
 }
 
 impl Bucket {
-    fn add(&mut self, wire: u64, retired: u64, time: Duration) {
+    fn add(&mut self, wire: u64, retired: u64, time: Duration, zero_time: Duration) {
         self.wire += wire;
         self.retired += retired;
         self.time += time;
+        self.zero_time += zero_time.min(time);
     }
 
-    /// (wire, retired) bytes per ms, when there is enough to measure.
-    fn rates(&self) -> Option<(f64, f64)> {
+    /// Bytes per ms the link took while pages with data were sent, when
+    /// there is enough to measure.
+    fn link(&self) -> Option<f64> {
+        let ms = self.time.saturating_sub(self.zero_time).as_secs_f64() * 1000.0;
+        (ms >= 1.0 && self.wire > 0).then(|| self.wire as f64 / ms)
+    }
+
+    /// Dirty bytes per ms retired, zero pages and all.
+    fn retire_rate(&self) -> Option<f64> {
         let ms = self.time.as_secs_f64() * 1000.0;
-        (ms >= 1.0 && self.retired > 0).then(|| (self.wire as f64 / ms, self.retired as f64 / ms))
+        (ms >= 1.0 && self.retired > 0).then(|| self.retired as f64 / ms)
     }
 }
 
@@ -409,15 +420,15 @@ impl Rates {
             };
             return;
         }
-        if let Some((wire, _)) = w.resend.rates() {
-            (self.link, self.link_from_resend) = (wire, true);
+        if let Some(link) = w.resend.link() {
+            (self.link, self.link_from_resend) = (link, true);
         }
-        if let Some((wire, retired)) = w.first.rates() {
-            self.first_round = retired;
-            if !self.link_from_resend {
-                // Mostly whole pages: a measure of the link. Mostly zero
-                // pages: the scans took part of the time, a lower bound.
-                self.link = if w.first.wire * 2 >= w.first.retired { wire } else { self.link.max(wire) };
+        if let Some(r) = w.first.retire_rate() {
+            self.first_round = r;
+        }
+        if !self.link_from_resend {
+            if let Some(link) = w.first.link() {
+                self.link = link;
             }
         }
         if self.link <= 0.0 && window_ms > 0.0 {
@@ -582,7 +593,7 @@ mod tests {
     const MB: u64 = 1_000_000;
 
     fn bucket(wire: u64, retired: u64, ms: u64) -> Bucket {
-        Bucket { wire, retired, time: Duration::from_millis(ms) }
+        Bucket { wire, retired, time: Duration::from_millis(ms), zero_time: Duration::ZERO }
     }
 
     fn first(sent: u64, b: Bucket, throttled: bool) -> WindowSample {
@@ -644,9 +655,10 @@ mod tests {
         let mut r = Rates::default();
         r.update(&first(10 * MB, bucket(10 * MB, 10 * MB, 100), false));
         // Then a window of mostly zero pages: 40 MB retired, 5 MB on the
-        // wire. The first round goes at 400_000; the link rate is not
-        // lowered by the time the scans took.
-        let w = Window::measure(r, first(5 * MB, bucket(5 * MB, 40 * MB, 100), false), 300_000_000, 20 * MB, 16 * MB, Duration::ZERO);
+        // wire, half of the 100 ms in runs of zero pages. The first round
+        // goes at 400_000; the link, at 5 MB in 50 ms, still 100_000.
+        let zeros = Bucket { zero_time: Duration::from_millis(50), ..bucket(5 * MB, 40 * MB, 100) };
+        let w = Window::measure(r, first(5 * MB, zeros, false), 300_000_000, 20 * MB, 16 * MB, Duration::ZERO);
         assert_eq!((w.rates.link, w.rates.first_round), (100_000.0, 400_000.0));
         // 20 MB pending, 16 MB of them not reached yet: 4 MB / 100_000 +
         // 16 MB / 400_000 = 80 ms; the mix that fits in 240 ms is three

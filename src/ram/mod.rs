@@ -271,6 +271,8 @@ pub struct RamCounters {
     pub dirty_sync_count: AtomicU64,
     /// Dirty pages handled (sent in any form, or skipped) since the start.
     pub pages_done: AtomicU64,
+    /// Nanoseconds the iterate calls spent in runs of zero pages.
+    pub zero_scan_ns: AtomicU64,
     /// Pages the first round has not reached yet (as of the last pending
     /// query): never sent, so not known to hold guest writes.
     pub first_round_left: AtomicU64,
@@ -323,6 +325,11 @@ pub fn first_round_left_bytes() -> u64 {
 /// Bytes of pages sent again (after the first round reached them).
 pub fn resent_bytes() -> u64 {
     COUNTERS.resent.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
+}
+
+/// Time the iterate calls have spent in runs of zero pages so far.
+pub fn zero_scan_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(COUNTERS.zero_scan_ns.load(Ordering::Relaxed))
 }
 
 /// How long the last dirty-log sync took.

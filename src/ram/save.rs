@@ -250,8 +250,9 @@ impl Saver {
         }
     }
 
-    /// Sends one dirty page (and clears its bit).
-    fn save_page(&mut self, f: &mut QemuFile, bi: usize, page: usize) {
+    /// Sends one dirty page (and clears its bit); true when it went as a
+    /// zero page.
+    fn save_page(&mut self, f: &mut QemuFile, bi: usize, page: usize) -> bool {
         self.blocks[bi].bitmap.clear(page);
         self.dirty_pages -= 1;
         self.cur_page = page + 1;
@@ -276,11 +277,11 @@ impl Saver {
                     x.cache.insert(addr, &[0u8; PAGE], generation);
                 }
             }
-            return;
+            return true;
         }
         if self.xbzrle_enabled {
             if self.save_xbzrle(f, bi, page, ptr, addr, generation) {
-                return;
+                return false;
             }
             // Not encoded: send the private copy taken for the attempt.
             let n = self.record_header(f, bi, page, flags::PAGE);
@@ -288,13 +289,14 @@ impl Saver {
             f.put_buffer(&x.page[..]);
             c.normal.fetch_add(1, Ordering::Relaxed);
             c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
-            return;
+            return false;
         }
         let n = self.record_header(f, bi, page, flags::PAGE);
         // SAFETY: as above: a page inside the registered block.
         unsafe { f.put_guest(ptr, PAGE) };
         c.normal.fetch_add(1, Ordering::Relaxed);
         c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
+        false
     }
 
     /// Tries XBZRLE; true when the page was handled (sent encoded or
@@ -357,17 +359,33 @@ impl Saver {
         let start = Instant::now();
         let mut done = false;
         let mut i = 0u32;
+        // Time spent in runs of zero pages (a scan each, next to nothing on
+        // the wire), so that the link's rate can be told from the rest.
+        let mut zero_run: Option<Instant> = None;
+        let mut zero_time = Duration::ZERO;
         while !f.rate_limit_exceeded() {
             let Some((bi, page)) = self.next_dirty() else {
                 done = true;
                 break;
             };
-            self.save_page(f, bi, page);
+            let zero = self.save_page(f, bi, page);
+            match (zero, zero_run) {
+                (true, None) => zero_run = Some(Instant::now()),
+                (false, Some(t)) => {
+                    zero_time += t.elapsed();
+                    zero_run = None;
+                }
+                _ => {}
+            }
             i += 1;
             if i.is_multiple_of(64) && start.elapsed() > MAX_WAIT {
                 break;
             }
         }
+        if let Some(t) = zero_run {
+            zero_time += t.elapsed();
+        }
+        COUNTERS.zero_scan_ns.fetch_add(zero_time.as_nanos() as u64, Ordering::Relaxed);
         f.put_be64(flags::EOS);
         COUNTERS.transferred.fetch_add(8, Ordering::Relaxed);
         COUNTERS.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
