@@ -256,8 +256,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             update(|s| s.remaining = pending);
             let fresh = crate::ram::first_round_left_bytes();
             let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
-            let budget_ms = prm.downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN;
-            if should_iterate(pending, fresh, max_size, expected, budget_ms) {
+            if should_iterate(pending, fresh, max_size, expected, budget_ms(prm.downtime_ns)) {
                 let (t, b, done, resent, zero) =
                     (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes(), crate::ram::zero_scan_time());
                 save.iterate(f)?;
@@ -455,10 +454,8 @@ impl Window {
     /// VM stopped).
     pub fn measure(mut rates: Rates, w: WindowSample, downtime_ns: u64, pending: u64, fresh: u64, sync: Duration) -> Window {
         rates.update(&w);
-        let fixed_ms = sync.as_secs_f64() * 1000.0;
-        // Aim at 80 % of the limit: the last pass shares the link and the
-        // destination's CPU with device state and the host's stop.
-        let budget_ms = (downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN - fixed_ms).max(0.0);
+        // What is left of the budget once the final sync is paid for.
+        let budget_ms = (budget_ms(downtime_ns) - sync.as_secs_f64() * 1000.0).max(0.0);
         // The bytes of the pending mix that fit in the budget.
         let max_size = match rates.time_ms(pending, fresh) {
             Some(t) if t > 0.0 => (pending as f64 * budget_ms / t) as u64,
@@ -471,6 +468,13 @@ impl Window {
             mbps: w.sent as f64 * 8.0 / w.elapsed.as_secs_f64().max(1e-9) / 1e6,
         }
     }
+}
+
+/// The share of the downtime limit the switchover plans to use, in ms:
+/// the last pass shares the link and the destination's CPU with device
+/// state and the host's stop.
+fn budget_ms(downtime_ns: u64) -> f64 {
+    downtime_ns as f64 / 1e6 * SWITCHOVER_MARGIN
 }
 
 /// The downtime of switching over now: the final sync, then the pending

@@ -269,8 +269,6 @@ pub struct RamCounters {
     pub normal: AtomicU64,
     /// Bitmap syncs.
     pub dirty_sync_count: AtomicU64,
-    /// Dirty pages handled (sent in any form, or skipped) since the start.
-    pub pages_done: AtomicU64,
     /// Nanoseconds the iterate calls spent in runs of zero pages.
     pub zero_scan_ns: AtomicU64,
     /// Pages the first round has not reached yet (as of the last pending
@@ -305,15 +303,13 @@ pub struct RamCounters {
 pub static COUNTERS: once_cell::sync::Lazy<RamCounters> = once_cell::sync::Lazy::new(RamCounters::default);
 static CACHE_RESIZED: AtomicBool = AtomicBool::new(false);
 
-/// The measured dirty rate of guest RAM, in bytes per second.
-pub fn dirty_bytes_rate() -> u64 {
-    COUNTERS.dirty_pages_rate.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
-}
-
 /// Bytes of dirty RAM handled so far (pages × page size, however each
-/// went on the wire): what the pending figure counts down.
+/// went on the wire): what the pending figure counts down. Every page
+/// handled counts in exactly one of these counters.
 pub fn dirty_bytes_done() -> u64 {
-    COUNTERS.pages_done.load(Ordering::Relaxed) * TARGET_PAGE_SIZE
+    let c = &*COUNTERS;
+    let pages = [&c.duplicate, &c.normal, &c.xbzrle_pages, &c.skipped].iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>();
+    pages * TARGET_PAGE_SIZE
 }
 
 /// Of the pending dirty bytes, those of pages the first round has not

@@ -104,12 +104,16 @@ impl Residency {
         if self.last_written == Some(key) {
             return false; // being written: probe it again once the run moves on
         }
-        if !self.absent.contains_key(&key) {
-            let bits = self.probe(b, key.1).unwrap_or_default();
-            self.absent.insert(key, bits);
-        }
+        let bits = match self.absent.get(&key) {
+            Some(bits) => *bits,
+            None => {
+                let bits = self.probe(b, key.1).unwrap_or_default();
+                self.absent.insert(key, bits);
+                bits
+            }
+        };
         let i = page % CHUNK_PAGES;
-        self.absent[&key][i / 64] & (1 << (i % 64)) != 0
+        bits[i / 64] & (1 << (i % 64)) != 0
     }
 
     /// The pages of chunk `chunk` of `b` that are untouched private

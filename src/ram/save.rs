@@ -41,6 +41,17 @@ struct BlockState {
     base: u64,
 }
 
+/// What XBZRLE made of a page.
+enum Xbz {
+    /// Same as the cached copy: nothing to send.
+    Unchanged,
+    /// Encoded into the xbzrle `enc` buffer, this many bytes.
+    Encoded(usize),
+    /// Not encodable (not cached, or the encoding would overflow): send
+    /// the private copy whole.
+    Raw,
+}
+
 struct Xbzrle {
     cache: PageCache,
     page: Box<[u8; PAGE]>,
@@ -134,7 +145,6 @@ impl Saver {
             &c.normal,
             &c.dirty_sync_count,
             &c.last_sync_us,
-            &c.pages_done,
             &c.first_round_left,
             &c.dirty_pages_rate,
             &c.pages_per_second,
@@ -257,7 +267,6 @@ impl Saver {
         self.dirty_pages -= 1;
         self.cur_page = page + 1;
         self.rate_sent += 1;
-        COUNTERS.pages_done.fetch_add(1, Ordering::Relaxed);
         if self.rounds > 0 {
             COUNTERS.resent.fetch_add(1, Ordering::Relaxed);
         }
@@ -280,15 +289,27 @@ impl Saver {
             return true;
         }
         if self.xbzrle_enabled {
-            if self.save_xbzrle(f, bi, page, ptr, addr, generation) {
-                return false;
+            match self.try_xbzrle(ptr, addr, generation) {
+                Xbz::Unchanged => {}
+                Xbz::Encoded(len) => {
+                    let n = self.record_header(f, bi, page, flags::XBZRLE);
+                    let x = self.xbzrle.as_ref().expect("enabled implies a cache");
+                    f.put_u8(flags::ENCODING_FLAG_XBZRLE);
+                    f.put_be16(len as u16);
+                    f.put_buffer(&x.enc[..len]);
+                    c.xbzrle_pages.fetch_add(1, Ordering::Relaxed);
+                    c.xbzrle_bytes.fetch_add(len as u64 + 3, Ordering::Relaxed);
+                    c.transferred.fetch_add(n + 3 + len as u64, Ordering::Relaxed);
+                }
+                Xbz::Raw => {
+                    // Not encoded: send the private copy taken for the attempt.
+                    let n = self.record_header(f, bi, page, flags::PAGE);
+                    let x = self.xbzrle.as_ref().expect("enabled implies a cache");
+                    f.put_buffer(&x.page[..]);
+                    c.normal.fetch_add(1, Ordering::Relaxed);
+                    c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
+                }
             }
-            // Not encoded: send the private copy taken for the attempt.
-            let n = self.record_header(f, bi, page, flags::PAGE);
-            let x = self.xbzrle.as_ref().expect("enabled implies a cache");
-            f.put_buffer(&x.page[..]);
-            c.normal.fetch_add(1, Ordering::Relaxed);
-            c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
             return false;
         }
         let n = self.record_header(f, bi, page, flags::PAGE);
@@ -299,10 +320,9 @@ impl Saver {
         false
     }
 
-    /// Tries XBZRLE; true when the page was handled (sent encoded or
-    /// skipped as unchanged). Leaves a private copy of the page in the
-    /// xbzrle buffer either way.
-    fn save_xbzrle(&mut self, f: &mut QemuFile, bi: usize, _page: usize, ptr: *mut u8, addr: u64, generation: u64) -> bool {
+    /// Tries XBZRLE on a private copy of the page (left in the xbzrle
+    /// buffer either way), keeping the cache up to date.
+    fn try_xbzrle(&mut self, ptr: *mut u8, addr: u64, generation: u64) -> Xbz {
         let last_stage = self.last_stage;
         let c = &*COUNTERS;
         let x = self.xbzrle.as_mut().expect("enabled implies a cache");
@@ -315,7 +335,7 @@ impl Saver {
             if !last_stage {
                 x.cache.insert(addr, &x.page[..], generation);
             }
-            return false;
+            return Xbz::Raw;
         }
         let old = x.cache.get(addr).expect("is_cached");
         match super::xbzrle::encode(old, &x.page[..], &mut x.enc[..]) {
@@ -324,25 +344,17 @@ impl Saver {
                 if !last_stage {
                     x.cache.insert(addr, &x.page[..], generation);
                 }
-                false
+                Xbz::Raw
             }
             Some(0) => {
                 c.skipped.fetch_add(1, Ordering::Relaxed);
-                true
+                Xbz::Unchanged
             }
             Some(len) => {
                 if !last_stage {
                     x.cache.insert(addr, &x.page[..], generation);
                 }
-                let enc = x.enc[..len].to_vec();
-                let n = self.record_header(f, bi, _page, flags::XBZRLE);
-                f.put_u8(flags::ENCODING_FLAG_XBZRLE);
-                f.put_be16(len as u16);
-                f.put_buffer(&enc);
-                c.xbzrle_pages.fetch_add(1, Ordering::Relaxed);
-                c.xbzrle_bytes.fetch_add(len as u64 + 3, Ordering::Relaxed);
-                c.transferred.fetch_add(n + 3 + len as u64, Ordering::Relaxed);
-                true
+                Xbz::Encoded(len)
             }
         }
     }
