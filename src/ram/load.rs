@@ -28,7 +28,7 @@ impl Loader {
     }
 
     /// A loader over `blocks`.
-    fn with_blocks(blocks: Vec<Arc<RamBlock>>) -> Loader {
+    pub(super) fn with_blocks(blocks: Vec<Arc<RamBlock>>) -> Loader {
         Loader { blocks, last_block: None, page: Box::new([0; PAGE]), enc: Box::new([0; PAGE]), residency: Residency::default() }
     }
 

@@ -18,6 +18,7 @@
 //! raw-pointer copies ([`RamBlock::page_ptr`]) and never borrowed as Rust
 //! slices while the guest may run.
 
+mod backing;
 pub mod load;
 pub mod page_cache;
 mod residency;

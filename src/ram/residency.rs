@@ -17,24 +17,14 @@
 //! chunk stays true until the loader itself writes into it.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::backing::{pagemap_entries, Backing, Bits, CHUNK_PAGES, PM_PRESENT, PM_SWAPPED};
 use super::{RamBlock, PAGE};
 
-/// Chunk faulted in or probed at once.
-const CHUNK: usize = 2 << 20;
-const CHUNK_PAGES: usize = CHUNK / PAGE;
 /// MADV_POPULATE_WRITE (Linux 5.14); off after the first refusal.
 const MADV_POPULATE_WRITE: i32 = 23;
 static POPULATE_OK: AtomicBool = AtomicBool::new(true);
-
-/// pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-
-type Bits = [u64; CHUNK_PAGES / 64];
 
 /// Per incoming migration: what is known about the blocks' pages.
 #[derive(Default)]
@@ -124,16 +114,12 @@ impl Residency {
         if !anon {
             return None;
         }
-        // Opened per probe (one per 2 MiB), so no descriptor outlives a load.
-        let pagemap = File::open("/proc/self/pagemap").ok()?;
         let first = chunk * CHUNK_PAGES;
         let n = CHUNK_PAGES.min(b.pages().checked_sub(first)?);
-        let mut raw = [0u8; CHUNK_PAGES * 8];
-        let vpage = (host / PAGE + first) as u64;
-        pagemap.read_exact_at(&mut raw[..n * 8], vpage * 8).ok()?;
+        // Opened per probe (one per 2 MiB), so no descriptor outlives a load.
+        let pm = pagemap_entries(host + first * PAGE, n, &mut None)?;
         let mut bits = Bits::default();
-        for (i, e) in raw[..n * 8].chunks_exact(8).enumerate() {
-            let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+        for (i, e) in pm[..n].iter().enumerate() {
             if e & (PM_PRESENT | PM_SWAPPED) == 0 {
                 bits[i / 64] |= 1 << (i % 64);
             }
@@ -157,83 +143,22 @@ fn resident(base: *mut u8, len: usize) -> bool {
     r == 0 && vec[..pages].iter().all(|v| v & 1 != 0)
 }
 
-/// True when `[start, start + len)` is covered by private anonymous
-/// mappings only (per /proc/self/maps): memory whose untouched pages read
-/// as zero. False when unsure.
+/// True when `[start, start + len)` is private anonymous memory only
+/// (per /proc/self/smaps): memory whose untouched pages read as zero.
+/// False when unsure.
 fn private_anonymous(start: usize, len: usize) -> bool {
-    match std::fs::read_to_string("/proc/self/maps") {
-        Ok(maps) => covered_by_private_anonymous(&maps, start, start + len),
-        Err(_) => false,
-    }
-}
-
-/// The parsing half of [`private_anonymous`], over the text of a maps file.
-fn covered_by_private_anonymous(maps: &str, start: usize, end: usize) -> bool {
-    let mut at = start;
-    for line in maps.lines() {
-        let mut f = line.split_ascii_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
-            return false;
-        };
-        let path = f.next().unwrap_or("");
-        let Some((lo, hi)) = range.split_once('-') else { return false };
-        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else {
-            return false;
-        };
-        if hi <= at {
-            continue;
-        }
-        if lo > at {
-            return false; // a hole
-        }
-        let anon = inode == "0" && (path.is_empty() || path == "[heap]" || path.starts_with("[anon:"));
-        if !perms.starts_with("rw") || perms.as_bytes().get(3) != Some(&b'p') || !anon {
-            return false;
-        }
-        at = hi;
-        if at >= end {
-            return true;
-        }
-    }
-    false
+    Backing::of(start, len).private_anonymous()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MAPS: &str = "\
-55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
-7f0000000000-7f0000100000 rw-p 00000000 00:00 0 
-7f0000100000-7f0000200000 rw-p 00000000 00:00 0 
-7f0000200000-7f0000300000 rw-s 00000000 00:01 1234                       /dev/zero (deleted)
-7f0000300000-7f0000400000 rw-p 00000000 fd:01 5678                       /tmp/ram.img
-7f0000400000-7f0000401000 ---p 00000000 00:00 0 
-7f0000500000-7f0000600000 rw-p 00000000 00:00 0                          [anon:guest-ram]
-";
-
-    #[test]
-    fn maps_private_anonymous_coverage() {
-        // Two adjacent anonymous mappings count as one range.
-        assert!(covered_by_private_anonymous(MAPS, 0x7f0000000000, 0x7f0000200000));
-        assert!(covered_by_private_anonymous(MAPS, 0x7f0000080000, 0x7f0000180000));
-        assert!(covered_by_private_anonymous(MAPS, 0x55d0c0000000, 0x55d0c0001000));
-        assert!(covered_by_private_anonymous(MAPS, 0x7f0000500000, 0x7f0000600000));
-        // Shared, file-backed, inaccessible, a hole, past the end: unsure.
-        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000200000, 0x7f0000201000));
-        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000100000, 0x7f0000201000));
-        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000300000, 0x7f0000301000));
-        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000400000, 0x7f0000401000));
-        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000401000, 0x7f0000402000));
-        assert!(!covered_by_private_anonymous(MAPS, 0x7f0000500000, 0x7f0000700000));
-        assert!(!covered_by_private_anonymous("garbage", 0x1000, 0x2000));
-    }
-
     /// A fresh anonymous mapping: untouched pages read as zero, touched
     /// ones are "unknown" until the loader is told it wrote them.
     #[test]
     fn untouched_anonymous_pages_read_as_zero() {
-        let len = 2 * CHUNK;
+        let len = 2 * CHUNK_PAGES * PAGE;
         // SAFETY: a fresh private anonymous mapping, unmapped at the end.
         let p = unsafe {
             libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
