@@ -65,6 +65,16 @@ pub(crate) fn thread_cpu_time() -> std::time::Duration {
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Time the calling thread has spent runnable but waiting for a CPU, per
+/// `/proc/thread-self/schedstat` (Linux with scheduler statistics; None
+/// where it cannot be read). Time lost to other threads, such as a running
+/// guest's vCPUs, that a stopped VM gives back.
+pub(crate) fn thread_runqueue_wait() -> Option<std::time::Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_ascii_whitespace().nth(1)?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(ns))
+}
+
 /// Initialises logging (`RUST_LOG`, e.g. `RUST_LOG=livemig=debug`) once;
 /// output goes to stderr, never stdout.
 pub(crate) fn init() {

@@ -257,12 +257,19 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             let fresh = crate::ram::first_round_left_bytes();
             let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
             if should_iterate(pending, fresh, max_size, expected, budget_ms(prm.downtime_ns)) {
-                let (t, b, done, resent, zero) =
-                    (Instant::now(), f.tell(), crate::ram::dirty_bytes_done(), crate::ram::resent_bytes(), crate::ram::zero_scan_time());
+                let (t, b, done, resent, zero, wait) = (
+                    Instant::now(),
+                    f.tell(),
+                    crate::ram::dirty_bytes_done(),
+                    crate::ram::resent_bytes(),
+                    crate::ram::zero_scan_time(),
+                    crate::thread_runqueue_wait(),
+                );
                 save.iterate(f)?;
                 let (wire, retired) = (f.tell() - b, crate::ram::dirty_bytes_done() - done);
+                let waited = wait.zip(crate::thread_runqueue_wait()).map_or(Duration::ZERO, |(a, b)| b.saturating_sub(a));
                 let bucket = if (crate::ram::resent_bytes() - resent) * 10 >= retired * 9 { &mut sample.resend } else { &mut sample.first };
-                bucket.add(wire, retired, t.elapsed(), crate::ram::zero_scan_time() - zero);
+                bucket.add(wire, retired, t.elapsed(), crate::ram::zero_scan_time() - zero, waited);
                 // Unthrottled, every RATE_SAMPLE of sending is a measurement:
                 // a short migration sees few windows, and the passes just
                 // before the switchover resemble it most.
@@ -353,28 +360,35 @@ pub struct WindowSample {
 
 /// What some iterate calls did: bytes written, dirty bytes retired (pages
 /// × page size, however each went on the wire), the time they took
-/// (dirty-log syncs and pacing sleeps are outside them) and the part of it
-/// spent in runs of zero pages (a scan each, next to nothing on the wire).
+/// (dirty-log syncs and pacing sleeps are outside them), the part of it
+/// spent in runs of zero pages (a scan each, next to nothing on the wire)
+/// and the part the thread waited for a CPU (taken by other threads, e.g.
+/// the guest's vCPUs, which give it back once the VM is stopped).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Bucket {
     pub wire: u64,
     pub retired: u64,
     pub time: Duration,
     pub zero_time: Duration,
+    pub waited: Duration,
 }
 
 impl Bucket {
-    fn add(&mut self, wire: u64, retired: u64, time: Duration, zero_time: Duration) {
+    fn add(&mut self, wire: u64, retired: u64, time: Duration, zero_time: Duration, waited: Duration) {
         self.wire += wire;
         self.retired += retired;
         self.time += time;
         self.zero_time += zero_time.min(time);
+        self.waited += waited.min(time);
     }
 
     /// Bytes per ms the link took while pages with data were sent, when
-    /// there is enough to measure.
+    /// there is enough to measure, leaving out the time the thread waited
+    /// for a CPU (at most half of it: the estimate stays on the long side).
     fn link(&self) -> Option<f64> {
-        let ms = self.time.saturating_sub(self.zero_time).as_secs_f64() * 1000.0;
+        let data = self.time.saturating_sub(self.zero_time);
+        let data = data.saturating_sub(self.waited.min(data / 2));
+        let ms = data.as_secs_f64() * 1000.0;
         (ms >= 1.0 && self.wire > 0).then(|| self.wire as f64 / ms)
     }
 
@@ -597,7 +611,7 @@ mod tests {
     const MB: u64 = 1_000_000;
 
     fn bucket(wire: u64, retired: u64, ms: u64) -> Bucket {
-        Bucket { wire, retired, time: Duration::from_millis(ms), zero_time: Duration::ZERO }
+        Bucket { wire, retired, time: Duration::from_millis(ms), ..Default::default() }
     }
 
     fn first(sent: u64, b: Bucket, throttled: bool) -> WindowSample {
@@ -685,6 +699,23 @@ mod tests {
         // A throttled window starts over from the window's rate.
         r.update(&first(10 * MB, bucket(10 * MB, 10 * MB, 5), true));
         assert_eq!((r.link, r.link_from_resend), (100_000.0, false));
+    }
+
+    #[test]
+    fn time_waiting_for_a_cpu_is_left_out_of_the_link_rate() {
+        // 10 MB in 100 ms, 20 of them waiting for a CPU the guest held: the
+        // link takes 10 MB in 80 ms once the VM is stopped.
+        let b = Bucket { waited: Duration::from_millis(20), ..bucket(10 * MB, 10 * MB, 100) };
+        assert_eq!(b.link(), Some(125_000.0));
+        // Zero-page runs come off first; at most half the rest is waiting.
+        let b = Bucket { zero_time: Duration::from_millis(40), waited: Duration::from_millis(50), ..bucket(10 * MB, 10 * MB, 100) };
+        assert_eq!(b.link(), Some((10 * MB) as f64 / 30.0));
+        let mut r = Rates::default();
+        r.update(&first(10 * MB, Bucket { waited: Duration::from_millis(20), ..bucket(10 * MB, 10 * MB, 100) }, false));
+        assert_eq!(r.link, 125_000.0);
+        // Throttled windows ignore it: the window's rate rules.
+        r.update(&first(10 * MB, Bucket { waited: Duration::from_millis(20), ..bucket(10 * MB, 10 * MB, 5) }, true));
+        assert_eq!(r.link, 100_000.0);
     }
 
     #[test]

@@ -161,7 +161,7 @@ def run_qemu(tmp, img, prefault, speed):
         raise RuntimeError(f"QEMU migration: {r}")
     ram = r["ram"]
     return {"total_ms": r["total-time"], "downtime_ms": r["downtime"], "bytes": ram["transferred"],
-            "precopy_bytes": ram["transferred"] - ram["downtime-bytes"], "cpu_s": cs + cd}
+            "precopy_bytes": ram["transferred"] - ram["downtime-bytes"], "cpu_s": cs + cd, "cpu_src_s": cs, "cpu_dst_s": cd}
 
 
 def run_livemig(tmp, img, prefault, speed, extra_src=()):
@@ -192,7 +192,7 @@ def run_livemig(tmp, img, prefault, speed, extra_src=()):
         raise RuntimeError(f"livemig migration failed: {out}")
     num = lambda k: int(re.search(rf"{k}:?\s+(-?\d+)", out).group(1))
     return {"total_ms": num("total-time"), "downtime_ms": num("downtime"), "bytes": num("transferred"),
-            "precopy_bytes": num("transferred") - num("downtime-bytes"), "cpu_s": cs + cd}
+            "precopy_bytes": num("transferred") - num("downtime-bytes"), "cpu_s": cs + cd, "cpu_src_s": cs, "cpu_dst_s": cd}
 
 
 def stats(vals):
@@ -272,9 +272,10 @@ def main():
             lines.append("(f) XBZRLE, one core (livemig; target: encode >= 3 GB/s at 10 % changed)\n\n```\n" + x.strip() + "\n```")
 
     with open(os.path.join(a.out, "results.csv"), "w") as f:
-        f.write("scenario,side,total_ms,downtime_ms,bytes,cpu_s\n")
+        f.write("scenario,side,total_ms,downtime_ms,bytes,cpu_s,cpu_src_s,cpu_dst_s\n")
         for r in rows:
-            f.write(f"{r['scenario']},{r['side']},{r['total_ms']},{r['downtime_ms']},{r['bytes']},{r['cpu_s']:.3f}\n")
+            f.write(f"{r['scenario']},{r['side']},{r['total_ms']},{r['downtime_ms']},{r['bytes']},{r['cpu_s']:.3f},"
+                    f"{r['cpu_src_s']:.3f},{r['cpu_dst_s']:.3f}\n")
     md = "\n\n".join(lines) + "\n"
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
