@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::backing::{pagemap_entries, Backing, Bits, CHUNK_PAGES, PM_PRESENT, PM_SWAPPED};
+use super::backing::{pagemap_entries, private_anonymous, Bits, CHUNK_PAGES, PM_PRESENT, PM_SWAPPED};
 use super::{RamBlock, PAGE};
 
 /// MADV_POPULATE_WRITE (Linux 5.14); off after the first refusal.
@@ -141,13 +141,6 @@ fn resident(base: *mut u8, len: usize) -> bool {
     // only reads the page tables of our own mapping.
     let r = unsafe { libc::mincore(base.cast(), len, vec.as_mut_ptr()) };
     r == 0 && vec[..pages].iter().all(|v| v & 1 != 0)
-}
-
-/// True when `[start, start + len)` is private anonymous memory only
-/// (per /proc/self/smaps): memory whose untouched pages read as zero.
-/// False when unsure.
-fn private_anonymous(start: usize, len: usize) -> bool {
-    Backing::of(start, len).private_anonymous()
 }
 
 #[cfg(test)]
