@@ -142,8 +142,18 @@ static void throttle(double mib)
         throttle_start = now_s();
         throttle_bytes = 0;
     } else if (wait > 0) {
-        struct timespec ts = { 0, (long)(wait * 1e9) };
-        nanosleep(&ts, NULL);
+        /* Until due, or until the VM is being stopped: a stop must not
+         * wait for the guest's pacing (a real vCPU is kicked at once). */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        long long ns = ts.tv_nsec + (long long)(wait * 1e9);
+        ts.tv_sec += (time_t)(ns / 1000000000);
+        ts.tv_nsec = (long)(ns % 1000000000);
+        pthread_mutex_lock(&vcpu_lock);
+        while (vcpu_should_run && !vcpu_quit)
+            if (pthread_cond_timedwait(&vcpu_cond, &vcpu_lock, &ts) == ETIMEDOUT)
+                break;
+        pthread_mutex_unlock(&vcpu_lock);
     }
 }
 
