@@ -403,8 +403,12 @@ impl Saver {
                 _ => {}
             }
             i += 1;
-            if i.is_multiple_of(64) && start.elapsed() > MAX_WAIT {
-                break;
+            if i.is_multiple_of(64) {
+                // What query-migrate reports as remaining, kept current.
+                COUNTERS.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
+                if start.elapsed() > MAX_WAIT {
+                    break;
+                }
             }
         }
         if let Some(t) = zero_run {
