@@ -37,6 +37,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <linux/kvm.h>
@@ -81,6 +82,10 @@ static RunState runstate = RUN_STATE_PRELAUNCH;
 static pthread_mutex_t vcpu_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t vcpu_cond = PTHREAD_COND_INITIALIZER;
 static bool vcpu_should_run, vcpu_quit, vcpu_idle = true;
+/* The vCPU thread, kicked out of KVM_RUN with SIGUSR1 (as QEMU's
+ * kvm_cpu_kick: immediate_exit set, then a signal). */
+static pthread_t vcpu_tid;
+static bool vcpu_started;
 static atomic_uint_fast64_t guest_pass, guest_exits;
 
 /* Software vCPU state (no KVM), migrated as the "cpu" section. */
@@ -157,6 +162,8 @@ static void throttle(double mib)
     }
 }
 
+static void kick_handler(int sig) { (void)sig; }
+
 /* Parks the vCPU while it should not run; false when it should quit. */
 static bool vcpu_gate(void)
 {
@@ -170,6 +177,10 @@ static bool vcpu_gate(void)
         throttle_bytes = 0;
     }
     vcpu_idle = false;
+    /* A kick is for a stop; one left from a stop already undone (the VM
+     * restarted before this thread saw it) must not keep KVM_RUN out. */
+    if (use_kvm)
+        __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
     bool quit = vcpu_quit;
     pthread_mutex_unlock(&vcpu_lock);
     return !quit;
@@ -230,6 +241,13 @@ static void vcpu_set_running(bool on)
     pthread_mutex_lock(&vcpu_lock);
     vcpu_should_run = on;
     pthread_cond_broadcast(&vcpu_cond);
+    if (!on && use_kvm && vcpu_started && !vcpu_idle) {
+        /* Out of KVM_RUN now, not at the guest's next port exit: KVM_RUN
+         * returns EINTR at once when immediate_exit is set before it is
+         * entered, or when the signal arrives while it runs. */
+        __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+        pthread_kill(vcpu_tid, SIGUSR1);
+    }
     if (!on) {
         /* The vCPU leaves KVM_RUN at its next port exit (every MiB). */
         double end = now_s() + 10;
@@ -541,8 +559,20 @@ int main(int argc, char **argv)
     CHECK(livemig_ram_block_add("ram", ram, ram_size, &err), "%s", error_get_pretty(err));
     CHECK(register_savevm(NULL, "cpu", 0, 1, cpu_save, cpu_load, NULL) >= 0, "register cpu");
 
+    if (use_kvm) {
+        /* The kick's signal only interrupts KVM_RUN; its handler does nothing. */
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = kick_handler;
+        sigemptyset(&sa.sa_mask);
+        CHECK(sigaction(SIGUSR1, &sa, NULL) == 0, "sigaction");
+    }
     pthread_t vcpu;
     CHECK(pthread_create(&vcpu, NULL, use_kvm ? vcpu_thread_kvm : vcpu_thread_soft, NULL) == 0, "vcpu thread");
+    pthread_mutex_lock(&vcpu_lock);
+    vcpu_tid = vcpu;
+    vcpu_started = true;
+    pthread_mutex_unlock(&vcpu_lock);
 
     if (incoming) {
         runstate = RUN_STATE_INMIGRATE;
