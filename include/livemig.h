@@ -48,11 +48,6 @@
 #define PAGE (size_t)TARGET_PAGE_SIZE
 
 /*
- Pages probed at once (2 MiB).
- */
-#define CHUNK_PAGES 512
-
-/*
  Target page size of the x86_64 stream (`TARGET_PAGE_SIZE`).
  */
 #define PAGE_SIZE 4096

@@ -35,9 +35,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use super::PAGE;
 
 /// Pages probed at once (2 MiB).
-pub const CHUNK_PAGES: usize = 512;
+pub(super) const CHUNK_PAGES: usize = 512;
 /// One bit per page of a chunk.
-pub type Bits = [u64; CHUNK_PAGES / 64];
+pub(super) type Bits = [u64; CHUNK_PAGES / 64];
 
 /// pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 pub(super) const PM_PRESENT: u64 = 1 << 63;
