@@ -7,8 +7,12 @@ use super::{cstr, guard_err};
 
 /// Registers a block of guest RAM as `idstr` (the name in the stream, e.g.
 /// "ram" or "pc.ram"): `length` bytes at `host`, page aligned. The memory
-/// must stay mapped until `livemig_ram_block_remove`. Refused while a
-/// migration runs.
+/// must stay mapped until `livemig_ram_block_remove`, and while a
+/// migration runs the mapping must not be replaced by another (discarding
+/// pages, e.g. `MADV_DONTNEED` or punching holes in its file, is fine): the
+/// source learns at setup which memory backs the block, and sends pages it
+/// knows read as zero (untouched anonymous memory, holes of a mapped file)
+/// without reading them. Refused while a migration runs.
 #[no_mangle]
 pub extern "C" fn livemig_ram_block_add(idstr: *const c_char, host: *mut c_void, length: u64, errp: *mut *mut Error) -> bool {
     guard_err("livemig_ram_block_add", errp, false, || {
