@@ -48,6 +48,15 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
     for l in &loaded {
         l.entry.handler.lock().load_begin();
     }
+    let r = load_sections(f, host, &mut loaded);
+    for l in &loaded {
+        l.entry.handler.lock().load_end();
+    }
+    r
+}
+
+/// The sections up to EOF, and the vmdesc after it.
+fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -> Result<()> {
     loop {
         let kind = f.get_u8();
         f.check()?;

@@ -111,6 +111,8 @@ pub trait SaveVmHandler: Send {
     fn load(&mut self, f: &mut QemuFile, version_id: u32, kind: SectionKind) -> Result<()>;
     /// A load is starting (reset per-stream state).
     fn load_begin(&mut self) {}
+    /// The load is over, whatever its outcome (release per-stream state).
+    fn load_end(&mut self) {}
     /// True when `load` may run without the host lock (RAM).
     fn load_without_host_lock(&self) -> bool {
         false

@@ -9,9 +9,12 @@
 //!   is, dirty page cache included) and, for a private mapping, has no
 //!   private copy (pagemap: not present, or present as the file's page).
 //!
+//! A mapped file is reopened by its path or, for a memfd or a deleted
+//! file, through a descriptor of this process still open on it.
+//!
 //! Everything else is "unknown", and read as before: shared anonymous
-//! memory and memfds (their pages may live outside this process's page
-//! tables), files that cannot be reopened as the very file mapped, and
+//! memory (its pages may live outside this process's page tables), files
+//! that cannot be reopened as the very file mapped, and
 //! ranges registered with userfaultfd for missing or minor faults (smaps
 //! VmFlags `um`/`ui`: a missing page there comes from a handler, not as
 //! zero).
@@ -22,13 +25,13 @@
 //! it: about 16 ms per GiB of memory resident in 4 KiB pages here (65 ms
 //! for 4 GiB), far less for huge pages; next to pre-copying that memory, a
 //! few per cent. The destination reads the cheaper maps (see
-//! [`private_anonymous`]).
+//! [`Backing::for_destination`]).
 //!
 //! The source uses [`ZeroPages`] so that memory a guest never touched — a
 //! fresh VM's, or a sparse `memory-backend-file`'s — is sent as zero pages
 //! without being scanned, and without faulting it in (which, for a file,
-//! would fill the page cache with zeroes). The destination uses
-//! [`private_anonymous`] (see `residency.rs`).
+//! would fill the page cache with zeroes). The destination leaves zero
+//! pages aimed at such pages unwritten (see `residency.rs`).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -135,32 +138,24 @@ fn mappings(smaps: bool) -> Vec<Mapping> {
     std::fs::read_to_string(path).ok().and_then(|t| parse_smaps(&t)).unwrap_or_default()
 }
 
-/// True when `[start, start + len)` is private anonymous memory only
-/// (untouched pages read as zero); false when unsure.
-///
-/// For a destination, which loads into memory it owns and runs no guest
-/// yet: from /proc/self/maps, as a destination's RAM is not registered
-/// with userfaultfd (that is postcopy's, which livemig does not do).
-pub fn private_anonymous(start: usize, len: usize) -> bool {
-    covered_by_private_anonymous(&mappings(false), start, start + len)
-}
-
-fn covered_by_private_anonymous(maps: &[Mapping], start: usize, end: usize) -> bool {
-    let mut at = start;
-    for m in maps.iter().filter(|m| m.hi > start && m.lo < end) {
-        if m.lo > at || !m.readable() || m.userfaultfd || !m.anonymous() || !m.private() {
-            return false;
-        }
-        at = m.hi;
-    }
-    at >= end
-}
-
 impl Backing {
     /// The backing of `[start, start + len)`; the files it maps are opened
     /// (and held until the `Backing` is dropped).
     pub fn of(start: usize, len: usize) -> Backing {
         Self::from_mappings(&mappings(true), start, start + len)
+    }
+
+    /// [`Backing::of`] for a destination, which loads into memory it owns
+    /// and runs no guest yet: from the cheaper /proc/self/maps, as a
+    /// destination's RAM is not registered with userfaultfd (that is
+    /// postcopy's, which livemig does not do).
+    pub fn for_destination(start: usize, len: usize) -> Backing {
+        Self::from_mappings(&mappings(false), start, start + len)
+    }
+
+    /// True when nothing about the range is known.
+    pub fn is_unknown(&self) -> bool {
+        self.segs.is_empty()
     }
 
     fn from_mappings(maps: &[Mapping], start: usize, end: usize) -> Backing {
@@ -221,25 +216,31 @@ impl Backing {
     }
 }
 
-/// The file `m` maps, opened by its path and checked to be that very file
-/// (a regular file with the mapping's device and inode, before and after
-/// the open: nothing else is ever opened), with its size.
+/// The file `m` maps, with its size: opened by its path, or else through
+/// a descriptor of this process open on it (a memfd, a deleted file), and
+/// checked to be that very file: a regular file with the mapping's device
+/// and inode, before and after the open, so nothing else is ever opened.
 fn same_file(m: &Mapping) -> Option<(File, u64)> {
-    if !m.path.starts_with('/') || m.path.ends_with(" (deleted)") {
-        return None;
-    }
     let same = |meta: &std::fs::Metadata| {
         let dev = meta.dev();
         meta.file_type().is_file() && meta.ino() == m.inode && (libc::major(dev), libc::minor(dev)) == m.dev
     };
-    if !same(&std::fs::metadata(&m.path).ok()?) {
-        return None;
+    // Non-blocking: should a path have become a FIFO since it was checked,
+    // the open does not wait for a writer.
+    let open = |path: &std::path::Path| -> Option<(File, u64)> {
+        if !same(&std::fs::metadata(path).ok()?) {
+            return None;
+        }
+        let file = File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path).ok()?;
+        let meta = file.metadata().ok()?;
+        same(&meta).then_some((file, meta.size()))
+    };
+    if m.path.starts_with('/') && !m.path.ends_with(" (deleted)") {
+        if let Some(found) = open(std::path::Path::new(&m.path)) {
+            return Some(found);
+        }
     }
-    // Non-blocking: should the path have become a FIFO since, the open
-    // does not wait for a writer.
-    let file = File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&m.path).ok()?;
-    let meta = file.metadata().ok()?;
-    same(&meta).then_some((file, meta.size()))
+    std::fs::read_dir("/proc/self/fd").ok()?.flatten().find_map(|e| open(&e.path()))
 }
 
 /// Marks in `bits` the pages of `n` from file offset `first` that lie
@@ -318,7 +319,7 @@ impl ZeroPages {
     /// True when page `page` of block number `bi` (at `host`, `pages`
     /// long, backed as `backing` says) reads as zero untouched.
     pub fn known_zero(&mut self, backing: &Backing, bi: usize, host: usize, pages: usize, page: usize, generation: u64) -> bool {
-        if backing.segs.is_empty() {
+        if backing.is_unknown() {
             return false;
         }
         let chunk = page / CHUNK_PAGES;
@@ -364,24 +365,31 @@ VmFlags: rd wr mr mw me ac sd um
         assert!(parse_smaps("VmFlags: um").is_none(), "flags before any mapping");
     }
 
+    impl Backing {
+        /// The segments as (start, end, kind).
+        fn kinds(&self) -> Vec<(usize, usize, &'static str)> {
+            self.segs.iter().map(|s| (s.lo, s.hi, if matches!(s.kind, Kind::Anon) { "anon" } else { "file" })).collect()
+        }
+    }
+
     #[test]
-    fn private_anonymous_coverage() {
+    fn segments_from_mappings() {
         let m = parse_smaps(SMAPS).expect("parses");
-        let anon = |lo, hi| covered_by_private_anonymous(&m, lo, hi);
-        // Two adjacent anonymous mappings count as one range.
-        assert!(anon(0x7f0000000000, 0x7f0000200000));
-        assert!(anon(0x7f0000080000, 0x7f0000180000));
-        assert!(anon(0x55d0c0000000, 0x55d0c0001000));
-        assert!(anon(0x7f0000500000, 0x7f0000600000));
-        // Shared, file-backed (not this file), inaccessible, a hole, past
-        // the end, userfaultfd: unsure.
-        assert!(!anon(0x7f0000200000, 0x7f0000201000));
-        assert!(!anon(0x7f0000100000, 0x7f0000201000));
-        assert!(!anon(0x7f0000300000, 0x7f0000301000));
-        assert!(!anon(0x7f0000400000, 0x7f0000401000));
-        assert!(!anon(0x7f0000401000, 0x7f0000402000));
-        assert!(!anon(0x7f0000600000, 0x7f0000601000));
-        assert!(!anon(0x7f0000500000, 0x7f0000800000));
+        let kinds = |lo, hi| Backing::from_mappings(&m, lo, hi).kinds();
+        // Two adjacent anonymous mappings, each its own segment.
+        assert_eq!(
+            kinds(0x7f0000080000, 0x7f0000180000),
+            [(0x7f0000000000, 0x7f0000100000, "anon"), (0x7f0000100000, 0x7f0000200000, "anon")]
+        );
+        assert_eq!(kinds(0x55d0c0000000, 0x55d0c0001000), [(0x55d0c0000000, 0x55d0c0021000, "anon")]);
+        assert_eq!(kinds(0x7f0000500000, 0x7f0000600000), [(0x7f0000500000, 0x7f0000600000, "anon")]);
+        // Shared anonymous, a file that is not the one mapped, no access,
+        // userfaultfd: unknown, left out.
+        assert_eq!(kinds(0x7f0000200000, 0x7f0000201000), []);
+        assert_eq!(kinds(0x7f0000300000, 0x7f0000301000), []);
+        assert_eq!(kinds(0x7f0000400000, 0x7f0000401000), []);
+        assert_eq!(kinds(0x7f0000600000, 0x7f0000601000), []);
+        assert!(Backing::from_mappings(&m, 0x7f0000401000, 0x7f0000402000).is_unknown());
     }
 
     fn map(len: usize, prot_flags: i32, fd: i32) -> *mut u8 {
@@ -404,8 +412,8 @@ VmFlags: rd wr mr mw me ac sd um
             *p.add(3 * PAGE) = 1;
             std::ptr::read_volatile(p.add(4 * PAGE))
         };
-        assert!(private_anonymous(p as usize, len));
         let b = Backing::of(p as usize, len);
+        assert_eq!(b.kinds(), [(p as usize, p as usize + len, "anon")]);
         let bits = b.zero_bits(p as usize, CHUNK_PAGES, &mut None);
         assert!(bit(&bits, 0) && bit(&bits, 511));
         assert!(!bit(&bits, 3), "a written page is not known zero");
@@ -452,6 +460,35 @@ VmFlags: rd wr mr mw me ac sd um
         }
     }
 
+    /// A memfd (shared memory, as vhost-user hosts back guest RAM with)
+    /// is found through its descriptor: its holes are pages never written.
+    #[test]
+    fn memfd_holes() {
+        let len = CHUNK_PAGES * PAGE;
+        // SAFETY: a NUL-terminated name; the descriptor is closed below.
+        let fd = unsafe { libc::memfd_create(c"livemig-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is ours.
+        assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+        let p = map(len, libc::MAP_SHARED, fd);
+        // SAFETY: pages 7 and 300 lie inside the mapping.
+        unsafe {
+            *p.add(7 * PAGE) = 1;
+            *p.add(300 * PAGE + 5) = 2;
+        }
+        let bits = Backing::of(p as usize, len).zero_bits(p as usize, CHUNK_PAGES, &mut None);
+        assert!(bit(&bits, 0) && bit(&bits, 8) && bit(&bits, 511), "never written");
+        assert!(!bit(&bits, 7) && !bit(&bits, 300), "written");
+        // Without a descriptor open on it, a memfd cannot be reopened:
+        // nothing is known.
+        // SAFETY: our descriptor; the mapping keeps the memfd alive.
+        unsafe { libc::close(fd) };
+        let bits = Backing::of(p as usize, len).zero_bits(p as usize, CHUNK_PAGES, &mut None);
+        assert_eq!(bits, Bits::default());
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+
     /// A sparse file: private and shared mappings see its holes; a private
     /// copy and data are not holes; past the end is unknown.
     #[test]
@@ -474,7 +511,7 @@ VmFlags: rd wr mr mw me ac sd um
                 std::ptr::read_volatile(p.add(11 * PAGE));
             }
             let b = Backing::of(p as usize, len);
-            assert!(!private_anonymous(p as usize, len));
+            assert_eq!(b.kinds(), [(p as usize, p as usize + len, "file")]);
             let bits = b.zero_bits(p as usize, CHUNK_PAGES, &mut None);
             assert!(bit(&bits, 0) && bit(&bits, 63) && bit(&bits, 66) && bit(&bits, 507));
             assert!(!bit(&bits, 64) && !bit(&bits, 65), "data");

@@ -7,10 +7,11 @@
 //!   already is: a prefaulted host pays nothing).
 //! * A zero page needs no write when the guest page already reads as zero.
 //!   Checking that by reading it would fault in every page of a fresh
-//!   destination; instead, for private anonymous memory, a page that
-//!   `/proc/self/pagemap` shows neither present nor swapped out reads as
-//!   zero without being touched. Other memory (file-backed, shared, or when
-//!   the kernel does not tell) is checked by reading it, as before.
+//!   destination (and, for a file or a memfd, fill its page cache with
+//!   zeroes); instead, pages that read as zero untouched (see
+//!   `backing.rs`: untouched private anonymous memory, holes of a mapped
+//!   file or memfd) are left alone. Other memory is checked by reading it,
+//!   as before.
 //!
 //! Contract (the design's, restated): while an incoming migration loads,
 //! nothing but the loader writes guest RAM, so what was learnt about a
@@ -19,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::backing::{pagemap_entries, private_anonymous, Bits, CHUNK_PAGES, PM_PRESENT, PM_SWAPPED};
+use super::backing::{Backing, Bits, CHUNK_PAGES};
 use super::{RamBlock, PAGE};
 
 /// MADV_POPULATE_WRITE (Linux 5.14); off after the first refusal.
@@ -31,8 +32,9 @@ static POPULATE_OK: AtomicBool = AtomicBool::new(true);
 pub struct Residency {
     /// Per block (host address): which chunks were faulted in.
     populated: HashMap<usize, Vec<u64>>,
-    /// Per block (host address): private anonymous memory or not.
-    anon: HashMap<usize, bool>,
+    /// Per block (host address): what backs it (files it maps are held
+    /// open until the load ends).
+    backing: HashMap<usize, Backing>,
     /// Per (block, chunk): pages known to read as zero untouched.
     absent: HashMap<(usize, usize), Bits>,
     /// The (block, chunk) the last raw page went to: pages arrive in
@@ -106,25 +108,18 @@ impl Residency {
         bits[i / 64] & (1 << (i % 64)) != 0
     }
 
-    /// The pages of chunk `chunk` of `b` that are untouched private
-    /// anonymous memory (None when that cannot be known).
+    /// The pages of chunk `chunk` of `b` that read as zero untouched (None
+    /// when nothing can be known).
     fn probe(&mut self, b: &RamBlock, chunk: usize) -> Option<Bits> {
         let host = b.host_ptr() as usize;
-        let anon = *self.anon.entry(host).or_insert_with(|| private_anonymous(host, b.length() as usize));
-        if !anon {
+        let backing = self.backing.entry(host).or_insert_with(|| Backing::for_destination(host, b.length() as usize));
+        if backing.is_unknown() {
             return None;
         }
         let first = chunk * CHUNK_PAGES;
         let n = CHUNK_PAGES.min(b.pages().checked_sub(first)?);
-        // Opened per probe (one per 2 MiB), so no descriptor outlives a load.
-        let pm = pagemap_entries(host + first * PAGE, n, &mut None)?;
-        let mut bits = Bits::default();
-        for (i, e) in pm[..n].iter().enumerate() {
-            if e & (PM_PRESENT | PM_SWAPPED) == 0 {
-                bits[i / 64] |= 1 << (i % 64);
-            }
-        }
-        Some(bits)
+        // pagemap is opened per probe (one per 2 MiB).
+        Some(backing.zero_bits(host + first * PAGE, n, &mut None))
     }
 }
 

@@ -523,6 +523,11 @@ impl SaveVmHandler for RamSection {
         self.loader = Loader::new();
     }
 
+    fn load_end(&mut self) {
+        // Drops what the load learnt, and the files it held open.
+        self.loader = Loader::new();
+    }
+
     fn load(&mut self, f: &mut QemuFile, version_id: u32, _kind: SectionKind) -> Result<()> {
         self.loader.load(f, version_id)
     }
