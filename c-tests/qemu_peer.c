@@ -8,6 +8,11 @@
  *             [--converge-after-syncs K] [--dirty-log] [--return-path]
  *   --prefault: touch all RAM before listening (like QEMU's prealloc=on)
  *   common:   [--ram-name NAME] [--ram-size SIZE[K|M|G]] [--ram-file FILE]
+ *             [--memfd]
+ *
+ * --memfd backs RAM with a shared memfd (as vhost-user hosts do), kept
+ * open; --ram-file then fills only its non-zero pages (zero pages stay
+ * holes, never allocated).
  *
  * --dirty-pages N runs a thread that rewrites N pages continuously (a busy
  * guest: rounds back to back) while
@@ -21,7 +26,7 @@
  * it was at the switchover). Prints the final query-migrate figures and
  * exits 0 only when the migration completed.
  */
-#define _DEFAULT_SOURCE
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -46,6 +51,7 @@ static pthread_mutex_t vcpu_lock = PTHREAD_MUTEX_INITIALIZER;
 static bool vcpu_paused;
 static atomic_bool dirtier_quit;
 static long dirty_pages;
+static int mfd = -1; /* --memfd: the RAM's memfd */
 static bool use_dirty_log;
 static uint64_t *soft_log; /* one bit per page, guarded by log_lock */
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -183,7 +189,7 @@ static void print_info(void)
 int main(int argc, char **argv)
 {
     const char *incoming = NULL, *migrate = NULL, *dump = NULL, *ram_file = NULL, *port_file = NULL;
-    bool xbzrle = false, paused = false, return_path = false, prefault = false;
+    bool xbzrle = false, paused = false, return_path = false, prefault = false, use_memfd = false;
     long long speed = -1, downtime_ms = -1, converge_after = 0;
     Error *err = NULL;
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -205,10 +211,30 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--dirty-log")) use_dirty_log = true;
         else if (!strcmp(a, "--return-path")) return_path = true;
         else if (!strcmp(a, "--prefault")) prefault = true;
+        else if (!strcmp(a, "--memfd")) use_memfd = true;
         else CHECK(0, "bad argument '%s' (see the comment at the top of qemu_peer.c)", a);
     }
     CHECK(!incoming != !migrate, "exactly one of --incoming and --migrate");
-    ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (use_memfd) {
+        mfd = memfd_create("qemu_peer-ram", MFD_CLOEXEC);
+        CHECK(mfd >= 0 && ftruncate(mfd, (off_t)ram_size) == 0, "memfd: %s", strerror(errno));
+        ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+        CHECK(ram != MAP_FAILED, "mmap memfd");
+        if (ram_file) {
+            /* Page by page, leaving zero pages as holes. */
+            int fd = open(ram_file, O_RDONLY);
+            CHECK(fd >= 0, "open %s: %s", ram_file, strerror(errno));
+            static uint8_t page[4096], zero[4096];
+            for (uint64_t off = 0; off < ram_size && pread(fd, page, sizeof page, (off_t)off) == (ssize_t)sizeof page; off += 4096)
+                if (memcmp(page, zero, sizeof page) != 0)
+                    memcpy(ram + off, page, sizeof page);
+            close(fd);
+            ram_file = NULL;
+        }
+        /* mfd stays open, as a vhost-user host keeps it to share RAM. */
+    } else {
+        ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     CHECK(ram != MAP_FAILED, "mmap %" PRIu64 " bytes", ram_size);
     if (prefault) {
         /* As QEMU's prealloc=on: one MADV_POPULATE_WRITE (Linux 5.14),
@@ -320,6 +346,9 @@ int main(int argc, char **argv)
         pthread_join(t, NULL);
     }
     print_info();
+    struct stat mst;
+    if (mfd >= 0 && fstat(mfd, &mst) == 0)
+        printf("memfd-allocated: %lld\n", (long long)mst.st_blocks * 512);
     if (use_dirty_log)
         printf("dirty-log syncs: %d\n", atomic_load(&log_syncs));
     if (st == MIGRATION_STATUS_COMPLETED && dump)

@@ -351,6 +351,20 @@ fn livemig_to_qemu_xbzrle_dirtying() {
     assert!(stat(&out, "dirty-sync-count") >= 8, "{out}");
 }
 
+/// 64 MiB, zero but for 769 patterned pages (1 MiB at 0, 2 MiB at 20 MiB,
+/// the last page).
+fn mostly_zero() -> Vec<u8> {
+    let mut img = vec![0u8; MIB64];
+    let p = patterned();
+    for r in [0..1 << 20, 20 << 20..22 << 20, MIB64 - 4096..MIB64] {
+        img[r.clone()].copy_from_slice(&p[r]);
+    }
+    img
+}
+
+/// A guest writing 2048 pages a round, passes until 4 syncs.
+const DIRTYING: [&str; 8] = ["--dirty-pages", "2048", "--speed", "50000000", "--downtime-ms", "0", "--converge-after-syncs", "4"];
+
 /// A sparse image (as a fresh memory-backend-file is): its holes go as
 /// zero pages without being read, while a guest writes pages in holes and
 /// in data between passes; QEMU ends with the source's RAM at the stop.
@@ -360,22 +374,30 @@ fn livemig_to_qemu_sparse_image_dirtying() {
     if !qemu_available() {
         return;
     }
-    let mut img = vec![0u8; MIB64];
-    let p = patterned();
-    for r in [0..1 << 20, 20 << 20..22 << 20, MIB64 - 4096..MIB64] {
-        img[r.clone()].copy_from_slice(&p[r]);
-    }
-    let out = livemig_to_qemu(
-        "to-qemu-sparse",
-        img,
-        true,
-        &["--dirty-pages", "2048", "--speed", "50000000", "--downtime-ms", "0", "--converge-after-syncs", "4"],
-    );
+    let out = livemig_to_qemu("to-qemu-sparse", mostly_zero(), true, &DIRTYING);
     // 769 pages hold data; the guest's writes to pages in holes went as
     // data too (it writes 2048 pages a round, most of them in holes; it may
     // be stopped before a second round, as the switchover can come when a
     // sync finds nothing dirty).
     assert!(stat(&out, "duplicate") > 13000 && stat(&out, "normal") > 769 + 1500, "{out}");
+}
+
+/// The same with RAM in a memfd (as vhost-user hosts have it), whose
+/// never-written pages are found through the descriptor the host holds.
+#[test]
+fn livemig_to_qemu_memfd_dirtying() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let mut args = DIRTYING.to_vec();
+    args.push("--memfd");
+    let out = livemig_to_qemu("to-qemu-memfd", mostly_zero(), false, &args);
+    assert!(stat(&out, "duplicate") > 13000 && stat(&out, "normal") > 769 + 1500, "{out}");
+    // Reading a memfd's hole allocates it: the migration read none of them
+    // (769 data pages and the 2048 the guest writes: 11 MiB).
+    let allocated: usize = out.lines().find_map(|l| l.strip_prefix("memfd-allocated: ")).expect("memfd-allocated printed").parse().unwrap();
+    assert!(allocated <= (769 + 2048) * 4096, "{allocated} bytes of the memfd allocated: {out}");
 }
 
 fn livemig_to_livemig(uri: &str, name: &str, extra: &[&str]) {
