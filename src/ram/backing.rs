@@ -125,7 +125,6 @@ struct Seg {
 }
 
 /// What backs the range of one block (ranges of unknown backing left out).
-#[derive(Default)]
 pub struct Backing {
     segs: Vec<Seg>,
 }

@@ -286,7 +286,11 @@ impl Saver {
         let generation = COUNTERS.dirty_sync_count.load(Ordering::Relaxed);
         let c = &*COUNTERS;
         let b = &self.blocks[bi];
-        let untouched = self.zero.known_zero(&b.backing, bi, b.block.host_ptr() as usize, b.block.pages(), page, self.syncs);
+        // Only the first round meets untouched memory: a page dirty again
+        // was written since, and probing a chunk per scattered dirty page
+        // would cost more than reading the page.
+        let untouched =
+            self.rounds == 0 && self.zero.known_zero(&b.backing, bi, b.block.host_ptr() as usize, b.block.pages(), page, self.syncs);
         // SAFETY: `page < pages()` (from the bitmap of this block), so the
         // page lies inside the registered, mapped block; 4096-aligned.
         if untouched || unsafe { is_zero_raw(ptr, PAGE) } {
@@ -557,6 +561,57 @@ mod tests {
         e[0] & super::super::backing::PM_PRESENT != 0
     }
 
+    /// A sync in the middle of the first round invalidates the probe of
+    /// the chunk being sent: a fresh page the guest writes ahead of the
+    /// walk, in that chunk, goes with its data, not as the zero it was.
+    #[test]
+    fn a_probe_does_not_outlive_its_sync() {
+        let len = 2 * 512 * PAGE;
+        let src = map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        // SAFETY: pages 0..8 lie inside the mapping.
+        unsafe { std::ptr::write_bytes(src, 0x11, 8 * PAGE) };
+        let block = Arc::new(RamBlock::for_test("ram", src, len as u64));
+        let (chan, out) = MemChannel::sink();
+        let mut f = QemuFile::new(Box::new(chan), Direction::Write);
+        let mut s = Saver::new(vec![block.clone()], None).expect("saver");
+        s.setup(&mut f).expect("setup");
+        // Two data pages' worth, then stop: chunk 0 is probed, page 500 not
+        // sent yet.
+        f.set_rate_limit(2 * PAGE as u64);
+        assert!(!s.iterate(&mut f).expect("iterate"), "stopped by the rate limit");
+        assert!(s.blocks[0].bitmap.find_next(0).is_some_and(|p| p < 500));
+        // SAFETY: inside the mapping.
+        unsafe { *src.add(500 * PAGE + 3) = 0x22 };
+        block.marks.lock().set_range(500, 1);
+        s.pending(u64::MAX); // syncs
+        f.set_rate_limit(0);
+        let mut payloads = 2;
+        while !s.iterate(&mut f).expect("iterate") {
+            payloads += 1;
+        }
+        payloads += 1;
+        s.complete(&mut f).expect("complete");
+        s.cleanup();
+        payloads += 1;
+        f.flush().expect("flush");
+        drop(f);
+        let dst = Arc::new(RamBlock::for_test("ram", map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1), len as u64));
+        let mut rf = QemuFile::new(Box::new(MemChannel::source(std::mem::take(&mut *out.lock()))), Direction::Read);
+        let mut l = Loader::with_blocks(vec![dst.clone()]);
+        for _ in 0..payloads {
+            l.load(&mut rf, 4).expect("load");
+        }
+        // SAFETY: both mappings are `len` bytes, and nothing writes them now.
+        let (a, b) = unsafe { (std::slice::from_raw_parts(src, len), std::slice::from_raw_parts(dst.host_ptr(), len)) };
+        assert_eq!(a.iter().zip(b).position(|(x, y)| x != y), None, "first difference");
+        assert_eq!(b[500 * PAGE + 3], 0x22);
+        // SAFETY: the mappings made above, no longer used.
+        unsafe {
+            libc::munmap(src.cast(), len);
+            libc::munmap(dst.host_ptr().cast(), len);
+        }
+    }
+
     /// Untouched memory (a sparse file's holes through a private mapping,
     /// fresh anonymous memory) goes as zero pages without being faulted
     /// in; data, private copies and touched pages go as they are; a hole
@@ -601,7 +656,7 @@ mod tests {
             assert!(!present(asrc.wrapping_add(p * PAGE)), "anonymous page {p} was faulted in");
         }
         // The guest writes a fresh page that went as zero, in the chunk
-        // probed last (the probe must not be reused after the sync)...
+        // probed last (later rounds read what they send)...
         // SAFETY: inside the mapping.
         unsafe { *asrc.add(2040 * PAGE + 8) = 0x66 };
         blocks[1].marks.lock().set_range(2040, 1);
