@@ -23,8 +23,10 @@
  * --converge-after-syncs K raises the downtime limit to 2 s once K dirty
  * syncs have happened (so a low limit forces several passes, then ends).
  * --dump writes the block after the migration (on the source: the RAM as
- * it was at the switchover). Prints the final query-migrate figures and
- * exits 0 only when the migration completed.
+ * it was at the switchover). Prints the final query-migrate figures, and
+ * "cpu-migration-us:", the process's CPU time from the start of the
+ * migration (after RAM is set up and prefaulted) to its end, and exits 0
+ * only when the migration completed.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,11 +39,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "check.h"
 #include "fakehost.h"
+
+/* CPU time (user + system) of the whole process so far, in µs. */
+static long long process_cpu_us(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return 0;
+    return (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000LL + ru.ru_utime.tv_usec + ru.ru_stime.tv_usec;
+}
 
 static uint8_t *ram;
 static uint64_t ram_size = 64 << 20;
@@ -278,6 +290,7 @@ int main(int argc, char **argv)
     CHECK(livemig_ram_block_add(ram_name, ram, ram_size, &err), "%s", error_get_pretty(err));
     CHECK(register_savevm(NULL, "timer", 0, 2, timer_save, timer_load, NULL) >= 0, "register timer");
 
+    long long cpu_start = process_cpu_us();
     if (incoming) {
         qemu_start_incoming_migration(incoming, &err);
         CHECK_OK(err);
@@ -288,6 +301,7 @@ int main(int argc, char **argv)
             fclose(pf);
         }
         MigrationStatus st = wait_done(true, 300);
+        printf("cpu-migration-us: %lld\n", process_cpu_us() - cpu_start);
         Error *e2 = NULL;
         MigrationInfo *i = livemig_query_incoming(&e2);
         printf("status: %s\n", status_name(st));
@@ -341,6 +355,7 @@ int main(int argc, char **argv)
         CHECK_OK(err);
     }
     MigrationStatus st = wait_done(false, 300);
+    printf("cpu-migration-us: %lld\n", process_cpu_us() - cpu_start);
     if (dirty_pages > 0) {
         atomic_store(&dirtier_quit, true);
         pthread_join(t, NULL);

@@ -275,6 +275,14 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
                 // before the switchover resemble it most.
                 if !sample.throttled && !f.rate_limit_exceeded() && sample.resend.time + sample.first.time >= RATE_SAMPLE {
                     rates.update(&WindowSample { resend: sample.resend, first: sample.first, ..Default::default() });
+                    log::trace!(
+                        "rate sample: re-sending {:?}, first round {:?}: link {:.0}{} / first round {:.0} bytes/ms",
+                        sample.resend,
+                        sample.first,
+                        rates.link,
+                        if rates.link_from_resend { " (re-sent pages)" } else { "" },
+                        rates.first_round
+                    );
                     (sample.resend, sample.first) = (Bucket::default(), Bucket::default());
                 }
             } else {
@@ -300,10 +308,8 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
                 s.expected_downtime_ms = expected;
             });
             log::debug!(
-                "window: {} bytes in {elapsed:?} (re-sending {:?}, first round {:?}), link {:.0}{} / first round {:.0} bytes/ms, pending {pending} ({fresh} first round), max_size {max_size}, expected downtime {expected} ms",
+                "window: {} bytes in {elapsed:?}, link {:.0}{} / first round {:.0} bytes/ms, pending {pending} ({fresh} first round), max_size {max_size}, expected downtime {expected} ms",
                 sample.sent,
-                sample.resend,
-                sample.first,
                 rates.link,
                 if rates.link_from_resend { " (re-sent pages)" } else { "" },
                 rates.first_round
@@ -510,6 +516,7 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     let was_running = host.runstate_is_running();
     crate::globalstate::store(host.runstate());
     let stop_time = Instant::now();
+    let (cpu0, wait0) = (crate::thread_cpu_time(), crate::thread_runqueue_wait());
     host.vm_stop_force_state(RunState::FinishMigrate)?;
     *stopped_running_vm = was_running;
     let stopped = stop_time.elapsed();
@@ -519,10 +526,12 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     f.flush()?;
     let sent = stop_time.elapsed();
     save.await_destination(f)?;
+    let waited = wait0.zip(crate::thread_runqueue_wait()).map(|(a, b)| b.saturating_sub(a));
     log::debug!(
-        "switchover: VM stopped in {stopped:?}, {} bytes sent by {sent:?}, destination confirmed by {:?}",
+        "switchover: VM stopped in {stopped:?}, {} bytes sent by {sent:?}, destination confirmed by {:?} (this thread: {:?} on a CPU, {waited:?} waiting for one)",
         f.tell() - before,
-        stop_time.elapsed()
+        stop_time.elapsed(),
+        crate::thread_cpu_time().saturating_sub(cpu0)
     );
     // Close the channel now (for exec:, wait for the command): its failure
     // is the migration's failure.

@@ -85,7 +85,8 @@ impl QemuFile {
     /// A placeholder stream whose channel is gone: every operation fails.
     pub fn closed() -> QemuFile {
         let mut f = QemuFile::new(Box::new(crate::transport::mem::MemChannel::broken()), Direction::Write);
-        f.set_error(MigError::with_errno("stream already closed", libc::EBADF));
+        // Set directly: not an error that happened (set_error logs those).
+        f.error = Some(MigError::with_errno("stream already closed", libc::EBADF));
         f
     }
 
