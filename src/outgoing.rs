@@ -541,14 +541,14 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     // Downtime ends here, as in QEMU: everything is on its way to the
     // destination, which needs nothing more from us; stopping the dirty
     // log does not delay it.
-    let downtime = stop_time.elapsed().as_millis() as u64;
+    let downtime = round_ms(stop_time.elapsed());
     save.cleanup();
     let total = start.elapsed();
     update(|s| {
         s.transferred = sent;
         s.downtime_bytes = sent - before;
         s.downtime_ms = Some(downtime);
-        s.total_time_ms = total.as_millis() as u64;
+        s.total_time_ms = round_ms(total);
         s.remaining = 0;
         s.mbps = sent as f64 * 8.0 / total.as_secs_f64().max(1e-9) / 1e6;
     });
@@ -558,9 +558,16 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     if !OUTGOING.cas(S::Active, S::Completed) {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
     }
-    log::info!("migration completed: {sent} bytes, total {} ms, downtime {downtime} ms", total.as_millis());
+    log::info!("migration completed: {sent} bytes, total {} ms, downtime {downtime} ms", round_ms(total));
     notify(S::Completed, false);
     Ok(())
+}
+
+/// A duration in whole milliseconds, to the nearest: the reported times
+/// are then off by at most half a millisecond either way (truncating
+/// would report every downtime up to a millisecond short).
+fn round_ms(d: Duration) -> u64 {
+    ((d.as_micros() + 500) / 1000) as u64
 }
 
 fn finish(host: &Host, result: Result<()>, mut p: Progress) {
@@ -625,6 +632,12 @@ mod tests {
 
     fn first(sent: u64, b: Bucket, throttled: bool) -> WindowSample {
         WindowSample { sent, elapsed: Duration::from_millis(100), first: b, throttled, ..Default::default() }
+    }
+
+    #[test]
+    fn reported_times_round_to_the_nearest_millisecond() {
+        let us = Duration::from_micros;
+        assert_eq!([round_ms(us(0)), round_ms(us(499)), round_ms(us(500)), round_ms(us(6_900)), round_ms(us(7_499))], [0, 0, 1, 7, 7]);
     }
 
     #[test]
