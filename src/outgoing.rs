@@ -516,7 +516,10 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     let was_running = host.runstate_is_running();
     crate::globalstate::store(host.runstate());
     let stop_time = Instant::now();
-    let (cpu0, wait0) = (crate::thread_cpu_time(), crate::thread_runqueue_wait());
+    // For the debug line below: read only when it is printed (the wait
+    // comes from a /proc read, and this is downtime).
+    let debug = log::log_enabled!(log::Level::Debug);
+    let (cpu0, wait0) = if debug { (crate::thread_cpu_time(), crate::thread_runqueue_wait()) } else { (Duration::ZERO, None) };
     host.vm_stop_force_state(RunState::FinishMigrate)?;
     *stopped_running_vm = was_running;
     let stopped = stop_time.elapsed();
@@ -526,13 +529,15 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_runni
     f.flush()?;
     let sent = stop_time.elapsed();
     save.await_destination(f)?;
-    let waited = wait0.zip(crate::thread_runqueue_wait()).map(|(a, b)| b.saturating_sub(a));
-    log::debug!(
-        "switchover: VM stopped in {stopped:?}, {} bytes sent by {sent:?}, destination confirmed by {:?} (this thread: {:?} on a CPU, {waited:?} waiting for one)",
-        f.tell() - before,
-        stop_time.elapsed(),
-        crate::thread_cpu_time().saturating_sub(cpu0)
-    );
+    if debug {
+        let waited = wait0.zip(crate::thread_runqueue_wait()).map(|(a, b)| b.saturating_sub(a));
+        log::debug!(
+            "switchover: VM stopped in {stopped:?}, {} bytes sent by {sent:?}, destination confirmed by {:?} (this thread: {:?} on a CPU, {waited:?} waiting for one)",
+            f.tell() - before,
+            stop_time.elapsed(),
+            crate::thread_cpu_time().saturating_sub(cpu0)
+        );
+    }
     // Close the channel now (for exec:, wait for the command): its failure
     // is the migration's failure.
     let closing = std::mem::replace(f, QemuFile::closed());
