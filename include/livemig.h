@@ -703,7 +703,9 @@ typedef struct MigrationInfo {
    */
   bool has_downtime;
   /*
-   Downtime in ms.
+   Downtime in ms, to the nearest: from just before the VM was stopped
+   until the whole stream was written and the channel closed (with a
+   return path, once the destination had also confirmed the load).
    */
   int64_t downtime;
   /*

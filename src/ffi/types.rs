@@ -208,7 +208,9 @@ pub struct MigrationInfo {
     pub expected_downtime: i64,
     /// Whether `downtime` is set (once completed).
     pub has_downtime: bool,
-    /// Downtime in ms.
+    /// Downtime in ms, to the nearest: from just before the VM was stopped
+    /// until the whole stream was written and the channel closed (with a
+    /// return path, once the destination had also confirmed the load).
     pub downtime: i64,
     /// Whether `setup_time` is set.
     pub has_setup_time: bool,
