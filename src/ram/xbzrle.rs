@@ -316,14 +316,15 @@ fn nonzero_byte_bits(x: u64) -> u64 {
 ///
 /// The portable encoder loses much of its time to branch mispredictions:
 /// how many runs a 64-byte block holds, and whether one continues into the
-/// next, is random. This one splits the page into chunks of 1024 bytes
-/// and handles each in passes whose branches are predictable:
+/// next, is random. This one handles the page in passes whose branches
+/// are predictable, a chunk of 4096 bytes at a time (a 4 KiB page is one
+/// chunk):
 ///
 /// 1. Compare the blocks (two 32-byte VPCMPEQB + VPMOVMSKB each) and keep
 ///    each block's transition mask `t` (bit j set where "byte j differs"
-///    changes; see `encode_portable`). Then prefetch the next chunk, as
-///    the passes below touch no uncached memory and would otherwise leave
-///    the memory idle.
+///    changes; see `encode_portable`). Then prefetch the next chunk, if
+///    any, as the passes below touch no uncached memory and would
+///    otherwise leave the memory idle.
 /// 2. List the page offsets of all set bits of the chunk's masks in
 ///    `pos`, so that it alternates run start, run end, start, ...: with a
 ///    table lookup per mask byte, or, in chunks with few changes, with
@@ -360,46 +361,39 @@ mod avx2 {
             && is_x86_feature_detected!("popcnt")
     }
 
-    /// Bytes of the page handled per round of passes.
-    const CHUNK: usize = 1024;
+    /// Bytes of the page handled per round of passes: a whole 4 KiB
+    /// page at once (longer pages take several rounds).
+    const CHUNK: usize = 4096;
     const BLOCKS: usize = CHUNK / BLOCK;
     /// Entries of `pos`: the previous run end, a run carried over from the
     /// previous chunk, at most one boundary per byte of the chunk plus the
-    /// page end, and 16 padding entries that the header pass may read
-    /// (see [`Scratch`]).
+    /// page end, and 16 padding entries that the header pass may read.
     const POS_CAP: usize = 1 + 1 + CHUNK + 1 + 16;
-    /// Pairs per chunk (at most half of the up to 1 + CHUNK + 1
-    /// boundaries), rounded up to whole groups of 8.
-    const PAIRS_CAP: usize = (CHUNK / 2 + 1).div_ceil(8) * 8;
     /// Largest size of a pair the fast path writes (3-byte header, 16
     /// bytes of data), and thus the room it needs.
     const PAIR_MAX: usize = 19;
 
-    /// Per-chunk work arrays. They are left uninitialised (zeroing them
-    /// would cost about as much as encoding a sparse page); every entry is
-    /// written before it is read:
-    ///
-    /// - `pos[0]` is written before the first chunk; the listing writes
-    ///   `pos[1..1 + n]` for the `n` boundaries of the chunk (and some
-    ///   entries past them); 16 padding entries then follow, so that
-    ///   the header pass, which reads `pos[16 g..16 g + 17]` for every
-    ///   group `g` started, reads only written entries.
-    /// - The header pass writes `hdr`, `meta`, `start` for all 8 pairs of
-    ///   each group it handles, and `bad` for the group; the pair writer
-    ///   reads them only for pairs of those groups.
-    struct Scratch {
-        /// Previous run end, then run starts and ends, alternating.
-        pos: [MaybeUninit<u16>; POS_CAP],
+    /// The boundaries of a chunk's runs: the previous run end, then run
+    /// starts and ends, alternating. Left uninitialised (zeroing it would
+    /// cost about as much as encoding a sparse page); every entry is
+    /// written before it is read: `pos[0]` before the first chunk; the
+    /// listing writes `pos[1..1 + n]` for the `n` boundaries of the chunk
+    /// (and some entries past them); 16 padding entries then follow, so
+    /// that the pair writer, which reads `pos[16 g..16 g + 17]` for every
+    /// group `g` of 8 pairs started, reads only written entries.
+    type Positions = [MaybeUninit<u16>; POS_CAP];
+
+    /// Pass 3's output for one group of 8 pairs.
+    struct Group {
         /// Header bytes of each pair (zrun uleb, then nzrun length).
-        hdr: [MaybeUninit<u32>; PAIRS_CAP],
+        hdr: [u32; 8],
         /// Per pair: byte 0 is 8 times the header length; byte 1 the
         /// encoded size of the pair.
-        meta: [MaybeUninit<u32>; PAIRS_CAP],
+        meta: [u32; 8],
         /// Per pair: page offset of the changed bytes.
-        start: [MaybeUninit<u32>; PAIRS_CAP],
-        /// Per group of 8 pairs: bit j set if pair j needs the checked
-        /// path.
-        bad: [MaybeUninit<u8>; PAIRS_CAP / 8],
+        start: [u32; 8],
+        /// Bit j set if pair j needs the checked path.
+        bad: u8,
     }
 
     /// Entry `b`: the positions of the set bits of `b`, ascending, then
@@ -441,11 +435,8 @@ mod avx2 {
             // cache.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(dst.as_ptr().add(off).cast()) };
         }
-        let mut scratch = MaybeUninit::<Scratch>::uninit();
-        let sc = scratch.as_mut_ptr();
-        // SAFETY: sc points to the (uninitialised) Scratch; taking the
-        // address of a field reads nothing.
-        let pos = unsafe { (&raw mut (*sc).pos).cast::<u16>() };
+        let mut positions: Positions = [MaybeUninit::uninit(); POS_CAP];
+        let pos = positions.as_mut_ptr().cast::<u16>();
         // SAFETY: pos has POS_CAP > 0 entries.
         unsafe { pos.write(0) }; // no nzrun yet: zruns count from 0
         let (mut d, mut n) = (0, 0); // bytes written; boundaries in pos[1..]
@@ -499,7 +490,7 @@ mod avx2 {
                 let m = diff_mask64(&o, &nw);
                 let t = m ^ ((m << 1) | carry);
                 carry = 0;
-                // SAFETY: as above (this is block number `full` < 16).
+                // SAFETY: as above (this is block number `full` < BLOCKS).
                 n = unsafe { list_sparse(pos.add(1 + n), n, base + full * BLOCK, t) };
             } else if n % 2 == 1 && base + clen == len {
                 // A run still open at the end of the page ends there.
@@ -513,7 +504,7 @@ mod avx2 {
             let pairs = n / 2;
             // Passes 3 and 4.
             // SAFETY: pos[..1 + n + 16] is written, pairs = n / 2.
-            d = unsafe { put_pairs(sc, pairs, dst, d, new) }?;
+            d = unsafe { put_pairs(pos, pairs, dst, d, new) }?;
             // The end of the last nzrun, and a run still open, move to the
             // front.
             // SAFETY: pos[2 pairs] and, if n is odd, pos[n] = pos[2 pairs
@@ -614,61 +605,50 @@ mod avx2 {
     ///
     /// # Safety
     ///
-    /// `sc` must point to a [`Scratch`] whose `pos[..2 pairs + 17]` is
-    /// written and holds the previous run end, then the `pairs` runs'
-    /// starts and ends, all at most `new.len()` and in increasing order.
+    /// `pos[..2 pairs + 17]` must be written and hold the previous run end,
+    /// then the `pairs` runs' starts and ends, all at most `new.len()` and
+    /// in increasing order.
     #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
     #[inline]
-    unsafe fn put_pairs(sc: *mut Scratch, pairs: usize, dst: &mut [u8], mut d: usize, new: &[u8]) -> Option<usize> {
-        // SAFETY: taking the addresses of fields reads nothing.
-        let (pos, hdr, meta, start, bad) = unsafe {
-            (
-                (&raw const (*sc).pos).cast::<u16>(),
-                (&raw const (*sc).hdr).cast::<u32>(),
-                (&raw const (*sc).meta).cast::<u32>(),
-                (&raw const (*sc).start).cast::<u32>(),
-                (&raw const (*sc).bad).cast::<u8>(),
-            )
-        };
+    unsafe fn put_pairs(pos: *const u16, pairs: usize, dst: &mut [u8], mut d: usize, new: &[u8]) -> Option<usize> {
         let mut k = 0;
         while k < pairs {
-            let g = k / 8;
+            // SAFETY: pairs 8 g.. exist, so pos[16 g..16 g + 17] are
+            // written entries (as promised by our caller, with the
+            // padding for the last group).
+            let p = unsafe { pos.add(2 * k) };
             let whole = k + 8 <= pairs && d + 8 * PAIR_MAX <= dst.len();
             if whole {
-                // SAFETY: pairs 8 g..8 g + 8 exist, so pos[16 g..16 g +
-                // 17] are written entries; the room for 8 pairs of at most
+                // SAFETY: as above; the room for 8 pairs of at most
                 // PAIR_MAX bytes was checked.
-                if let Some(end) = unsafe { put_short_group(pos.add(16 * g), dst, d, new) } {
+                if let Some(end) = unsafe { put_short_group(p, dst, d, new) } {
                     d = end;
                     k += 8;
                     continue;
                 }
             }
-            // SAFETY: as promised by our caller, group g reads written pos
-            // entries; it writes the other arrays' entries of group g.
-            unsafe { headers(sc, g, new.len()) };
-            // SAFETY: group g was written just above.
-            let bad_bits = unsafe { bad.add(g).read() };
-            if whole && bad_bits == 0 {
-                for j in k..k + 8 {
-                    // SAFETY: j < pairs: entries written by the header
-                    // pass; pair j is good (its start is at most
-                    // new.len() - 16); and the room for 8 pairs of at most
-                    // PAIR_MAX bytes was checked.
-                    d = unsafe { put_pair_fast(dst, d, new, start.add(j).read(), hdr.add(j).read(), meta.add(j).read()) };
+            // SAFETY: as above.
+            let grp = unsafe { headers(p, new.len()) };
+            if whole && grp.bad == 0 {
+                for j in 0..8 {
+                    // SAFETY: pair j is good (its start is at most
+                    // new.len() - 16, and it has at most 16 changed
+                    // bytes); the room for 8 pairs of at most PAIR_MAX
+                    // bytes was checked.
+                    d = unsafe { put_pair_fast(dst, d, new, grp.start[j], grp.hdr[j], grp.meta[j]) };
                 }
                 k += 8;
                 continue;
             }
-            for j in k..pairs.min(k + 8) {
-                if (bad_bits >> (j % 8)) & 1 == 0 && d + PAIR_MAX <= dst.len() {
+            for j in 0..(pairs - k).min(8) {
+                if (grp.bad >> j) & 1 == 0 && d + PAIR_MAX <= dst.len() {
                     // SAFETY: as above, for one pair.
-                    d = unsafe { put_pair_fast(dst, d, new, start.add(j).read(), hdr.add(j).read(), meta.add(j).read()) };
+                    d = unsafe { put_pair_fast(dst, d, new, grp.start[j], grp.hdr[j], grp.meta[j]) };
                 } else {
-                    // SAFETY: 2 j + 2 <= 2 pairs: written entries.
+                    // SAFETY: 2 j + 2 <= 2 (pairs - k): written entries.
                     let (prev_end, s, e) = unsafe {
-                        let p = pos.add(2 * j);
-                        (usize::from(p.read()), usize::from(p.add(1).read()), usize::from(p.add(2).read()))
+                        let q = p.add(2 * j);
+                        (usize::from(q.read()), usize::from(q.add(1).read()), usize::from(q.add(2).read()))
                     };
                     d = put_pair_slow(dst, d, s - prev_end, &new[s..e])?;
                 }
@@ -754,34 +734,21 @@ mod avx2 {
         table
     };
 
-    /// Pass 3 for group `g`: the `hdr`, `meta`, `start` and `bad` entries
-    /// of pairs 8 g..8 g + 8.
+    /// Pass 3 for the group of 8 pairs whose previous run end, then
+    /// starts and ends, are `p[0..17]`.
     ///
     /// # Safety
     ///
-    /// As [`put_pairs`], and the group holds one of its `pairs`.
+    /// `p[0..17]` must be readable.
     #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
     #[inline]
-    unsafe fn headers(sc: *mut Scratch, g: usize, len: usize) {
-        // SAFETY: taking the addresses of fields reads nothing.
-        let (pos, hdr, meta, start, bad) = unsafe {
-            (
-                (&raw const (*sc).pos).cast::<u16>(),
-                (&raw mut (*sc).hdr).cast::<u32>(),
-                (&raw mut (*sc).meta).cast::<u32>(),
-                (&raw mut (*sc).start).cast::<u32>(),
-                (&raw mut (*sc).bad).cast::<u8>(),
-            )
-        };
+    unsafe fn headers(p: *const u16, len: usize) -> Group {
         let low16 = _mm256_set1_epi32(0xffff);
         let last_start = _mm256_set1_epi32(len as i32 - 16);
-        // 32-bit lane j: start | end << 16 of pair 8 g + j, and
-        // previous end | start << 16; their difference is
-        // zrun | nzrun << 16.
-        // SAFETY: these read pos[16 g..16 g + 17], and 16 g <= 2 pairs - 2
-        // as the group holds one of the pairs: written entries, per our
-        // caller.
-        let (runs, prev) = unsafe { (_mm256_loadu_si256(pos.add(1 + 16 * g).cast()), _mm256_loadu_si256(pos.add(16 * g).cast())) };
+        // 32-bit lane j: start | end << 16 of pair j, and previous end |
+        // start << 16; their difference is zrun | nzrun << 16.
+        // SAFETY: p[0..17] is readable (our caller's promise).
+        let (runs, prev) = unsafe { (_mm256_loadu_si256(p.add(1).cast()), _mm256_loadu_si256(p.cast())) };
         let lengths = _mm256_sub_epi16(runs, prev);
         let zrun = _mm256_and_si256(lengths, low16);
         let nzrun = _mm256_srli_epi32(lengths, 16);
@@ -800,14 +767,15 @@ mod avx2 {
         let info = _mm256_or_si256(_mm256_slli_epi32(hdr_len, 3), _mm256_slli_epi32(size, 8));
         // The fast path copies 16 bytes from the start of the run.
         let slow = _mm256_or_si256(_mm256_cmpgt_epi32(nzrun, _mm256_set1_epi32(16)), _mm256_cmpgt_epi32(s, last_start));
-        // SAFETY: 8 g + 8 <= PAIRS_CAP and g < PAIRS_CAP / 8, as
-        // pairs <= (POS_CAP - 17) / 2.
+        let mut grp = Group { hdr: [0; 8], meta: [0; 8], start: [0; 8], bad: 0 };
+        // SAFETY: each array is 32 writable bytes.
         unsafe {
-            _mm256_storeu_si256(hdr.add(8 * g).cast(), header);
-            _mm256_storeu_si256(meta.add(8 * g).cast(), info);
-            _mm256_storeu_si256(start.add(8 * g).cast(), s);
-            bad.add(g).write(_mm256_movemask_ps(_mm256_castsi256_ps(slow)) as u8);
+            _mm256_storeu_si256(grp.hdr.as_mut_ptr().cast(), header);
+            _mm256_storeu_si256(grp.meta.as_mut_ptr().cast(), info);
+            _mm256_storeu_si256(grp.start.as_mut_ptr().cast(), s);
         }
+        grp.bad = _mm256_movemask_ps(_mm256_castsi256_ps(slow)) as u8;
+        grp
     }
 
     /// Writes one pair in at most 19 bytes at `dst[d..]`; returns the new
@@ -1268,7 +1236,7 @@ mod tests {
             (PAGE_SIZE, &[(0, 4095)]),
             (PAGE_SIZE, &[(60, 70), (127, 129), (191, 192), (192, 193)]), // across 64-byte blocks
             (PAGE_SIZE, &[(63, 64), (64, 65), (255, 257), (319, 384)]),
-            (PAGE_SIZE, &[(1000, 1100), (2040, 2060), (3071, 3073)]), // across 1024-byte chunks
+            (PAGE_SIZE, &[(1000, 1100), (2040, 2060), (3071, 3073)]), // across 1 KiB boundaries
             (PAGE_SIZE, &[(1023, 1024), (2048, 2049), (3000, 3072)]),
             (PAGE_SIZE, &[(100, 108), (200, 209), (300, 316), (400, 417)]), // 8, 9, 16, 17 bytes
             (PAGE_SIZE, &[(127, 128), (256, 257), (384, 390), (4000, 4016)]), // zruns 127, 128, 127, 3610
@@ -1290,6 +1258,9 @@ mod tests {
             (1025, &[(1023, 1025)]),
             (1088, &[(1024, 1088)]),
             (5000, &[(4095, 4097), (4990, 5000)]),
+            (4097, &[(4095, 4097)]),                  // across 4096-byte chunks
+            (4160, &[(4096, 4160)]),
+            (8192, &[(4000, 4100), (8100, 8192)]),
             (ULEB_SMALL_MAX as usize, &[(16382, 16383)]), // the longest zrun
             (ULEB_SMALL_MAX as usize, &[(0, 16383)]),
             (ULEB_SMALL_MAX as usize, &[(5, 6), (8000, 8200), (16300, 16383)]),
@@ -1305,8 +1276,7 @@ mod tests {
             check_encoders_all_room(&old, &new, len <= 1100, &format!("case {i}"));
         }
         // Pairs of the largest size the AVX2 encoder writes without
-        // checks (zrun >= 128, 16 changed bytes), as many as fit a
-        // 1024-byte chunk, then smaller ones.
+        // checks (zrun >= 128, 16 changed bytes), then smaller ones.
         let mut new = vec![0u8; PAGE_SIZE];
         for k in 0..7 {
             new[128 + 144 * k..144 + 144 * k].fill(1);
@@ -1477,12 +1447,12 @@ mod tests {
     #[test]
     fn encoders_match_reference_on_patterns_near_chunk_ends() {
         // Runs of every length 1..40 starting at every offset around the
-        // 64-byte block and 1024-byte chunk boundaries, after zruns of
-        // 100..140 bytes (the 1- to 2-byte uleb step).
-        let len = 2 * 1024 + 100;
+        // 64-byte block and the AVX2 encoder's 4096-byte chunk boundaries,
+        // after zruns of 100..140 bytes (the 1- to 2-byte uleb step).
+        let len = 2 * 4096 + 100;
         let old: Vec<u8> = (0..len).map(|k| (k * 13) as u8).collect();
         for run in 1..40 {
-            for start in (1024 - 40..1024 + 8usize).chain(64 * 5 - 20..64 * 5 + 4) {
+            for start in (4096 - 40..4096 + 8usize).chain(64 * 5 - 20..64 * 5 + 4) {
                 for gap in [100, 127, 128, 140] {
                     let mut new = old.clone();
                     let first = start.saturating_sub(gap + 3);
