@@ -398,14 +398,14 @@ mod avx2 {
 
     /// Entry `b`: the positions of the set bits of `b`, ascending, then
     /// zeros.
-    static BIT_POSITIONS: [[u16; 8]; 256] = {
-        let mut table = [[0u16; 8]; 256];
+    static BIT_POSITIONS: [[u8; 8]; 256] = {
+        let mut table = [[0u8; 8]; 256];
         let mut b = 0;
         while b < 256 {
             let (mut k, mut j) = (0, 0);
             while j < 8 {
                 if b & (1 << j) != 0 {
-                    table[b][k] = j as u16;
+                    table[b][k] = j as u8;
                     k += 1;
                 }
                 j += 1;
@@ -475,7 +475,7 @@ mod avx2 {
                     n = unsafe { list_sparse(pos.add(1 + n), n, base + k * BLOCK, t) };
                 }
             } else {
-                for (k, &t) in tmask[..full].iter().enumerate() {
+                for (k, t) in tmask[..full].iter().enumerate() {
                     // SAFETY: see above.
                     n = unsafe { list_dense(pos.add(1 + n), n, base + k * BLOCK, t) };
                 }
@@ -574,24 +574,27 @@ mod avx2 {
     }
 
     /// As [`list_sparse`], with a table lookup per byte of `t`: no
-    /// branches, whatever the number of bits.
+    /// branches, whatever the number of bits. Each byte is read from
+    /// memory on its own (volatile reads, as LLVM would otherwise load the
+    /// word and shift it, an extra instruction per byte), and its entry is
+    /// widened to 16 bits as it is loaded (VPMOVZXBW).
     ///
     /// # Safety
     ///
     /// `p` must be valid for writing 64 entries.
     #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
     #[inline]
-    unsafe fn list_dense(mut p: *mut u16, n: usize, base: usize, t: u64) -> usize {
+    unsafe fn list_dense(mut p: *mut u16, n: usize, base: usize, t: &u64) -> usize {
         // Page offsets are below 16384.
         let mut offsets = _mm_set1_epi16(base as i16);
+        let bytes = (t as *const u64).cast::<u8>();
         for i in 0..8 {
-            let byte = ((t >> (8 * i)) & 0xff) as usize;
-            let bits = &BIT_POSITIONS[byte];
-            // SAFETY: bits is 16 readable bytes. p is at most 8 i entries
-            // past the caller's pointer, so the 8 entries written here are
-            // within its 64.
+            // SAFETY: t is 8 readable bytes; the entry is 8 readable
+            // bytes. p is at most 8 i entries past the caller's pointer,
+            // so the 8 entries written here are within its 64.
             unsafe {
-                let v = _mm_loadu_si128(bits.as_ptr().cast());
+                let byte = usize::from(bytes.add(i).read_volatile());
+                let v = _mm_cvtepu8_epi16(_mm_loadl_epi64(BIT_POSITIONS[byte].as_ptr().cast()));
                 _mm_storeu_si128(p.cast(), _mm_add_epi16(v, offsets));
                 p = p.add(byte.count_ones() as usize);
             }
