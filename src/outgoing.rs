@@ -3,8 +3,9 @@
 //! The thread ("livemig-out") owns the stream. It connects, writes the
 //! setup sections, then runs 100 ms windows: within a window's byte budget
 //! (speed / 10) it asks the live handlers how much is pending and iterates
-//! until the first round has reached every page and the rest is expected
-//! to take at most 80 % of the downtime limit (a margin for the last pass;
+//! until the first round has reached every page, the rate of re-sent pages
+//! has been measured (for at most 40 ms more) and the rest is expected to
+//! take at most 80 % of the downtime limit (a margin for the last pass;
 //! see [`should_iterate`] and [`Rates`]); once the rest
 //! fits in the downtime limit it switches over under the host lock: wake the
 //! guest, stop the VM (FINISH_MIGRATE), lift the rate limit, write END and
@@ -30,6 +31,13 @@ pub const SWITCHOVER_MARGIN: f64 = 0.8;
 
 /// Sending time one rate measurement takes (unthrottled).
 const RATE_SAMPLE: Duration = Duration::from_millis(20);
+
+/// How long after the first round the loop may go on iterating, unthrottled,
+/// to measure the rate of re-sent pages (the kind the last pass sends) when
+/// it has none: the first round's rate predicts it badly (a first-round
+/// page also pays for the destination's first touch of its memory), and
+/// the pending set shrinks meanwhile.
+const RESEND_PROBE: Duration = Duration::from_millis(40);
 
 /// Length of one rate-limit / bandwidth window.
 pub const WINDOW: Duration = Duration::from_millis(100);
@@ -246,6 +254,8 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     let mut sample = WindowSample::default();
     let mut max_size: u64 = 0;
     let mut rates = Rates::default();
+    let mut first_round_done: Option<Instant> = None;
+    let mut last_window_throttled = false;
     loop {
         if OUTGOING.status() != S::Active {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
@@ -256,7 +266,11 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             update(|s| s.remaining = pending);
             let fresh = crate::ram::first_round_left_bytes();
             let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
-            if should_iterate(pending, fresh, max_size, expected, budget_ms(prm.downtime_ns)) {
+            if fresh == 0 {
+                first_round_done.get_or_insert_with(Instant::now);
+            }
+            let probing = probing(&rates, sample.throttled || last_window_throttled, first_round_done);
+            if should_iterate(pending, fresh, max_size, expected, budget_ms(prm.downtime_ns), probing) {
                 let (t, b, done, resent, zero, wait) = (
                     Instant::now(),
                     f.tell(),
@@ -314,6 +328,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
                 if rates.link_from_resend { " (re-sent pages)" } else { "" },
                 rates.first_round
             );
+            last_window_throttled = sample.throttled;
             f.set_rate_limit(prm.speed / 10);
             f.reset_rate_limit();
             window_start = Instant::now();
@@ -330,11 +345,20 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
 /// reached every page (`fresh` bytes left: they must be sent anyway, and
 /// sending them with the guest running costs no downtime), while the
 /// pending bytes do not fit in what the downtime budget can send
-/// (`max_size`, from the last window), or while the estimate for the
+/// (`max_size`, from the last window), while the estimate for the
 /// pending mix as it is now (after the sync that `max_size` triggered)
-/// exceeds the budget.
-pub fn should_iterate(pending: u64, fresh: u64, max_size: u64, expected_ms: u64, budget_ms: f64) -> bool {
-    pending > 0 && (fresh > 0 || pending >= max_size || expected_ms as f64 > budget_ms)
+/// exceeds the budget, or while `probing` for the rate of re-sent pages
+/// (see [`RESEND_PROBE`]).
+pub fn should_iterate(pending: u64, fresh: u64, max_size: u64, expected_ms: u64, budget_ms: f64, probing: bool) -> bool {
+    pending > 0 && (fresh > 0 || probing || pending >= max_size || expected_ms as f64 > budget_ms)
+}
+
+/// Whether to go on iterating to measure the rate of re-sent pages (see
+/// [`RESEND_PROBE`]): none measured yet, unthrottled (under a speed limit
+/// the estimate takes the window's rate, whatever the pages), and less
+/// than `RESEND_PROBE` since the first round reached every page.
+fn probing(rates: &Rates, throttled: bool, first_round_done: Option<Instant>) -> bool {
+    !rates.link_from_resend && !throttled && first_round_done.is_some_and(|t| t.elapsed() < RESEND_PROBE)
 }
 
 /// What one finished window tells about bandwidth and convergence.
@@ -747,11 +771,27 @@ mod tests {
 
     #[test]
     fn convergence_decision() {
-        assert!(should_iterate(1, 0, 0, 0, 240.0), "before the first window everything iterates");
-        assert!(should_iterate(30_000_000, 0, 30_000_000, 100, 240.0));
-        assert!(!should_iterate(29_999_999, 0, 30_000_000, 240, 240.0), "fits in the downtime: switch over");
-        assert!(should_iterate(29_999_999, 0, 30_000_000, 241, 240.0), "the mix after the sync costs more: go on");
-        assert!(should_iterate(29_999_999, 4096, 30_000_000, 10, 240.0), "the first round is not over: go on");
-        assert!(!should_iterate(0, 0, 0, 0, 0.0), "nothing pending: switch over");
+        assert!(should_iterate(1, 0, 0, 0, 240.0, false), "before the first window everything iterates");
+        assert!(should_iterate(30_000_000, 0, 30_000_000, 100, 240.0, false));
+        assert!(!should_iterate(29_999_999, 0, 30_000_000, 240, 240.0, false), "fits in the downtime: switch over");
+        assert!(should_iterate(29_999_999, 0, 30_000_000, 241, 240.0, false), "the mix after the sync costs more: go on");
+        assert!(should_iterate(29_999_999, 4096, 30_000_000, 10, 240.0, false), "the first round is not over: go on");
+        assert!(should_iterate(29_999_999, 0, 30_000_000, 10, 240.0, true), "fits, but re-sent pages are not measured yet: go on");
+        assert!(!should_iterate(0, 0, 0, 0, 0.0, false), "nothing pending: switch over");
+        assert!(!should_iterate(0, 0, 0, 0, 240.0, true), "nothing pending, even while probing: switch over");
+    }
+
+    #[test]
+    fn probing_for_the_rate_of_resent_pages() {
+        let now = Instant::now();
+        let first = Rates { link: 1000.0, first_round: 1000.0, link_from_resend: false };
+        let resent = Rates { link_from_resend: true, ..first };
+        assert!(!probing(&first, false, None), "the first round is not over");
+        assert!(probing(&first, false, Some(now)), "just over, only first-round pages measured");
+        assert!(!probing(&resent, false, Some(now)), "re-sent pages measured");
+        assert!(!probing(&first, true, Some(now)), "throttled");
+        if let Some(then) = now.checked_sub(RESEND_PROBE) {
+            assert!(!probing(&first, false, Some(then)), "the probe's time is up");
+        }
     }
 }
