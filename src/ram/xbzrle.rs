@@ -901,21 +901,30 @@ pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
     let (mut i, mut d) = (0usize, 0usize);
 
     while i < slen {
-        // Fast path for the common pair: 1-byte lengths, 1 to 16 changed
-        // bytes, and at least 18 input bytes left. It takes only pairs
-        // that pass every check below (2 input bytes at each length: yes,
-        // as 18 are left; zrun 0 only first; nzrun >= 1; within the page
-        // and the input) and does the same writes; any other pair, valid
-        // or not, goes through the checks below.
-        if let Some(w) = src.get(i..i + 18) {
-            let (z, n) = (usize::from(w[0]), usize::from(w[1]));
-            if (z | n) < 0x80 && n.wrapping_sub(1) < 16 && (z != 0 || i == 0) && d + z + n <= page_len {
-                d += z;
-                copy_short(&mut page[d..d + n], &w[2..2 + n]);
-                d += n;
-                i += 2 + n;
-                continue;
+        // Fast path for the common pair: 1-byte lengths, a zrun of 1 to 127
+        // bytes (0 goes the checked way, as it is valid only first), 1 to
+        // 16 changed bytes, and at least 18 input bytes left. It takes only
+        // pairs that pass every check below (2 input bytes at each length:
+        // yes, as 18 are left; nzrun >= 1; within the page and the input)
+        // and does the same writes; any other pair, valid or not, goes
+        // through the checks below.
+        let (sp, pp) = (src.as_ptr(), page.as_mut_ptr());
+        while i + 18 <= slen {
+            // SAFETY: i + 18 <= slen: src[i] and src[i + 1] are in bounds.
+            let (z, n) = unsafe { (usize::from(*sp.add(i)), usize::from(*sp.add(i + 1))) };
+            let at = d + z;
+            if z.wrapping_sub(1) >= 0x7f || n.wrapping_sub(1) >= 16 || at + n > page_len {
+                break;
             }
+            // SAFETY: page[at..at + n] is in bounds (checked just above),
+            // src[i + 2..i + 2 + n] too (n <= 16, i + 18 <= slen); they do
+            // not overlap (page and src are distinct borrows).
+            unsafe { copy_short(pp.add(at), sp.add(i + 2), n) };
+            d = at + n;
+            i += 2 + n;
+        }
+        if i >= slen {
+            break;
         }
 
         let (count, used) = length(i, Run::Zrun)?;
@@ -951,23 +960,31 @@ pub fn decode(src: &[u8], page: &mut [u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// `dst.copy_from_slice(src)` for 1 to 16 bytes, with at most two
-/// (overlapping) moves instead of a `memcpy` call.
+/// Copies `n` bytes, 1 to 16, from `src` to `dst`, with two overlapping
+/// stores of 8 or 4 bytes, or three of one byte (offsets 0, n / 2 and
+/// n - 1 cover n = 1, 2 or 3).
+///
+/// # Safety
+///
+/// `src` must be valid for reading and `dst` for writing `n` bytes, and
+/// they must not overlap.
 #[inline(always)]
-fn copy_short(dst: &mut [u8], src: &[u8]) {
-    let n = dst.len();
-    debug_assert!((1..=16).contains(&n) && src.len() == n);
-    if n >= 8 {
-        dst[..8].copy_from_slice(&src[..8]);
-        dst[n - 8..].copy_from_slice(&src[n - 8..n]);
-    } else if n >= 4 {
-        dst[..4].copy_from_slice(&src[..4]);
-        dst[n - 4..].copy_from_slice(&src[n - 4..n]);
-    } else {
-        // n = 1, 2 or 3: bytes 0, n / 2 and n - 1 cover them all.
-        dst[0] = src[0];
-        dst[n / 2] = src[n / 2];
-        dst[n - 1] = src[n - 1];
+unsafe fn copy_short(dst: *mut u8, src: *const u8, n: usize) {
+    debug_assert!((1..=16).contains(&n));
+    // SAFETY: every access is within the first n bytes of each (our
+    // caller's promise).
+    unsafe {
+        if n >= 8 {
+            dst.cast::<u64>().write_unaligned(src.cast::<u64>().read_unaligned());
+            dst.add(n - 8).cast::<u64>().write_unaligned(src.add(n - 8).cast::<u64>().read_unaligned());
+        } else if n >= 4 {
+            dst.cast::<u32>().write_unaligned(src.cast::<u32>().read_unaligned());
+            dst.add(n - 4).cast::<u32>().write_unaligned(src.add(n - 4).cast::<u32>().read_unaligned());
+        } else {
+            *dst = *src;
+            *dst.add(n / 2) = *src.add(n / 2);
+            *dst.add(n - 1) = *src.add(n - 1);
+        }
     }
 }
 #[cfg(test)]
@@ -1593,7 +1610,8 @@ mod tests {
         for n in 1..=16 {
             let src: Vec<u8> = (1..=n as u8).collect();
             let mut dst = vec![0u8; n + 2];
-            copy_short(&mut dst[1..n + 1], &src);
+            // SAFETY: dst[1..n + 1] and src[..n] are in bounds and apart.
+            unsafe { copy_short(dst.as_mut_ptr().add(1), src.as_ptr(), n) };
             assert_eq!(dst[1..n + 1], src[..], "length {n}");
             assert_eq!((dst[0], dst[n + 1]), (0, 0), "length {n}");
         }
