@@ -266,10 +266,16 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             update(|s| s.remaining = pending);
             let fresh = crate::ram::first_round_left_bytes();
             let expected = expected_downtime_ms(&rates, pending, fresh, crate::ram::last_sync_time());
-            if fresh == 0 {
-                first_round_done.get_or_insert_with(Instant::now);
+            if fresh == 0 && first_round_done.is_none() {
+                first_round_done = Some(Instant::now());
+                log::debug!(
+                    "first round done at {:?}: pending {pending}, link {:.0}{} bytes/ms",
+                    start.elapsed(),
+                    rates.link,
+                    if rates.link_from_resend { " (re-sent pages)" } else { " (first-round pages)" }
+                );
             }
-            let probing = probing(&rates, sample.throttled || last_window_throttled, first_round_done);
+            let probing = probing(&rates, sample.throttled || last_window_throttled, first_round_done, Instant::now());
             if should_iterate(pending, fresh, max_size, expected, budget_ms(prm.downtime_ns), probing) {
                 let (t, b, done, resent, zero, wait) = (
                     Instant::now(),
@@ -356,9 +362,10 @@ pub fn should_iterate(pending: u64, fresh: u64, max_size: u64, expected_ms: u64,
 /// Whether to go on iterating to measure the rate of re-sent pages (see
 /// [`RESEND_PROBE`]): none measured yet, unthrottled (under a speed limit
 /// the estimate takes the window's rate, whatever the pages), and less
-/// than `RESEND_PROBE` since the first round reached every page.
-fn probing(rates: &Rates, throttled: bool, first_round_done: Option<Instant>) -> bool {
-    !rates.link_from_resend && !throttled && first_round_done.is_some_and(|t| t.elapsed() < RESEND_PROBE)
+/// than `RESEND_PROBE` before `now` since the first round reached every
+/// page.
+fn probing(rates: &Rates, throttled: bool, first_round_done: Option<Instant>, now: Instant) -> bool {
+    !rates.link_from_resend && !throttled && first_round_done.is_some_and(|t| now.saturating_duration_since(t) < RESEND_PROBE)
 }
 
 /// What one finished window tells about bandwidth and convergence.
@@ -783,15 +790,15 @@ mod tests {
 
     #[test]
     fn probing_for_the_rate_of_resent_pages() {
-        let now = Instant::now();
+        let done = Instant::now();
+        let (soon, late) = (done + RESEND_PROBE - Duration::from_millis(1), done + RESEND_PROBE);
         let first = Rates { link: 1000.0, first_round: 1000.0, link_from_resend: false };
         let resent = Rates { link_from_resend: true, ..first };
-        assert!(!probing(&first, false, None), "the first round is not over");
-        assert!(probing(&first, false, Some(now)), "just over, only first-round pages measured");
-        assert!(!probing(&resent, false, Some(now)), "re-sent pages measured");
-        assert!(!probing(&first, true, Some(now)), "throttled");
-        if let Some(then) = now.checked_sub(RESEND_PROBE) {
-            assert!(!probing(&first, false, Some(then)), "the probe's time is up");
-        }
+        assert!(!probing(&first, false, None, done), "the first round is not over");
+        assert!(probing(&first, false, Some(done), done), "just over, only first-round pages measured");
+        assert!(probing(&first, false, Some(done), soon), "still within the probe's time");
+        assert!(!probing(&first, false, Some(done), late), "the probe's time is up");
+        assert!(!probing(&resent, false, Some(done), done), "re-sent pages measured");
+        assert!(!probing(&first, true, Some(done), done), "throttled");
     }
 }
