@@ -94,6 +94,17 @@ pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
     encode_with(Encoder::best(), old, new, dst)
 }
 
+/// [`encode`] with the portable encoder whatever the CPU: the reference the
+/// vectorised one is fuzzed against (`fuzz/fuzz_targets/xbzrle_encode.rs`).
+///
+/// # Panics
+///
+/// As [`encode`].
+#[doc(hidden)]
+pub fn encode_portable_for_fuzzing(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
+    encode_with(Encoder::Portable, old, new, dst)
+}
+
 /// The implementations of [`encode`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoder {
