@@ -354,7 +354,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
 /// (`max_size`, from the last window), while the estimate for the
 /// pending mix as it is now (after the sync that `max_size` triggered)
 /// exceeds the budget, or while `probing` for the rate of re-sent pages
-/// (see [`RESEND_PROBE`]).
+/// (see `RESEND_PROBE`).
 pub fn should_iterate(pending: u64, fresh: u64, max_size: u64, expected_ms: u64, budget_ms: f64, probing: bool) -> bool {
     pending > 0 && (fresh > 0 || probing || pending >= max_size || expected_ms as f64 > budget_ms)
 }

@@ -1,7 +1,7 @@
 //! The C boundary: every exported function and `#[repr(C)]` type.
 //!
 //! Each export checks its pointers and strings, runs its body inside
-//! [`guard`] (a panic is logged and turned into the documented default,
+//! `guard` (a panic is logged and turned into the documented default,
 //! never unwound into C), and reports failures through QEMU-style
 //! `Error **errp` out-parameters: `errp` may be NULL; `*errp` is set only on
 //! failure, to an `Error` the caller frees with `error_free`.

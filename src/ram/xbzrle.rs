@@ -341,23 +341,22 @@ fn nonzero_byte_bits(x: u64) -> u64 {
 ///    table lookup per mask byte, or, in chunks with few changes, with
 ///    TZCNT. `pos[0]` holds the end of the previous nzrun; a run still
 ///    open at the end of a chunk is carried to the next.
-/// 3. For each group of 8 pairs, compute in vector registers the zrun and
-///    nzrun lengths (differences of neighbouring `pos` entries), their
-///    uleb header (2 or 3 bytes), the pair's encoded size, and whether it
-///    needs the general path (nzrun longer than 16, or starting less than
-///    16 bytes before the end of the page).
-/// 4. Write the pairs. A group of 8 short pairs (zrun below 128, 1 or 2
+/// 3. Write the pairs a group of 8 at a time, from the zrun and nzrun
+///    lengths computed in vector registers (differences of neighbouring
+///    `pos` entries). A group of 8 short pairs (zrun below 128, 1 or 2
 ///    changed bytes: at 10 % of bytes changed, 9 groups in 10) is written
-///    from vector registers with no pass 3, in two 16-byte stores (see
-///    `put_short_group`). Otherwise, pass 3 runs for the group, and a pair
-///    is a single 8-byte store:
-///    its header ORed into the new bytes shifted up by the header length
-///    (bytes past the pair are overwritten by the next one or are
-///    scratch), plus a 16-byte store when the pair is longer than 8 bytes.
-///    A group of 8 goes without per-pair checks when the output has room
-///    for 8 pairs of the largest size; otherwise each pair is checked, and
-///    pairs that may not fit take `put_pair_slow`, whose checks are
-///    QEMU's.
+///    at once, in two 16-byte stores (see `put_short_group`).
+/// 4. Any other group takes the general path. Its pairs' uleb headers (2
+///    or 3 bytes), encoded sizes, and whether each needs the checked path
+///    (nzrun longer than 16, or starting less than 16 bytes before the end
+///    of the page) are computed in vector registers too (`headers`). Then
+///    a pair is a single 8-byte store: its header ORed into the new bytes
+///    shifted up by the header length (bytes past the pair are
+///    overwritten by the next one or are scratch), plus a 16-byte store
+///    when the pair is longer than 8 bytes. A group of 8 goes without
+///    per-pair checks when the output has room for 8 pairs of the largest
+///    size; otherwise each pair is checked, and pairs that may not fit
+///    take `put_pair_slow`, whose checks are QEMU's.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{put_pair_slow, BLOCK};
@@ -378,7 +377,7 @@ mod avx2 {
     const BLOCKS: usize = CHUNK / BLOCK;
     /// Entries of `pos`: the previous run end, a run carried over from the
     /// previous chunk, at most one boundary per byte of the chunk plus the
-    /// page end, and 16 padding entries that the header pass may read.
+    /// page end, and 16 padding entries that the pair writer may read.
     const POS_CAP: usize = 1 + 1 + CHUNK + 1 + 16;
     /// Largest size of a pair the fast path writes (3-byte header, 16
     /// bytes of data), and thus the room it needs.
@@ -394,7 +393,7 @@ mod avx2 {
     /// group `g` of 8 pairs started, reads only written entries.
     type Positions = [MaybeUninit<u16>; POS_CAP];
 
-    /// Pass 3's output for one group of 8 pairs.
+    /// The general path's per-pair figures for one group of 8 pairs (`headers`).
     struct Group {
         /// Header bytes of each pair (zrun uleb, then nzrun length).
         hdr: [u32; 8],
@@ -509,7 +508,7 @@ mod avx2 {
                 unsafe { pos.add(1 + n).write(len as u16) };
                 n += 1;
             }
-            // SAFETY: 1 + n + 16 <= POS_CAP; the padding the header pass
+            // SAFETY: 1 + n + 16 <= POS_CAP; the padding the pair writer
             // may read (its value does not matter).
             unsafe { _mm256_storeu_si256(pos.add(1 + n).cast(), _mm256_setzero_si256()) };
             let pairs = n / 2;
@@ -748,8 +747,8 @@ mod avx2 {
         table
     };
 
-    /// Pass 3 for the group of 8 pairs whose previous run end, then
-    /// starts and ends, are `p[0..17]`.
+    /// The general path's figures for the group of 8 pairs whose previous
+    /// run end, then starts and ends, are `p[0..17]`.
     ///
     /// # Safety
     ///
@@ -798,7 +797,7 @@ mod avx2 {
     /// # Safety
     ///
     /// `d + PAIR_MAX <= dst.len()`, `s + 16 <= new.len()`, and `hdr`,
-    /// `meta` are the header pass's entries for a pair with at most 16
+    /// `meta` are [`headers`]' entries for a pair with at most 16
     /// changed bytes.
     #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
     #[inline]
