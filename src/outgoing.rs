@@ -269,10 +269,10 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             if fresh == 0 && first_round_done.is_none() {
                 first_round_done = Some(Instant::now());
                 log::debug!(
-                    "first round done at {:?}: pending {pending}, link {:.0}{} bytes/ms",
+                    "first round done at {:?}: pending {pending}, link {:.0} bytes/ms{}",
                     start.elapsed(),
                     rates.link,
-                    if rates.link_from_resend { " (re-sent pages)" } else { " (first-round pages)" }
+                    rates.link_source()
                 );
             }
             let probing = probing(&rates, sample.throttled || last_window_throttled, first_round_done, Instant::now());
@@ -300,7 +300,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
                         sample.resend,
                         sample.first,
                         rates.link,
-                        if rates.link_from_resend { " (re-sent pages)" } else { "" },
+                        rates.link_source(),
                         rates.first_round
                     );
                     (sample.resend, sample.first) = (Bucket::default(), Bucket::default());
@@ -331,7 +331,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
                 "window: {} bytes in {elapsed:?}, link {:.0}{} / first round {:.0} bytes/ms, pending {pending} ({fresh} first round), max_size {max_size}, expected downtime {expected} ms",
                 sample.sent,
                 rates.link,
-                if rates.link_from_resend { " (re-sent pages)" } else { "" },
+                rates.link_source(),
                 rates.first_round
             );
             last_window_throttled = sample.throttled;
@@ -485,6 +485,15 @@ impl Rates {
             self.link = w.sent as f64 / window_ms;
         }
         self.first_round = self.first_round.max(self.link);
+    }
+
+    /// What `link` was measured on, for the logs.
+    fn link_source(&self) -> &'static str {
+        if self.link_from_resend {
+            " (re-sent pages)"
+        } else {
+            " (first-round pages)"
+        }
     }
 
     /// Milliseconds to send `pending` dirty bytes, `fresh` of them in

@@ -406,6 +406,39 @@ mod avx2 {
         bad: u8,
     }
 
+    /// A group of 8 pairs, one per 32-bit lane: the length of its zrun
+    /// and of its nzrun, and the page offset where the nzrun starts.
+    #[derive(Clone, Copy)]
+    struct GroupRuns {
+        zrun: __m256i,
+        nzrun: __m256i,
+        start: __m256i,
+    }
+
+    impl GroupRuns {
+        /// The group whose previous run end, then starts and ends, are
+        /// `p[0..17]`.
+        ///
+        /// # Safety
+        ///
+        /// `p[0..17]` must be readable.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn at(p: *const u16) -> GroupRuns {
+            let low16 = _mm256_set1_epi32(0xffff);
+            // 32-bit lane j: start | end << 16 of pair j, and previous end
+            // | start << 16; their difference is zrun | nzrun << 16.
+            // SAFETY: p[0..17] is readable (our caller's promise).
+            let (runs, prev) = unsafe { (_mm256_loadu_si256(p.add(1).cast()), _mm256_loadu_si256(p.cast())) };
+            let lengths = _mm256_sub_epi16(runs, prev);
+            GroupRuns {
+                zrun: _mm256_and_si256(lengths, low16),
+                nzrun: _mm256_srli_epi32(lengths, 16),
+                start: _mm256_and_si256(runs, low16),
+            }
+        }
+    }
+
     /// Entry `b`: the positions of the set bits of `b`, ascending, then
     /// zeros.
     static BIT_POSITIONS: [[u8; 8]; 256] = {
@@ -626,22 +659,21 @@ mod avx2 {
     unsafe fn put_pairs(pos: *const u16, pairs: usize, dst: &mut [u8], mut d: usize, new: &[u8]) -> Option<usize> {
         let mut k = 0;
         while k < pairs {
-            // SAFETY: pairs 8 g.. exist, so pos[16 g..16 g + 17] are
-            // written entries (as promised by our caller, with the
-            // padding for the last group).
-            let p = unsafe { pos.add(2 * k) };
+            // SAFETY: pair k exists, so pos[2 k..2 k + 17] are written
+            // entries (as promised by our caller, with the padding for the
+            // last group).
+            let (p, runs) = unsafe { (pos.add(2 * k), GroupRuns::at(pos.add(2 * k))) };
             let whole = k + 8 <= pairs && d + 8 * PAIR_MAX <= dst.len();
             if whole {
-                // SAFETY: as above; the room for 8 pairs of at most
-                // PAIR_MAX bytes was checked.
-                if let Some(end) = unsafe { put_short_group(p, dst, d, new) } {
+                // SAFETY: these are 8 pairs of the page, within `new`; the
+                // room for 8 pairs of at most PAIR_MAX bytes was checked.
+                if let Some(end) = unsafe { put_short_group(&runs, dst, d, new) } {
                     d = end;
                     k += 8;
                     continue;
                 }
             }
-            // SAFETY: as above.
-            let grp = unsafe { headers(p, new.len()) };
+            let grp = headers(&runs, new.len());
             if whole && grp.bad == 0 {
                 for j in 0..8 {
                     // SAFETY: pair j is good (its start is at most
@@ -671,8 +703,7 @@ mod avx2 {
         Some(d)
     }
 
-    /// The 8 pairs whose previous run end, then starts and ends, are
-    /// `p[0..17]`, in one go, when each has fewer than 128 unchanged
+    /// The 8 pairs `runs`, in one go, when each has fewer than 128 unchanged
     /// bytes, 1 or 2 changed ones, and starts at least 4 bytes before the
     /// end of the page (at 10 % of bytes changed, 9 groups in 10). Each
     /// pair is then 4 bytes in a 32-bit lane, [zrun, nzrun, the changed
@@ -682,20 +713,12 @@ mod avx2 {
     ///
     /// # Safety
     ///
-    /// `p[0..17]` must be readable, increasing offsets of at most
-    /// `new.len()`, and `d + 32 <= dst.len()`.
+    /// The runs must be 8 pairs of a page of `new.len()` bytes, and
+    /// `d + 32 <= dst.len()`.
     #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
     #[inline]
-    unsafe fn put_short_group(p: *const u16, dst: &mut [u8], d: usize, new: &[u8]) -> Option<usize> {
-        let low16 = _mm256_set1_epi32(0xffff);
-        // 32-bit lane j: start | end << 16 of pair j, and previous end |
-        // start << 16; their difference is zrun | nzrun << 16.
-        // SAFETY: p[0..17] is readable (our caller's promise).
-        let (runs, prev) = unsafe { (_mm256_loadu_si256(p.add(1).cast()), _mm256_loadu_si256(p.cast())) };
-        let lengths = _mm256_sub_epi16(runs, prev);
-        let zrun = _mm256_and_si256(lengths, low16);
-        let nzrun = _mm256_srli_epi32(lengths, 16);
-        let s = _mm256_and_si256(runs, low16);
+    unsafe fn put_short_group(runs: &GroupRuns, dst: &mut [u8], d: usize, new: &[u8]) -> Option<usize> {
+        let GroupRuns { zrun, nzrun, start: s } = *runs;
         let other = _mm256_or_si256(
             _mm256_or_si256(_mm256_cmpgt_epi32(zrun, _mm256_set1_epi32(0x7f)), _mm256_cmpgt_epi32(nzrun, _mm256_set1_epi32(2))),
             _mm256_cmpgt_epi32(s, _mm256_set1_epi32(new.len() as i32 - 4)),
@@ -747,25 +770,13 @@ mod avx2 {
         table
     };
 
-    /// The general path's figures for the group of 8 pairs whose previous
-    /// run end, then starts and ends, are `p[0..17]`.
-    ///
-    /// # Safety
-    ///
-    /// `p[0..17]` must be readable.
+    /// The general path's figures for the group of 8 pairs `runs`, of a
+    /// page of `len` bytes.
     #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
     #[inline]
-    unsafe fn headers(p: *const u16, len: usize) -> Group {
-        let low16 = _mm256_set1_epi32(0xffff);
+    fn headers(runs: &GroupRuns, len: usize) -> Group {
+        let GroupRuns { zrun, nzrun, start: s } = *runs;
         let last_start = _mm256_set1_epi32(len as i32 - 16);
-        // 32-bit lane j: start | end << 16 of pair j, and previous end |
-        // start << 16; their difference is zrun | nzrun << 16.
-        // SAFETY: p[0..17] is readable (our caller's promise).
-        let (runs, prev) = unsafe { (_mm256_loadu_si256(p.add(1).cast()), _mm256_loadu_si256(p.cast())) };
-        let lengths = _mm256_sub_epi16(runs, prev);
-        let zrun = _mm256_and_si256(lengths, low16);
-        let nzrun = _mm256_srli_epi32(lengths, 16);
-        let s = _mm256_and_si256(runs, low16);
         // zrun < 128: bytes zrun, nzrun. Otherwise zrun takes 2 uleb
         // bytes (zrun < 16384): (zrun & 0x7f) | 0x80, zrun >> 7.
         let long = _mm256_cmpgt_epi32(zrun, _mm256_set1_epi32(0x7f));
