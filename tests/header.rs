@@ -34,3 +34,32 @@ fn version_macros_match_crate() {
         assert!(h.contains(f), "header lacks {f}");
     }
 }
+
+/// A host includes the header into its own code: every macro it defines
+/// must be livemig's (the crate's internal constants, such as the stream's
+/// page flags, would otherwise arrive as `ZERO`, `EOS` or `PAGE_SIZE`).
+#[test]
+fn header_defines_only_livemig_macros() {
+    let h = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/livemig.h")).unwrap();
+    let foreign: Vec<&str> = h
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("#define "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter(|name| name != &"LIVEMIG_H" && !name.starts_with("LIVEMIG_"))
+        .collect();
+    assert!(foreign.is_empty(), "include/livemig.h defines macros outside the LIVEMIG_ namespace: {foreign:?}");
+}
+
+/// The host-ops version macro (written by cbindgen.toml) is the version
+/// the library checks.
+#[test]
+fn host_ops_version_macro_matches_library() {
+    let h = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/livemig.h")).unwrap();
+    let v = h
+        .lines()
+        .find_map(|l| l.strip_prefix("#define LIVEMIG_HOST_OPS_VERSION "))
+        .expect("LIVEMIG_HOST_OPS_VERSION missing")
+        .trim()
+        .to_string();
+    assert_eq!(v, livemig::ffi::types::LIVEMIG_HOST_OPS_VERSION.to_string());
+}
