@@ -133,7 +133,7 @@ fn run(host: Host, source: Source) {
                 host.runstate_set(RunState::Inmigrate);
                 notify(S::Active, true);
             }
-            let r = crate::loadvm::load_stream(&mut f, Some(&host));
+            let r = crate::contain_panic("incoming migration", || crate::loadvm::load_stream(&mut f, Some(&host)));
             (r, Some(f))
         }
         Err(e) => (Err(e), None),

@@ -75,6 +75,25 @@ pub(crate) fn thread_runqueue_wait() -> Option<std::time::Duration> {
     Some(std::time::Duration::from_nanos(ns))
 }
 
+/// The message of a caught panic (empty when it carried no string).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
+}
+
+/// Runs a migration thread's `body`, turning a panic (a bug in livemig, or
+/// in a handler registered from Rust) into an error, so that the thread
+/// still ends the migration the way it ends a failed one: state FAILED
+/// with the reason, a stopped source VM started again, a destination VM
+/// not started. What the body owned is dropped on the way out (a stream
+/// is closed, the host lock released).
+pub(crate) fn contain_panic<T>(thread: &str, body: impl FnOnce() -> error::Result<T>) -> error::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
+        let msg = panic_message(p.as_ref());
+        log::error!("internal error in the {thread} thread: {msg}");
+        Err(error::MigError::new(format!("internal error in the {thread} thread: {msg}")))
+    })
+}
+
 /// Initialises logging (`RUST_LOG`, e.g. `RUST_LOG=livemig=debug`) once;
 /// output goes to stderr, never stdout.
 pub(crate) fn init() {

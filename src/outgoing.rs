@@ -224,11 +224,18 @@ fn run(host: Host, target: Target, aborter: Aborter) {
         notify(S::Setup, false);
     }
     let mut p = Progress { save: None, stopped_running_vm: false };
-    let file = match target {
-        Target::File(f) => Ok(f),
-        Target::Uri(uri, text) => transport::connect(&uri, &text, &aborter).map(|c| QemuFile::new(c, Direction::Write)),
-    };
-    let result = file.and_then(|f| migrate(&host, f, &mut p));
+    let result = crate::contain_panic("migration", || {
+        let file = match target {
+            Target::File(f) => Ok(f),
+            Target::Uri(uri, text) => transport::connect(&uri, &text, &aborter).map(|c| QemuFile::new(c, Direction::Write)),
+        };
+        file.and_then(|f| migrate(&host, f, &mut p))
+    });
+    if result.is_err() && OUTGOING.status() == S::Completed {
+        // A panic after the switchover completed (the error is logged): the
+        // VM now runs on the destination, so this one must stay stopped.
+        return;
+    }
     finish(&host, result, p);
 }
 
@@ -617,10 +624,14 @@ fn round_ms(d: Duration) -> u64 {
 
 fn finish(host: &Host, result: Result<()>, mut p: Progress) {
     if let Some(save) = p.save.as_mut() {
-        if result.is_err() {
-            save.cancel();
-        }
-        save.cleanup();
+        // A handler that panics here still lets the migration end (logged).
+        let _ = crate::contain_panic("migration", || {
+            if result.is_err() {
+                save.cancel();
+            }
+            save.cleanup();
+            Ok(())
+        });
     }
     let Err(err) = result else {
         // Completed and notified inside the switchover, under the host lock.

@@ -30,7 +30,7 @@ pub(crate) fn guard<T>(name: &str, default: T, body: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(p) => {
-            let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let what = crate::panic_message(p.as_ref());
             log::error!("internal error in {name}: {what}");
             default
         }
