@@ -1,5 +1,6 @@
-//! The committed header is what the build generates, and its version
-//! macros match the crate's version.
+//! The committed header is what the build generates, its macros are
+//! livemig's own and match the crate's versions, and README's C example
+//! compiles against it.
 
 use std::process::Command;
 
@@ -62,4 +63,29 @@ fn host_ops_version_macro_matches_library() {
         .trim()
         .to_string();
     assert_eq!(v, livemig::ffi::types::LIVEMIG_HOST_OPS_VERSION.to_string());
+}
+
+/// README's "A minimal host" compiles against the header as C11 with every
+/// warning an error (unused callback parameters aside): the example a host
+/// author starts from does not rot.
+#[test]
+fn readme_host_example_compiles() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let start = readme.find("```c\n").expect("README has a C example") + 5;
+    let len = readme[start..].find("```").expect("the C example ends");
+    let dir = std::env::temp_dir().join(format!("livemig-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("host.c");
+    std::fs::write(&src, &readme[start..start + len]).unwrap();
+    let out = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-fsyntax-only", "-I"])
+        .arg(format!("{root}/include"))
+        .arg(&src)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    match out {
+        Ok(o) => assert!(o.status.success(), "README's C example does not compile:\n{}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("skipped: no C compiler (cc): {e}"),
+    }
 }
