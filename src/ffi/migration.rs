@@ -232,6 +232,8 @@ pub extern "C" fn qapi_free_MigrationCapabilityStatusList(list: *mut MigrationCa
         // qmp_query_migrate_capabilities; each is freed once.
         let n = unsafe { Box::from_raw(node) };
         if !n.value.is_null() {
+            // SAFETY: as above: the value was made with Box::into_raw and
+            // belongs to this node alone.
             drop(unsafe { Box::from_raw(n.value) });
         }
         node = n.next;
