@@ -869,7 +869,9 @@ void qmp_migrate_cancel(struct Error **errp);
 
 /*
  Sets the bandwidth limit in bytes/s (0: unlimited); takes effect within
- one 100 ms window, also during a migration.
+ one 100 ms window, also during a migration. As in QEMU, each window
+ sends at least one page, so a limit below about 41 KB/s moves a page
+ per window.
  */
 void qmp_migrate_set_speed(int64_t value, struct Error **errp);
 

@@ -245,7 +245,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     let f = &mut f;
     let start = Instant::now();
     let mut prm = params::get();
-    f.set_rate_limit(prm.speed / 10);
+    f.set_rate_limit(window_budget(prm.speed));
     p.save = Some(SaveState::begin(f)?);
     let save = p.save.as_mut().expect("just set");
     update(|s| s.setup_time_ms = start.elapsed().as_millis() as u64);
@@ -342,7 +342,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
                 rates.first_round
             );
             last_window_throttled = sample.throttled;
-            f.set_rate_limit(prm.speed / 10);
+            f.set_rate_limit(window_budget(prm.speed));
             f.reset_rate_limit();
             window_start = Instant::now();
             window_bytes_start = f.tell();
@@ -537,6 +537,18 @@ impl Window {
     }
 }
 
+/// The byte budget of one window for a speed limit in bytes/s (0: none).
+/// A limit below 10 bytes/s is a budget of one byte, not none; and as in
+/// QEMU, a window whose budget is left sends at least one page, so limits
+/// below a page per window (about 41 KB/s) still move a page per window.
+fn window_budget(speed: u64) -> u64 {
+    if speed == 0 {
+        0
+    } else {
+        (speed / (Duration::from_secs(1).as_millis() / WINDOW.as_millis()) as u64).max(1)
+    }
+}
+
 /// The share of the downtime limit the switchover plans to use, in ms:
 /// the last pass shares the link and the destination's CPU with device
 /// state and the host's stop.
@@ -681,6 +693,15 @@ mod tests {
     use super::*;
 
     const MB: u64 = 1_000_000;
+
+    #[test]
+    fn window_budget_is_a_tenth_of_the_speed_and_never_unlimited_by_rounding() {
+        assert_eq!(window_budget(0), 0, "no limit");
+        assert_eq!(window_budget(128 << 20), (128 << 20) / 10);
+        assert_eq!(window_budget(9), 1, "9 bytes/s is a limit, not none");
+        assert_eq!(window_budget(1), 1);
+        assert_eq!(window_budget(u64::MAX), u64::MAX / 10);
+    }
 
     fn bucket(wire: u64, retired: u64, ms: u64) -> Bucket {
         Bucket { wire, retired, time: Duration::from_millis(ms), ..Default::default() }

@@ -147,7 +147,9 @@ pub extern "C" fn qmp_migrate_cancel(errp: *mut *mut Error) {
 }
 
 /// Sets the bandwidth limit in bytes/s (0: unlimited); takes effect within
-/// one 100 ms window, also during a migration.
+/// one 100 ms window, also during a migration. As in QEMU, each window
+/// sends at least one page, so a limit below about 41 KB/s moves a page
+/// per window.
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_speed(value: i64, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_speed", errp, (), || params::set_speed(value))
