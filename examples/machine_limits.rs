@@ -1,10 +1,27 @@
 //! The machine's limits, for the benchmark table: single-thread memcpy
 //! bandwidth and one loopback TCP stream's throughput. Prints
 //! `memcpy_GBps=X` and `loopback_tcp_GBps=Y` (medians of 5).
+//!
+//! `--pin SRC,DST` runs the stream's sender on CPU SRC and its receiver on
+//! CPU DST, as the benchmark pins the migration's two sides.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
+
+/// Pins the calling thread to `cpu` (ignored where that fails).
+fn pin(cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it
+    // for cpu < CPU_SETSIZE, and sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu < libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -12,6 +29,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let cpus: Option<(usize, usize)> = args.iter().position(|a| a == "--pin").and_then(|i| {
+        let (a, b) = args.get(i + 1)?.split_once(',')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    });
     let len = 256 << 20;
     let src = vec![1u8; len];
     let mut dst = vec![0u8; len];
@@ -31,6 +53,7 @@ fn main() {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             let rx = std::thread::spawn(move || {
+                pin(cpus.map(|c| c.1));
                 let (mut s, _) = l.accept().unwrap();
                 let mut buf = vec![0u8; 1 << 20];
                 let mut got = 0;
@@ -40,6 +63,7 @@ fn main() {
                     got += n;
                 }
             });
+            pin(cpus.map(|c| c.0));
             let mut s = TcpStream::connect(addr).unwrap();
             let buf = vec![7u8; 1 << 20];
             let t = Instant::now();

@@ -237,7 +237,10 @@ def main():
     rows = []
     lines = []
 
-    lim = subprocess.run(["cargo", "run", "-q", "--release", "--example", "machine_limits"], cwd=TOP,
+    # The loopback stream pinned as the migrations are: sender on the
+    # source's CPU, receiver on the destination's.
+    lim = subprocess.run(["cargo", "run", "-q", "--release", "--example", "machine_limits", "--"]
+                         + (["--pin", f"{PIN[0]},{PIN[1]}"] if PIN else []), cwd=TOP,
                          capture_output=True, text=True).stdout
     limits = dict(l.split("=") for l in lim.split())
     lines.append(f"machine: {os.cpu_count()} cores; single-thread memcpy {limits['memcpy_GBps']} GB/s; "
