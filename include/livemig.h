@@ -759,6 +759,13 @@ struct QEMUFile *qemu_fdopen(int fd, const char *mode);
 int qemu_fclose(struct QEMUFile *f);
 
 /*
+ The version of the library linked at run time, "MAJOR.MINOR.PATCH" (a
+ static string; do not free). A host built against one header and run
+ with another library can compare it with `LIVEMIG_VERSION_STRING`.
+ */
+const char *livemig_version(void);
+
+/*
  Registers the host's callbacks (copied) and its opaque pointer. Refused,
  with an error naming it, when a required callback is NULL, when
  `version`/`size` do not describe a table this library knows, and while a

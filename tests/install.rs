@@ -11,8 +11,8 @@ const PROGRAM: &str = r#"#include <stdio.h>
 int main(void)
 {
     MigrationState *s = migrate_get_current();
-    printf("livemig %s: status %d, active %d\n", LIVEMIG_VERSION_STRING, (int)livemig_migration_status(s),
-           (int)migration_is_active(s));
+    printf("livemig %s/%s: status %d, active %d\n", LIVEMIG_VERSION_STRING, livemig_version(),
+           (int)livemig_migration_status(s), (int)migration_is_active(s));
     Error *err = NULL;
     qmp_migrate("bogus:", false, false, false, false, false, false, &err);
     printf("error: %s\n", err ? error_get_pretty(err) : "none");
@@ -29,7 +29,8 @@ fn run(cmd: &mut Command, what: &str) -> String {
 
 fn check_output(out: &str, how: &str) {
     let first = out.lines().next().unwrap_or_default();
-    assert_eq!(first, format!("livemig {}: status 0, active 0", env!("CARGO_PKG_VERSION")), "{how}: {out}");
+    let v = env!("CARGO_PKG_VERSION");
+    assert_eq!(first, format!("livemig {v}/{v}: status 0, active 0"), "{how}: header and library versions, state: {out}");
     let err = out.lines().nth(1).unwrap_or_default();
     assert!(err.starts_with("error: ") && err != "error: none", "{how}: qmp_migrate must fail with a reason: {out}");
 }

@@ -8,6 +8,14 @@ use super::types::{LivemigHostOps, LIVEMIG_HOST_OPS_VERSION};
 use super::{cstr, guard_err};
 use crate::error::MigError;
 
+/// The version of the library linked at run time, "MAJOR.MINOR.PATCH" (a
+/// static string; do not free). A host built against one header and run
+/// with another library can compare it with `LIVEMIG_VERSION_STRING`.
+#[no_mangle]
+pub extern "C" fn livemig_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
 /// Registers the host's callbacks (copied) and its opaque pointer. Refused,
 /// with an error naming it, when a required callback is NULL, when
 /// `version`/`size` do not describe a table this library knows, and while a
