@@ -12,6 +12,12 @@ fn main() {
     let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
+    // The shared library's SONAME carries the ABI's major version, so that
+    // a host records `liblivemig.so.MAJOR` and an incompatible release can
+    // be installed next to it. `make install` and `c-tests/Makefile` make
+    // the `liblivemig.so.MAJOR` name point at the library.
+    let major = env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets CARGO_PKG_VERSION_MAJOR");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,liblivemig.so.{major}");
 
     let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml is readable and valid");
     let bindings = match cbindgen::Builder::new().with_crate(&crate_dir).with_config(config).generate() {

@@ -1,6 +1,9 @@
 //! `make install` puts the library, the header and a pkg-config file under
 //! a prefix, and a C program builds from them with `pkg-config` alone,
-//! linked against the shared library and against the static one.
+//! linked against the shared library and against the static one. The
+//! shared library is installed under its version, with the SONAME link
+//! `liblivemig.so.MAJOR` that hosts record, and the `liblivemig.so` link
+//! they build with.
 
 use std::path::Path;
 use std::process::Command;
@@ -27,6 +30,16 @@ fn run(cmd: &mut Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The `(TAG)` entries of an ELF file's dynamic section, per `readelf -d`,
+/// e.g. the library names of `SONAME` or `NEEDED`.
+fn dynamic(file: &Path, tag: &str) -> Vec<String> {
+    let out = run(Command::new("readelf").arg("-d").arg(file), "readelf -d");
+    out.lines()
+        .filter(|l| l.contains(&format!("({tag})")))
+        .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_string()))
+        .collect()
+}
+
 fn check_output(out: &str, how: &str) {
     let first = out.lines().next().unwrap_or_default();
     let v = env!("CARGO_PKG_VERSION");
@@ -46,9 +59,18 @@ fn installed_library_builds_a_host_with_pkg_config() {
     let _ = std::fs::remove_dir_all(&dest);
     run(Command::new("make").args(["-s", "-C", root, "install", "PREFIX=/usr"]).arg(format!("DESTDIR={}", dest.display())), "make install");
     let lib = dest.join("usr/lib");
-    for f in ["usr/lib/liblivemig.so", "usr/lib/liblivemig.a", "usr/include/livemig.h", "usr/lib/pkgconfig/livemig.pc"] {
-        assert!(dest.join(f).is_file(), "{f} not installed");
+    let (version, major) = (env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_VERSION_MAJOR"));
+    let (real, soname) = (format!("liblivemig.so.{version}"), format!("liblivemig.so.{major}"));
+    for f in
+        [format!("usr/lib/{real}"), "usr/lib/liblivemig.a".into(), "usr/include/livemig.h".into(), "usr/lib/pkgconfig/livemig.pc".into()]
+    {
+        let meta = std::fs::symlink_metadata(dest.join(&f)).unwrap_or_else(|e| panic!("{f} not installed: {e}"));
+        assert!(meta.is_file(), "{f} is a file");
     }
+    // liblivemig.so -> liblivemig.so.MAJOR -> liblivemig.so.VERSION
+    assert_eq!(std::fs::read_link(lib.join("liblivemig.so")).unwrap(), Path::new(&soname), "the development link");
+    assert_eq!(std::fs::read_link(lib.join(&soname)).unwrap(), Path::new(&real), "the SONAME link");
+    assert_eq!(dynamic(&lib.join(&real), "SONAME"), std::slice::from_ref(&soname), "the library's SONAME");
     assert_eq!(
         std::fs::read(dest.join("usr/include/livemig.h")).unwrap(),
         std::fs::read(Path::new(root).join("include/livemig.h")).unwrap(),
@@ -75,6 +97,7 @@ fn installed_library_builds_a_host_with_pkg_config() {
         Command::new("cc").args(["-std=c11", "-Wall", "-Werror"]).arg(&src).arg("-o").arg(&exe).args(pkg(&["--cflags", "--libs"])),
         "cc (shared)",
     );
+    assert!(dynamic(&exe, "NEEDED").contains(&soname), "the host records the SONAME: {:?}", dynamic(&exe, "NEEDED"));
     check_output(&run(Command::new(&exe).env("LD_LIBRARY_PATH", &lib), "host-shared"), "shared");
 
     // Static: the archive and the private libraries; runs without the .so.
@@ -97,6 +120,8 @@ fn installed_library_builds_a_host_with_pkg_config() {
         Command::new("make").args(["-s", "-C", root, "uninstall", "PREFIX=/usr"]).arg(format!("DESTDIR={}", dest.display())),
         "make uninstall",
     );
-    assert!(!lib.join("liblivemig.so").exists(), "uninstall removes the library");
+    for f in ["liblivemig.so", &soname, &real, "liblivemig.a"] {
+        assert!(std::fs::symlink_metadata(lib.join(f)).is_err(), "uninstall removes {f}");
+    }
     let _ = std::fs::remove_dir_all(&dest);
 }
