@@ -48,11 +48,14 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
     for l in &loaded {
         l.entry.handler.lock().load_begin();
     }
-    let r = load_sections(f, host, &mut loaded);
+    // Every handler's load ends, even when a handler (or livemig) panics
+    // in the middle: the panic is caught here, so that `load_end` runs
+    // outside the unwinding, and then carried on to the thread's guard.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_sections(f, host, &mut loaded)));
     for l in &loaded {
         l.entry.handler.lock().load_end();
     }
-    r
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 /// The sections up to EOF, and the vmdesc after it.

@@ -26,6 +26,9 @@ const PANIC_LOAD: u32 = 3;
 
 const OWNER: usize = 0xb00;
 
+/// Loads of the device handler that ended (`load_end`).
+static LOAD_ENDS: AtomicU32 = AtomicU32::new(0);
+
 /// A live handler: an empty iterative section, which panics in `iterate`
 /// in PANIC_ITERATE.
 struct Live;
@@ -68,6 +71,9 @@ impl SaveVmHandler for Device {
         f.check()?;
         assert_eq!(v, 0xb00b, "device payload");
         Ok(())
+    }
+    fn load_end(&mut self) {
+        LOAD_ENDS.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -130,10 +136,13 @@ fn destination_panic_fails_the_load_and_leaves_the_vm_stopped() {
     for (mode, want) in [(PANIC_LOAD, MigrationStatus::Failed), (BEHAVE, MigrationStatus::Completed)] {
         STATE.store(RunState::Prelaunch as u32, Ordering::SeqCst);
         let before = counts();
-        let starts = STARTS.load(Ordering::SeqCst);
+        let (starts, load_ends) = (STARTS.load(Ordering::SeqCst), LOAD_ENDS.load(Ordering::SeqCst));
         MODE.store(mode, Ordering::SeqCst);
         livemig::incoming::start_uri(&src).unwrap();
         let st = wait_final(true, 30);
+        // The handlers' loads end, panic or not (they release what the
+        // load held).
+        assert_eq!(LOAD_ENDS.load(Ordering::SeqCst), load_ends + 1, "mode {mode}: load_end runs once");
         let e = livemig::incoming::error().unwrap_or_default();
         assert_eq!(st, want, "mode {mode}: destination {} ({e})", st.name());
         if want == MigrationStatus::Failed {
