@@ -41,6 +41,8 @@ const RESEND_PROBE: Duration = Duration::from_millis(40);
 
 /// Length of one rate-limit / bandwidth window.
 pub const WINDOW: Duration = Duration::from_millis(100);
+/// Windows per second: a speed limit's budget per window is its 1/10.
+const WINDOWS_PER_SEC: u64 = 1000 / WINDOW.as_millis() as u64;
 
 /// Figures of the current or last outgoing migration.
 #[derive(Debug, Clone, Default)]
@@ -545,7 +547,7 @@ fn window_budget(speed: u64) -> u64 {
     if speed == 0 {
         0
     } else {
-        (speed / (Duration::from_secs(1).as_millis() / WINDOW.as_millis()) as u64).max(1)
+        (speed / WINDOWS_PER_SEC).max(1)
     }
 }
 
