@@ -77,6 +77,9 @@ int main(int argc, char **argv)
             warm = counts();
         if (dst) {
             memset(ram, 0, RAM_SIZE);
+            /* The last load started the VM: a new incoming migration
+             * needs it stopped, as after a reset. */
+            fake_host.state = RUN_STATE_PRELAUNCH;
             qemu_start_incoming_migration(uri, &err);
             CHECK_OK(err);
             MigrationStatus st = wait_done(true, 30);

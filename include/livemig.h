@@ -850,8 +850,11 @@ int64_t migrate_xbzrle_cache_size(void);
  once; the connection is made on the migration thread. Refused while a
  migration runs, while a blocker is registered (with its message), for a
  bad URI, and for block migration (`blk`/`inc`). With `fd:N` livemig owns
- descriptor N from the call on. `detach` is accepted and ignored (the
- call never waits).
+ descriptor N from the call on, and closes it when it refuses; a
+ descriptor that is not open is refused at once. A named fd (`fd:NAME`,
+ `livemig_fd_add`) is taken by the migration and stays registered when
+ the call is refused. `detach` is accepted and ignored (the call never
+ waits).
  */
 void qmp_migrate(const char *uri, bool has_blk, bool blk, bool has_inc, bool inc, bool has_detach, bool detach, struct Error **errp);
 
@@ -870,7 +873,11 @@ void migrate_fd_error(struct MigrationState *s, const struct Error *error);
 /*
  Requests a cancel: the migration thread stops, cancels the handlers,
  restarts the VM and ends in CANCELLED. No effect when nothing runs or the
- migration already completed.
+ migration already completed, nor once the switchover has sent all but
+ the end of the stream: from then on the destination may load it and
+ start the VM, so the source must not run it again (the cancel is
+ logged and ignored; the migration ends COMPLETED, or FAILED if the
+ stream itself fails).
  */
 void qmp_migrate_cancel(struct Error **errp);
 
@@ -973,14 +980,19 @@ void migrate_del_blocker(struct Error *reason);
  Starts an incoming migration from `uri` (`tcp:HOST:PORT`, port 0 for any
  free port, `unix:PATH`, `exec:CMD`, `fd:N`/`fd:NAME`). Listens (or spawns)
  and returns; a livemig thread loads the stream, then starts the VM or
- sets its run state. Errors in the URI or binding are reported here;
- errors in the stream end in FAILED (see `livemig_query_incoming`).
+ sets its run state. Errors in the URI or binding are reported here, and
+ so is a VM that is running (loading would write under its vCPUs);
+ errors in the stream end in FAILED (see `livemig_query_incoming`). A
+ `unix:` path may hold a stale socket, which is replaced; anything else
+ there is refused.
  */
 void qemu_start_incoming_migration(const char *uri, struct Error **errp);
 
 /*
  Loads an incoming migration from a stream the host opened. livemig owns
- `f` from the call on; a refusal is logged and the stream closed.
+ `f` from the call on; a refusal (a migration in progress, a running VM)
+ is logged and the stream closed. `livemig_incoming_cancel` wakes a read
+ it waits in.
  */
 void process_incoming_migration(struct QEMUFile *f);
 
@@ -991,7 +1003,9 @@ int32_t livemig_incoming_port(void);
 
 /*
  Stops an incoming migration that has not finished; it ends FAILED and
- the VM is not started. Returns false if none was running.
+ the VM is not started (also when the whole stream was read already).
+ Returns false if none was running, or if the load is over and the VM
+ is being handed over.
  */
 bool livemig_incoming_cancel(void);
 

@@ -36,15 +36,18 @@ enum Source {
 /// Starts an incoming migration from `uri`.
 pub fn start_uri(uri: &str) -> Result<()> {
     let parsed = Uri::parse(uri)?;
-    start(|abort| Ok(Source::Listener(Listener::open(&parsed, uri, abort)?)))
+    start(None, |abort| Ok(Source::Listener(Listener::open(&parsed, uri, abort)?)))
 }
 
 /// Starts loading from a stream the host opened (`process_incoming_migration`).
+/// A cancel fires the stream's own aborter, which wakes its reads.
 pub fn start_file(f: QemuFile) -> Result<()> {
-    start(move |_| Ok(Source::File(f)))
+    start(f.aborter(), move |_| Ok(Source::File(f)))
 }
 
-fn start(open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
+/// Starts the incoming thread on what `open` sets up with the aborter a
+/// cancel fires (`aborter`, or a new one).
+fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
     let host = host::get()?;
     let mut g = IN.lock();
     if OUTGOING.status().is_active() {
@@ -54,7 +57,14 @@ fn start(open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
     if !prev.is_idle() {
         return Err(MigError::new("an incoming migration is already in progress"));
     }
-    let aborter = Aborter::new()?;
+    if host.runstate_is_running() {
+        // Loading writes guest RAM and device state under running vCPUs.
+        return Err(MigError::new("cannot start an incoming migration while the VM is running"));
+    }
+    let aborter = match aborter {
+        Some(a) => a,
+        None => Aborter::new()?,
+    };
     let source = open(&aborter)?;
     if !INCOMING.cas(prev, S::Setup) {
         return Err(MigError::new("an incoming migration is already in progress"));
@@ -117,6 +127,19 @@ pub fn cancel() -> bool {
     false
 }
 
+/// The load's outcome, counting a cancel that came too late to interrupt
+/// a read (after the last one, or while a device section waited for the
+/// host lock) as a cancel: `cancel` returned true for it, which promises
+/// that the VM is not started. From here on a cancel is refused.
+fn settle_cancel(r: Result<()>) -> Result<()> {
+    let mut g = IN.lock();
+    let cancelled = g.aborter.take().is_some_and(|a| a.is_aborted());
+    match r {
+        Ok(()) if cancelled => Err(MigError::with_errno("after the whole stream was read", libc::ECANCELED)),
+        r => r,
+    }
+}
+
 fn run(host: Host, source: Source) {
     {
         let _l = host.lock();
@@ -134,7 +157,7 @@ fn run(host: Host, source: Source) {
                 notify(S::Active, true);
             }
             let r = crate::contain_panic("incoming migration", || crate::loadvm::load_stream(&mut f, Some(&host)));
-            (r, Some(f))
+            (settle_cancel(r), Some(f))
         }
         Err(e) => (Err(e), None),
     };

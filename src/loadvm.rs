@@ -18,6 +18,9 @@ const MAX_MACHINE_NAME: u32 = 256;
 struct Loaded {
     entry: Entry,
     load_section_id: Option<u32>,
+    /// The version the stream's START (or FULL) gave: PART and END sections
+    /// are loaded as that version, as in QEMU.
+    load_version_id: u32,
 }
 
 /// Reads a whole stream into the registered handlers.
@@ -44,7 +47,7 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
         load_configuration(f, &local)?;
     }
 
-    let mut loaded: Vec<Loaded> = entries().into_iter().map(|entry| Loaded { entry, load_section_id: None }).collect();
+    let mut loaded: Vec<Loaded> = entries().into_iter().map(|entry| Loaded { entry, load_section_id: None, load_version_id: 0 }).collect();
     for l in &loaded {
         l.entry.handler.lock().load_begin();
     }
@@ -91,6 +94,7 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
                     return Err(MigError::new(format!("savevm: unsupported version {version_id} for '{idstr}' v{}", l.entry.version_id)));
                 }
                 l.load_section_id = Some(section_id);
+                l.load_version_id = version_id;
                 let sk = if kind == QEMU_VM_SECTION_START { SectionKind::Start } else { SectionKind::Full };
                 load_section(f, host, &l.entry, version_id, sk)
                     .map_err(|e| e.context(format!("error while loading state for instance 0x{instance_id:x} of device '{idstr}'")))?;
@@ -104,8 +108,7 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
                     .find(|l| l.load_section_id == Some(section_id))
                     .ok_or_else(|| MigError::new(format!("Unknown savevm section {section_id}")))?;
                 let sk = if kind == QEMU_VM_SECTION_PART { SectionKind::Part } else { SectionKind::End };
-                let version = l.entry.version_id;
-                load_section(f, host, &l.entry, version, sk)
+                load_section(f, host, &l.entry, l.load_version_id, sk)
                     .map_err(|e| e.context(format!("error while loading state section id {section_id}({})", l.entry.idstr)))?;
                 check_footer(f, section_id, &l.entry.idstr.clone())?;
             }

@@ -76,10 +76,21 @@ struct Outgoing {
     blockers: Vec<(usize, String)>,
     /// An error the host reported with migrate_fd_error.
     host_error: Option<String>,
+    /// The end of the stream is being sent: the destination may load it
+    /// all and start the VM, so a cancel (or a host error) is too late and
+    /// is ignored; only a failure of the stream itself fails the migration.
+    committed: bool,
 }
 
-static OUT: Mutex<Outgoing> =
-    Mutex::new(Outgoing { stats: empty_stats(), start: None, aborter: None, thread: None, blockers: Vec::new(), host_error: None });
+static OUT: Mutex<Outgoing> = Mutex::new(Outgoing {
+    stats: empty_stats(),
+    start: None,
+    aborter: None,
+    thread: None,
+    blockers: Vec::new(),
+    host_error: None,
+    committed: false,
+});
 static WAKE: Condvar = Condvar::new();
 static WAKE_LOCK: Mutex<()> = Mutex::new(());
 
@@ -135,11 +146,16 @@ pub enum Target {
 pub fn start(target: Target) -> Result<()> {
     let host = host::get()?;
     let mut o = OUT.lock();
-    if let Some((_, msg)) = o.blockers.first() {
+    if let Some((_, msg)) = o.blockers.last() {
+        // The newest blocker, as QEMU reports it.
         return Err(MigError::new(msg.clone()));
     }
     if crate::state::INCOMING.status().is_active() {
         return Err(MigError::new("Guest is waiting for an incoming migration"));
+    }
+    if host.runstate() == RunState::Postmigrate {
+        // As QEMU: this VM's state went to a destination already.
+        return Err(MigError::new("Can't migrate the vm that was paused due to previous migration"));
     }
     let prev = OUTGOING.status();
     if !prev.is_idle() || !OUTGOING.cas(prev, S::Setup) {
@@ -154,7 +170,12 @@ pub fn start(target: Target) -> Result<()> {
             let _ = t.join();
         }
     }
-    let aborter = match Aborter::new() {
+    // A stream the host opened is woken through its own aborter.
+    let own = match &target {
+        Target::File(f) => f.aborter(),
+        Target::Uri(..) => None,
+    };
+    let aborter = match own.map_or_else(Aborter::new, Ok) {
         Ok(a) => a,
         Err(e) => {
             OUTGOING.cas(S::Setup, prev);
@@ -165,6 +186,7 @@ pub fn start(target: Target) -> Result<()> {
     o.start = Some(Instant::now());
     o.aborter = Some(aborter.clone());
     o.host_error = None;
+    o.committed = false;
     let spawned = std::thread::Builder::new().name("livemig-out".into()).spawn(move || {
         crate::block_sigpipe();
         run(host, target, aborter);
@@ -182,20 +204,36 @@ pub fn start(target: Target) -> Result<()> {
     }
 }
 
-/// Requests a cancel; the migration thread carries it out.
+/// Requests a cancel; the migration thread carries it out. Ignored once
+/// the end of the stream is being sent (see `Outgoing::committed`).
 pub fn cancel() {
+    let o = OUT.lock();
+    if o.committed {
+        if OUTGOING.status() == S::Active {
+            log::warn!("cancel ignored: the switchover is sending the end of the stream");
+        }
+        return;
+    }
     if OUTGOING.cas_any(&[S::Setup, S::Active], S::Cancelling).is_some() {
-        if let Some(a) = &OUT.lock().aborter {
+        if let Some(a) = &o.aborter {
             a.abort();
         }
+        drop(o);
         let _g = WAKE_LOCK.lock();
         WAKE.notify_all();
     }
 }
 
 /// The host reports a failure of the current migration (`migrate_fd_error`).
+/// Ignored, like a cancel, once the end of the stream is being sent.
 pub fn host_error(msg: String) {
     let mut o = OUT.lock();
+    if o.committed {
+        if OUTGOING.status() == S::Active {
+            log::warn!("host error ignored: the switchover is sending the end of the stream: {msg}");
+        }
+        return;
+    }
     if OUTGOING.status().is_active() {
         o.host_error.get_or_insert(msg);
         if let Some(a) = &o.aborter {
@@ -216,8 +254,10 @@ fn sleep_interruptible(d: Duration) {
 /// Where the thread got to, for the unwinding path.
 struct Progress {
     save: Option<SaveState>,
-    /// The VM was running before we stopped it.
-    stopped_running_vm: bool,
+    /// The run state before the switchover stopped the VM (None: not
+    /// stopped): a VM that was running is started again on failure, one
+    /// that was not gets this state back.
+    stopped_from: Option<RunState>,
 }
 
 fn run(host: Host, target: Target, aborter: Aborter) {
@@ -225,7 +265,7 @@ fn run(host: Host, target: Target, aborter: Aborter) {
         let _l = host.lock();
         notify(S::Setup, false);
     }
-    let mut p = Progress { save: None, stopped_running_vm: false };
+    let mut p = Progress { save: None, stopped_from: None };
     let result = crate::contain_panic("migration", || {
         let file = match target {
             Target::File(f) => Ok(f),
@@ -248,8 +288,10 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     let start = Instant::now();
     let mut prm = params::get();
     f.set_rate_limit(window_budget(prm.speed));
-    p.save = Some(SaveState::begin(f)?);
-    let save = p.save.as_mut().expect("just set");
+    // Kept in `p` before any handler's setup runs: on failure, every
+    // handler is cancelled and cleaned up, whether its setup ran or not.
+    let save = p.save.insert(SaveState::registered());
+    save.begin(f)?;
     update(|s| s.setup_time_ms = start.elapsed().as_millis() as u64);
     if !OUTGOING.cas(S::Setup, S::Active) {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
@@ -317,7 +359,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             } else {
                 // The estimate the switchover is made on, kept for the report.
                 update(|s| s.expected_downtime_ms = expected);
-                return switchover(host, f, save, &mut p.stopped_running_vm, start);
+                return switchover(host, f, save, &mut p.stopped_from, start);
             }
         }
         let elapsed = window_start.elapsed();
@@ -571,22 +613,42 @@ pub fn expected_downtime_ms(rates: &Rates, pending: u64, fresh: u64, sync: Durat
 /// change to shared state (stream closed, handlers cleaned up), happens
 /// before the transition to COMPLETED: after it, a later error must not
 /// restart a VM that now runs on the destination.
-fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_running_vm: &mut bool, start: Instant) -> Result<()> {
+fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from: &mut Option<RunState>, start: Instant) -> Result<()> {
     let _l = host.lock();
+    // A cancel made while this thread waited for the lock (the host calls
+    // qmp_migrate_cancel under it) is honoured before the VM stops.
+    if OUTGOING.status() != S::Active {
+        return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+    }
     host.system_wakeup_request();
-    let was_running = host.runstate_is_running();
-    crate::globalstate::store(host.runstate());
+    let was = host.runstate();
+    crate::globalstate::store(was);
     let stop_time = Instant::now();
     // For the debug line below: read only when it is printed (the wait
     // comes from a /proc read, and this is downtime).
     let debug = log::log_enabled!(log::Level::Debug);
     let (cpu0, wait0) = if debug { (crate::thread_cpu_time(), crate::thread_runqueue_wait()) } else { (Duration::ZERO, None) };
+    // Set before the call: a host that fails after stopping the VM still
+    // gets it started again.
+    *stopped_from = Some(was);
     host.vm_stop_force_state(RunState::FinishMigrate)?;
-    *stopped_running_vm = was_running;
     let stopped = stop_time.elapsed();
     f.set_rate_limit(0);
     let before = f.tell();
     save.complete(f)?;
+    f.flush()?;
+    // Everything but the end of the stream is out. From here on the
+    // destination may load it all and start the VM, so the source must not
+    // run it again: a cancel until now is honoured (the destination gets no
+    // EOF and fails); after it, a cancel is too late.
+    {
+        let mut o = OUT.lock();
+        if OUTGOING.status() != S::Active {
+            return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+        }
+        o.committed = true;
+    }
+    save.end(f);
     f.flush()?;
     let sent = stop_time.elapsed();
     save.await_destination(f)?;
@@ -657,10 +719,17 @@ fn finish(host: &Host, result: Result<()>, mut p: Progress) {
     if cancelled {
         notify(S::Cancelling, false);
     }
-    if p.stopped_running_vm {
-        if let Err(e) = host.vm_start() {
-            log::error!("could not restart the source VM after the failed migration: {e}");
+    match p.stopped_from {
+        // Unless the host's stop failed before it stopped anything.
+        Some(RunState::Running) if !host.runstate_is_running() => {
+            if let Err(e) = host.vm_start() {
+                log::error!("could not restart the source VM after the failed migration: {e}");
+            }
         }
+        // A VM that was not running gets its run state back, not
+        // FINISH_MIGRATE.
+        Some(was) if was != RunState::Running && !host.runstate_is_running() => host.runstate_set(was),
+        _ => {}
     }
     let msg = host_err.unwrap_or_else(|| err.to_string());
     {

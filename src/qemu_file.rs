@@ -14,7 +14,7 @@
 //! guest memory ([`QemuFile::get_guest`]).
 
 use crate::error::{MigError, Result};
-use crate::transport::Channel;
+use crate::transport::{Aborter, Channel};
 
 /// Buffer size of a stream: large enough that a pass costs few syscalls.
 const IO_BUF_SIZE: usize = 256 * 1024;
@@ -98,6 +98,12 @@ impl QemuFile {
     /// A short description of the channel (its URI), for error messages.
     pub fn describe(&self) -> String {
         self.chan.describe()
+    }
+
+    /// The aborter that wakes the channel's blocking operations, if it
+    /// has one.
+    pub fn aborter(&self) -> Option<Aborter> {
+        self.chan.aborter()
     }
 
     /// The first error seen on this stream, if any.

@@ -268,12 +268,24 @@ fn handler_error(e: &Entry, what: &str, err: MigError) -> MigError {
 pub struct SaveState {
     entries: Vec<Entry>,
     vmdesc: Vec<serde_json::Value>,
+    /// The handlers' cleanup ran (it runs once).
+    cleaned_up: bool,
 }
 
 impl SaveState {
+    /// The handlers of a migration: every registered one, live ones only
+    /// when active.
+    pub fn registered() -> SaveState {
+        let mut entries = entries();
+        entries.retain(|e| !e.live || e.handler.lock().is_active());
+        SaveState { entries, vmdesc: Vec::new(), cleaned_up: false }
+    }
+
     /// Writes the header, the configuration, the return-path command when
-    /// that capability is on, and every live START section.
-    pub fn begin(f: &mut QemuFile) -> Result<SaveState> {
+    /// that capability is on, and every live START section. On error,
+    /// [`cancel`](Self::cancel) and [`cleanup`](Self::cleanup) reach every
+    /// handler, set up or not (as in QEMU).
+    pub fn begin(&mut self, f: &mut QemuFile) -> Result<()> {
         let return_path = crate::params::get().cap(crate::params::MigrationCapability::ReturnPath);
         if return_path && !f.bidirectional() {
             return Err(MigError::new(format!(
@@ -294,15 +306,13 @@ impl SaveState {
             f.put_be16(0);
             f.return_path = true;
         }
-        let mut entries = entries();
-        entries.retain(|e| !e.live || e.handler.lock().is_active());
-        for e in entries.iter().filter(|e| e.live) {
+        for e in self.entries.iter().filter(|e| e.live) {
             section_header(f, QEMU_VM_SECTION_START, e);
             e.handler.lock().setup(f).map_err(|err| handler_error(e, "setup", err))?;
             section_footer(f, e);
             f.check()?;
         }
-        Ok(SaveState { entries, vmdesc: Vec::new() })
+        Ok(())
     }
 
     /// One iteration: a PART per live handler until the rate limit is hit.
@@ -330,7 +340,7 @@ impl SaveState {
     }
 
     /// Completion (VM stopped, host lock held): END for live handlers,
-    /// FULL for the others, EOF and the vmdesc.
+    /// FULL for the others; [`end`](Self::end) follows.
     pub fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
         for e in self.entries.iter().filter(|e| e.live) {
             section_header(f, QEMU_VM_SECTION_END, e);
@@ -354,12 +364,17 @@ impl SaveState {
                 "fields": [{"name": "data", "type": "buffer", "size": size}],
             }));
         }
+        Ok(())
+    }
+
+    /// Ends the stream after [`complete`](Self::complete): EOF, then the
+    /// vmdesc. Buffered, for the caller to flush.
+    pub fn end(&mut self, f: &mut QemuFile) {
         f.put_u8(QEMU_VM_EOF);
         let desc = vmdesc_json(std::mem::take(&mut self.vmdesc));
         f.put_u8(QEMU_VM_VMDESCRIPTION);
         f.put_be32(desc.len() as u32);
         f.put_buffer(desc.as_bytes());
-        f.check()
     }
 
     /// With a return path: waits (bounded by the io timeout) for the
@@ -394,7 +409,12 @@ impl SaveState {
     }
 
     /// The migration is over: let every handler release what it holds.
+    /// The migration is over: tell every handler, once (a second call
+    /// does nothing, so that it cannot reach a later migration's state).
     pub fn cleanup(&mut self) {
+        if std::mem::replace(&mut self.cleaned_up, true) {
+            return;
+        }
         for e in &self.entries {
             e.handler.lock().cleanup();
         }

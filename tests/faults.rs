@@ -71,8 +71,10 @@ impl Conn {
     }
 }
 
-/// Starts the in-process destination; returns the URI a peer connects to.
+/// Starts the in-process destination (its VM not running, as an incoming
+/// migration needs); returns the URI a peer connects to.
 fn start_dst(net: Net, name: &str) -> String {
+    STATE.store(RunState::Prelaunch as u32, Ordering::SeqCst);
     match net {
         Net::Tcp => {
             livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();

@@ -87,10 +87,12 @@ fn framing_round_trip_and_refusals() {
     // Write: setup, one iteration, completion.
     let (chan, out) = MemChannel::sink();
     let mut f = QemuFile::new(Box::new(chan), Direction::Write);
-    let mut s = SaveState::begin(&mut f).unwrap();
+    let mut s = SaveState::registered();
+    s.begin(&mut f).unwrap();
     assert!(s.pending(0) > 0);
     assert!(s.iterate(&mut f).unwrap());
     s.complete(&mut f).unwrap();
+    s.end(&mut f);
     f.flush().unwrap();
     let bytes = out.lock().clone();
 

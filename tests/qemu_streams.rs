@@ -280,9 +280,11 @@ fn same_as_qemu(file: &str, block: &str) -> Machine {
     livemig::globalstate::store(livemig::globalstate::received().unwrap());
     let (chan, out) = MemChannel::sink();
     let mut f = QemuFile::new(Box::new(chan), Direction::Write);
-    let mut s = SaveState::begin(&mut f).unwrap();
+    let mut s = SaveState::registered();
+    s.begin(&mut f).unwrap();
     while !s.iterate(&mut f).unwrap() || s.pending(0) > 0 {}
     s.complete(&mut f).unwrap();
+    s.end(&mut f);
     s.cleanup();
     f.flush().unwrap();
     let ours = parse(&out.lock());

@@ -8,6 +8,7 @@ use super::types::*;
 use super::{cstr, guard, guard_err};
 use crate::error::MigError;
 use crate::params::{self, MigrationCapability};
+use crate::qemu_file::{Direction, QemuFile};
 use crate::state::{self, MigrationState, MigrationStatus, NotifierRef, INCOMING, OUTGOING};
 use crate::transport::Uri;
 use crate::{incoming, outgoing};
@@ -79,8 +80,11 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// once; the connection is made on the migration thread. Refused while a
 /// migration runs, while a blocker is registered (with its message), for a
 /// bad URI, and for block migration (`blk`/`inc`). With `fd:N` livemig owns
-/// descriptor N from the call on. `detach` is accepted and ignored (the
-/// call never waits).
+/// descriptor N from the call on, and closes it when it refuses; a
+/// descriptor that is not open is refused at once. A named fd (`fd:NAME`,
+/// `livemig_fd_add`) is taken by the migration and stays registered when
+/// the call is refused. `detach` is accepted and ignored (the call never
+/// waits).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "C" fn qmp_migrate(
@@ -96,11 +100,16 @@ pub extern "C" fn qmp_migrate(
     let _ = (has_detach, detach);
     guard_err("qmp_migrate", errp, (), || {
         let uri = cstr(uri, "uri")?;
+        let parsed = Uri::parse(uri)?;
+        // Owned from here on: dropped (closed) if the call is refused.
+        let target = match parsed {
+            Uri::FdNum(_) => outgoing::Target::File(QemuFile::new(crate::transport::fd_channel(&parsed, uri)?, Direction::Write)),
+            _ => outgoing::Target::Uri(parsed, uri.to_string()),
+        };
         if (has_blk && blk) || (has_inc && inc) {
             return Err(MigError::new("block migration is not supported by livemig"));
         }
-        let parsed = Uri::parse(uri)?;
-        outgoing::start(outgoing::Target::Uri(parsed, uri.to_string()))
+        outgoing::start(target)
     })
 }
 
@@ -137,7 +146,11 @@ pub extern "C" fn migrate_fd_error(s: *mut MigrationState, error: *const Error) 
 
 /// Requests a cancel: the migration thread stops, cancels the handlers,
 /// restarts the VM and ends in CANCELLED. No effect when nothing runs or the
-/// migration already completed.
+/// migration already completed, nor once the switchover has sent all but
+/// the end of the stream: from then on the destination may load it and
+/// start the VM, so the source must not run it again (the cancel is
+/// logged and ignored; the migration ends COMPLETED, or FAILED if the
+/// stream itself fails).
 #[no_mangle]
 pub extern "C" fn qmp_migrate_cancel(errp: *mut *mut Error) {
     guard_err("qmp_migrate_cancel", errp, (), || {
@@ -408,7 +421,10 @@ pub extern "C" fn migrate_add_blocker(reason: *mut Error, errp: *mut *mut Error)
     guard_err("migrate_add_blocker", errp, -libc::EINVAL, || {
         let msg = Error::message(reason).ok_or_else(|| MigError::new("migrate_add_blocker: reason must not be NULL"))?;
         if OUTGOING.status().is_active() {
-            return Err(MigError::with_errno(format!("disallowing migration blocker (migration in progress) for: {msg}"), libc::EBUSY));
+            return Err(MigError::with_errno(
+                format!("disallowing migration blocker (migration/snapshot in progress) for: {msg}"),
+                libc::EBUSY,
+            ));
         }
         outgoing::add_blocker(reason as usize, msg);
         Ok(0)
@@ -424,15 +440,20 @@ pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
 /// Starts an incoming migration from `uri` (`tcp:HOST:PORT`, port 0 for any
 /// free port, `unix:PATH`, `exec:CMD`, `fd:N`/`fd:NAME`). Listens (or spawns)
 /// and returns; a livemig thread loads the stream, then starts the VM or
-/// sets its run state. Errors in the URI or binding are reported here;
-/// errors in the stream end in FAILED (see `livemig_query_incoming`).
+/// sets its run state. Errors in the URI or binding are reported here, and
+/// so is a VM that is running (loading would write under its vCPUs);
+/// errors in the stream end in FAILED (see `livemig_query_incoming`). A
+/// `unix:` path may hold a stale socket, which is replaced; anything else
+/// there is refused.
 #[no_mangle]
 pub extern "C" fn qemu_start_incoming_migration(uri: *const c_char, errp: *mut *mut Error) {
     guard_err("qemu_start_incoming_migration", errp, (), || incoming::start_uri(cstr(uri, "uri")?))
 }
 
 /// Loads an incoming migration from a stream the host opened. livemig owns
-/// `f` from the call on; a refusal is logged and the stream closed.
+/// `f` from the call on; a refusal (a migration in progress, a running VM)
+/// is logged and the stream closed. `livemig_incoming_cancel` wakes a read
+/// it waits in.
 #[no_mangle]
 pub extern "C" fn process_incoming_migration(f: *mut crate::qemu_file::QemuFile) {
     guard("process_incoming_migration", (), || {
@@ -455,7 +476,9 @@ pub extern "C" fn livemig_incoming_port() -> i32 {
 }
 
 /// Stops an incoming migration that has not finished; it ends FAILED and
-/// the VM is not started. Returns false if none was running.
+/// the VM is not started (also when the whole stream was read already).
+/// Returns false if none was running, or if the load is over and the VM
+/// is being handed over.
 #[no_mangle]
 pub extern "C" fn livemig_incoming_cancel() -> bool {
     guard("livemig_incoming_cancel", false, incoming::cancel)

@@ -105,7 +105,8 @@ impl Loader {
                     self.load_xbzrle(f, p, addr)?;
                     self.residency.written(&b, (addr / PAGE as u64) as usize);
                 }
-                flags::EOS if flg == flags::EOS => return Ok(()),
+                // With or without CONTINUE, as in QEMU.
+                flags::EOS => return Ok(()),
                 flags::COMPRESS_PAGE => return Err(MigError::new("Received an unexpected compressed page")),
                 _ => return Err(MigError::new(format!("Unknown combination of migration flags: {flg:#x}"))),
             }
@@ -282,5 +283,23 @@ mod tests {
         assert!(unsafe { filled(base, 600, 0) });
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(p, len) };
+    }
+
+    /// EOS ends the section with CONTINUE set too (QEMU switches on the
+    /// flags without CONTINUE), and nothing after it is read.
+    #[test]
+    fn eos_with_continue_ends_the_section() {
+        let mut mem = vec![0u8; 2 * PAGE];
+        let block = Arc::new(RamBlock::for_test("ram", mem.as_mut_ptr(), mem.len() as u64));
+        let mut s = (PAGE as u64 | flags::ZERO).to_be_bytes().to_vec();
+        s.push(3);
+        s.extend_from_slice(b"ram");
+        s.push(0x5a);
+        s.extend_from_slice(&(flags::EOS | flags::CONTINUE).to_be_bytes());
+        s.push(0xee); // what follows the section
+        let mut f = QemuFile::new(Box::new(MemChannel::source(s)), Direction::Read);
+        Loader::with_blocks(vec![block]).load(&mut f, 4).expect("EOS|CONTINUE ends the section");
+        assert_eq!(f.get_u8(), 0xee, "the section ends at EOS");
+        assert!(mem[PAGE..].iter().all(|&b| b == 0x5a), "the page before EOS is loaded");
     }
 }

@@ -97,6 +97,7 @@ impl FdChannel {
 
 impl Channel for FdChannel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.abort.check()?;
         loop {
             // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
             let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -113,6 +114,7 @@ impl Channel for FdChannel {
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.abort.check()?;
         loop {
             let fd = self.fd.as_raw_fd();
             // SAFETY: `buf` is a live slice of `buf.len()` readable bytes.
@@ -137,6 +139,7 @@ impl Channel for FdChannel {
 
     fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         let iov = &iov[..iov.len().min(1024)]; // IOV_MAX
+        self.abort.check()?;
         loop {
             let fd = self.fd.as_raw_fd();
             // SAFETY: `iov` is a live array of iovecs the caller guarantees
@@ -195,6 +198,10 @@ impl Channel for FdChannel {
 
     fn bidirectional(&self) -> bool {
         self.is_socket
+    }
+
+    fn aborter(&self) -> Option<Aborter> {
+        Some(self.abort.clone())
     }
 }
 

@@ -81,11 +81,25 @@ pub trait Channel: Send {
     fn bidirectional(&self) -> bool {
         false
     }
+    /// The aborter that wakes this channel's blocking operations, if it
+    /// has one: a migration over a stream the host opened is cancelled
+    /// through it.
+    fn aborter(&self) -> Option<Aborter> {
+        None
+    }
 }
 
-/// Wakes and fails every blocking operation of the channels it was given to.
+/// Wakes and fails every blocking operation of the channels it was given
+/// to; once fired, their every later operation fails too.
 #[derive(Clone)]
-pub struct Aborter(std::sync::Arc<OwnedFd>);
+pub struct Aborter(std::sync::Arc<AborterInner>);
+
+struct AborterInner {
+    /// Readable once fired: wakes a `poll`.
+    fd: OwnedFd,
+    /// Set once fired: checked before each operation.
+    fired: std::sync::atomic::AtomicBool,
+}
 
 impl Aborter {
     /// A new, unfired aborter (an eventfd).
@@ -96,25 +110,36 @@ impl Aborter {
             return Err(MigError::io("eventfd", io::Error::last_os_error()));
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        Ok(Aborter(std::sync::Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })))
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Aborter(std::sync::Arc::new(AborterInner { fd, fired: std::sync::atomic::AtomicBool::new(false) })))
     }
 
-    /// Fires: every operation waiting on this aborter fails with `ECANCELED`.
+    /// Fires: every operation waiting on this aborter, and every later
+    /// one, fails with `ECANCELED`.
     pub fn abort(&self) {
+        self.0.fired.store(true, std::sync::atomic::Ordering::SeqCst);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let _ = unsafe { libc::write(self.0.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
     /// True once fired.
     pub fn is_aborted(&self) -> bool {
-        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, zero timeout.
-        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+        self.0.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `Err(ECANCELED)` once fired: what an operation of a channel returns
+    /// instead of starting.
+    pub(crate) fn check(&self) -> io::Result<()> {
+        if self.is_aborted() {
+            Err(io::Error::from_raw_os_error(libc::ECANCELED))
+        } else {
+            Ok(())
+        }
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.0.fd.as_raw_fd()
     }
 }
 
@@ -223,6 +248,13 @@ pub fn connect(uri: &Uri, text: &str, abort: &Aborter) -> Result<Box<dyn Channel
         Uri::Exec(cmd) => exec::spawn(cmd, true, text, abort),
         Uri::FdNum(_) | Uri::FdName(_) => Ok(Box::new(FdChannel::new(take_fd(uri)?, text.to_string(), abort.clone())?)),
     }
+}
+
+/// Takes the descriptor of an `fd:` URI now (on the caller's thread, so
+/// that a bad one is reported at once) as a channel with its own aborter.
+pub fn fd_channel(uri: &Uri, text: &str) -> Result<Box<dyn Channel>> {
+    let fd = take_fd(uri)?;
+    Ok(Box::new(FdChannel::new(fd, text.to_string(), Aborter::new()?)?))
 }
 
 /// An incoming endpoint that has been set up but not yet connected.

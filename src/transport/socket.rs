@@ -3,7 +3,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 
 use super::fdchan::{set_nonblocking, wait_fd, wait_ready};
 use super::{Aborter, Channel, FdChannel};
@@ -103,8 +103,62 @@ pub fn connect_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result
 
 /// Connects to the unix socket at `path`.
 pub fn connect_unix(path: &str, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
-    let s = UnixStream::connect(path).map_err(|e| MigError::io(format!("Failed to connect to '{path}'"), e))?;
-    Ok(Box::new(FdChannel::new(OwnedFd::from(s), text.to_string(), abort.clone())?))
+    let fd = connect_unix_fd(path, abort, text).map_err(|e| MigError::io(format!("Failed to connect to '{path}'"), e))?;
+    Ok(Box::new(FdChannel::new(fd, text.to_string(), abort.clone())?))
+}
+
+/// A non-blocking connect to the unix socket at `path`. A listener whose
+/// backlog is full refuses it with EAGAIN (there is nothing to poll for):
+/// it is retried every 10 ms until the stall timeout, and a cancel ends
+/// the wait.
+fn connect_unix_fd(path: &str, abort: &Aborter, text: &str) -> io::Result<OwnedFd> {
+    // SAFETY: an all-zero sockaddr_un is a valid value.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    if bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the path contains a NUL byte"));
+    }
+    if bytes.len() >= sun.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, &b) in sun.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let deadline = std::time::Instant::now() + super::stall_timeout();
+    loop {
+        abort.check()?;
+        // SAFETY: `sun` is a valid sockaddr_un of at least `len` bytes.
+        if unsafe { libc::connect(raw, (&sun as *const libc::sockaddr_un).cast(), len) } == 0 {
+            return Ok(fd);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) if std::time::Instant::now() < deadline => {
+                // Sleeps 10 ms unless the aborter fires.
+                match wait_ready(abort.raw_fd(), 0, abort, Some(std::time::Duration::from_millis(10))) {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                    r => r?,
+                }
+            }
+            Some(libc::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no progress on {text} for {} ms (the listener's backlog stays full)", super::stall_timeout().as_millis()),
+                ))
+            }
+            Some(libc::EINTR) => {}
+            _ => return Err(e),
+        }
+    }
 }
 
 /// A listening socket waiting for one source.
@@ -168,26 +222,50 @@ pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<
     Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: Some(port), unix_path: None })
 }
 
-/// Binds the unix socket `path`, replacing a stale socket file.
-pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketListener> {
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if md.file_type().is_socket() {
-            let _ = std::fs::remove_file(path);
-        }
+/// Removes a stale socket at `path`. Anything else there (a file, a
+/// directory, a link) is the user's and is refused, not replaced.
+fn remove_stale_socket(path: &str) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, "the path exists and is not a socket")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
+}
+
+/// Renames `from` to `to` unless `to` exists (then EEXIST).
+fn rename_noreplace(from: &str, to: &str) -> io::Result<()> {
+    let c = |s: &str| std::ffi::CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths, relative to the working directory.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Binds the unix socket `path`, replacing a stale socket (and nothing
+/// else).
+pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketListener> {
+    let fail = |e: io::Error| MigError::io(format!("Failed to bind socket for '{text}'"), e);
+    remove_stale_socket(path).map_err(fail)?;
     // Bind and listen under a temporary name, then rename: the path appears
     // only once the socket accepts, so a source that waits for the path
     // never meets a bound-but-not-listening socket (ECONNREFUSED).
     // (A path too long for the temporary name is bound directly.)
     let tmp = format!("{path}.{}.tmp", std::process::id());
     let bind_at = if tmp.len() < 108 { tmp.as_str() } else { path };
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(bind_at).map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
     if bind_at != path {
-        if let Err(e) = std::fs::rename(&tmp, path) {
+        remove_stale_socket(&tmp).map_err(fail)?;
+    }
+    let l = UnixListener::bind(bind_at).map_err(fail)?;
+    if bind_at != path {
+        if let Err(e) = rename_noreplace(&tmp, path) {
             let _ = std::fs::remove_file(&tmp);
-            return Err(MigError::io(format!("Failed to bind socket for '{text}'"), e));
+            return Err(fail(e));
         }
     }
     let fd = OwnedFd::from(l);

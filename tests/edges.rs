@@ -1,0 +1,553 @@
+//! Edges of the migration's life where a host's call meets the migration
+//! thread at a bad moment, or the host hands livemig something odd:
+//!
+//! - a cancel made while the switchover waits for the host lock is
+//!   honoured before the VM stops (no EOF goes out), and a cancel wakes a
+//!   migration blocked on a stream the host opened, or on a `unix:`
+//!   listener whose backlog is full; an incoming cancel that returned true
+//!   never lets the VM start, and wakes a `process_incoming_migration`;
+//! - a failed setup still cancels and cleans up every handler; cleanup runs
+//!   once per migration; a host whose stop fails after stopping gets its VM
+//!   started again, and a paused VM gets its run state back;
+//! - a VM in POSTMIGRATE is not migrated again; `fd:N` is taken (and
+//!   closed on refusal) by the call, and a bad one is refused at once;
+//! - PART/END sections load as the version their START gave; a `unix:`
+//!   listener never replaces a file that is not a socket; an incoming
+//!   migration is refused while the VM runs.
+//!
+//! The host here is its own (a run state it reports, a stop that can fail,
+//! a lock that counts its waiters, a dirty log that counts its starts and
+//! stops); the tests run one at a time.
+
+use std::ffi::{c_void, CString};
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::raw::c_int;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use livemig::error::{MigError, Result};
+use livemig::ffi::errors::{error_free, error_get_pretty, error_new, Error};
+use livemig::ffi::file::qemu_fdopen;
+use livemig::ffi::migration as api;
+use livemig::ffi::types::LivemigHostOps;
+use livemig::host::RunState;
+use livemig::qemu_file::{Direction, QemuFile};
+use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
+use livemig::state::{MigrationStatus, INCOMING, OUTGOING};
+use livemig::transport::mem::MemChannel;
+use parking_lot::lock_api::RawMutex as _;
+
+const RAM_SIZE: usize = 16 << 20;
+const PAGE: usize = 4096;
+
+static LOCK: parking_lot::RawMutex = parking_lot::RawMutex::INIT;
+/// Threads waiting in the host's lock.
+static WAITERS: AtomicU32 = AtomicU32::new(0);
+static STATE: AtomicU32 = AtomicU32::new(RunState::Running as u32);
+static STARTS: AtomicU32 = AtomicU32::new(0);
+static STOPS: AtomicU32 = AtomicU32::new(0);
+/// The host's stop sets the state, then fails.
+static STOP_FAILS: AtomicBool = AtomicBool::new(false);
+static LOG_STARTS: AtomicU32 = AtomicU32::new(0);
+static LOG_STOPS: AtomicU32 = AtomicU32::new(0);
+
+unsafe extern "C" fn lock(_: *mut c_void) {
+    WAITERS.fetch_add(1, Ordering::SeqCst);
+    LOCK.lock();
+    WAITERS.fetch_sub(1, Ordering::SeqCst);
+}
+unsafe extern "C" fn unlock(_: *mut c_void) {
+    // SAFETY: livemig pairs every unlock with its own earlier lock.
+    unsafe { LOCK.unlock() };
+}
+unsafe extern "C" fn stop(_: *mut c_void, st: RunState) -> c_int {
+    STATE.store(st as u32, Ordering::SeqCst);
+    STOPS.fetch_add(1, Ordering::SeqCst);
+    if STOP_FAILS.load(Ordering::SeqCst) {
+        -libc::EIO
+    } else {
+        0
+    }
+}
+unsafe extern "C" fn start(_: *mut c_void) -> c_int {
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    STARTS.fetch_add(1, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn is_running(_: *mut c_void) -> bool {
+    STATE.load(Ordering::SeqCst) == RunState::Running as u32
+}
+unsafe extern "C" fn set(_: *mut c_void, st: RunState) {
+    STATE.store(st as u32, Ordering::SeqCst);
+}
+unsafe extern "C" fn get(_: *mut c_void) -> RunState {
+    state()
+}
+unsafe extern "C" fn log_start(_: *mut c_void) -> c_int {
+    LOG_STARTS.fetch_add(1, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn log_stop(_: *mut c_void) {
+    LOG_STOPS.fetch_add(1, Ordering::SeqCst);
+}
+unsafe extern "C" fn log_sync(_: *mut c_void, _: *const std::ffi::c_char, _: *mut c_void, _: u64, _: *mut u64) -> c_int {
+    0
+}
+
+fn state() -> RunState {
+    RunState::all()[STATE.load(Ordering::SeqCst) as usize]
+}
+
+fn set_state(st: RunState) {
+    STATE.store(st as u32, Ordering::SeqCst);
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Sets the host up once (16 MiB of RAM, every page non-zero) and returns
+/// a guard serialising the tests, with the VM running and no migration.
+fn host() -> MutexGuard<'static, ()> {
+    static SETUP: Once = Once::new();
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    SETUP.call_once(|| {
+        let ops = LivemigHostOps {
+            version: 1,
+            size: std::mem::size_of::<LivemigHostOps>() as u32,
+            iothread_lock: Some(lock),
+            iothread_unlock: Some(unlock),
+            vm_stop_force_state: Some(stop),
+            vm_start: Some(start),
+            runstate_is_running: Some(is_running),
+            runstate_set: Some(set),
+            runstate_get: Some(get),
+            system_wakeup_request: None,
+            announce_self: None,
+            dirty_log_start: Some(log_start),
+            dirty_log_sync: Some(log_sync),
+            dirty_log_stop: Some(log_stop),
+            autostart: true,
+        };
+        livemig::host::set(ops, null_mut()).unwrap();
+        // SAFETY: a fresh private anonymous mapping, never unmapped.
+        let ram = unsafe {
+            let p = libc::mmap(null_mut(), RAM_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            std::slice::from_raw_parts_mut(p.cast::<u8>(), RAM_SIZE)
+        };
+        for (i, page) in ram.chunks_mut(PAGE).enumerate() {
+            page.fill(i as u8 | 1);
+        }
+        livemig::ram::block_add("ram", ram.as_mut_ptr(), RAM_SIZE as u64).unwrap();
+        livemig::transport::set_stall_timeout(60_000).unwrap();
+    });
+    set_state(RunState::Running);
+    STOP_FAILS.store(false, Ordering::SeqCst);
+    g
+}
+
+/// Waits (bounded) until `f` holds.
+fn wait_until(secs: u64, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits (bounded) for a final state of one direction.
+fn wait_final(incoming: bool, secs: u64) -> MigrationStatus {
+    let st = if incoming { &INCOMING } else { &OUTGOING };
+    wait_until(secs, "a final state", || {
+        matches!(st.status(), MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
+    });
+    st.status()
+}
+
+/// Takes `err`'s text and frees it ("" for none).
+fn take_err(err: &mut *mut Error) -> String {
+    if err.is_null() {
+        return String::new();
+    }
+    // SAFETY: a live error from livemig; its text is a C string it owns.
+    let s = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(*err)) }.to_string_lossy().into_owned();
+    error_free(*err);
+    *err = null_mut();
+    s
+}
+
+/// qmp_migrate(uri): its error text ("" for none).
+fn migrate(uri: &str) -> String {
+    let c = CString::new(uri).unwrap();
+    let mut err = null_mut();
+    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
+    take_err(&mut err)
+}
+
+fn cancel() {
+    let mut err = null_mut();
+    api::qmp_migrate_cancel(&mut err);
+    assert_eq!(take_err(&mut err), "");
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("livemig-edges-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A complete stream of this host (migrated to a file).
+fn stream_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("s.bin");
+    assert_eq!(migrate(&format!("exec:cat > {}", p.display())), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    set_state(RunState::Running);
+    p
+}
+
+#[test]
+fn a_cancel_while_the_switchover_waits_for_the_host_lock_is_honoured() {
+    let _g = host();
+    let dir = tmp("switchover-cancel");
+    let out = dir.join("s.bin");
+    let (stops, starts) = (STOPS.load(Ordering::SeqCst), STARTS.load(Ordering::SeqCst));
+    assert_eq!(migrate(&format!("exec:cat > {}", out.display())), "");
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    // The host takes its lock (as a monitor command runs under it)...
+    LOCK.lock();
+    // ...until the migration thread, done with the RAM, waits for it: the
+    // switchover is the only place it takes the lock once ACTIVE.
+    let waited = Instant::now() + Duration::from_secs(30);
+    while WAITERS.load(Ordering::SeqCst) == 0 && OUTGOING.status() == MigrationStatus::Active && Instant::now() < waited {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let waiting = WAITERS.load(Ordering::SeqCst) > 0;
+    cancel();
+    // SAFETY: locked above by this thread.
+    unsafe { LOCK.unlock() };
+    assert!(waiting, "the migration thread did not reach the switchover ({})", OUTGOING.status().name());
+    assert_eq!(wait_final(false, 30), MigrationStatus::Cancelled);
+    assert_eq!(STOPS.load(Ordering::SeqCst), stops, "the VM was never stopped");
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts);
+    assert_eq!(state(), RunState::Running);
+    // What went out has no end: a destination fails on it.
+    let bytes = std::fs::read(&out).unwrap();
+    let mut f = QemuFile::new(Box::new(MemChannel::source(bytes)), Direction::Read);
+    let e = livemig::loadvm::load_stream(&mut f, None).expect_err("a stream cut before its end").to_string();
+    assert!(!e.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_cancel_wakes_a_migration_blocked_on_a_stream_the_host_opened() {
+    let _g = host();
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mode = CString::new("wb").unwrap();
+    let f = qemu_fdopen(ours.into_raw_fd(), mode.as_ptr());
+    assert!(!f.is_null());
+    let mut err = null_mut();
+    api::migrate_fd_connect(null_mut(), f, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    // The peer never reads: the socket buffer fills and the write blocks
+    // (for up to the 60 s stall timeout, but for the cancel).
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    cancel();
+    assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
+    assert!(t.elapsed() < Duration::from_secs(5), "the cancel took {:?}", t.elapsed());
+    assert_eq!(state(), RunState::Running);
+    drop(peer);
+}
+
+#[test]
+fn a_cancel_wakes_a_connect_to_a_unix_listener_with_a_full_backlog() {
+    let _g = host();
+    let dir = tmp("backlog");
+    let path = dir.join("s.sock");
+    // A listener with a backlog of 0 and one connection queued, never
+    // accepted: the next connect cannot complete.
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) on our own socket.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let _queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    assert_eq!(migrate(&format!("unix:{}", path.display())), "");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(OUTGOING.status(), MigrationStatus::Setup, "still connecting");
+    let t = Instant::now();
+    cancel();
+    assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
+    assert!(t.elapsed() < Duration::from_secs(5), "the cancel took {:?}", t.elapsed());
+    assert_eq!(state(), RunState::Running);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_incoming_cancel_that_returned_true_never_starts_the_vm() {
+    let _g = host();
+    let dir = tmp("incoming-cancel");
+    let stream = stream_file(&dir);
+    let (mut honoured, mut late) = (0, 0);
+    for _ in 0..10 {
+        set_state(RunState::Inmigrate);
+        let starts = STARTS.load(Ordering::SeqCst);
+        // A regular file: its reads never wait, so a cancel is noticed
+        // only by checks between them, or after the last one.
+        let fd = std::fs::File::open(&stream).unwrap().into_raw_fd();
+        livemig::incoming::start_uri(&format!("fd:{fd}")).unwrap();
+        let cancelled = livemig::incoming::cancel();
+        let st = wait_final(true, 30);
+        if cancelled {
+            honoured += 1;
+            assert_eq!(st, MigrationStatus::Failed, "cancel() returned true");
+            assert!(livemig::incoming::error().unwrap_or_default().contains("cancel"), "{:?}", livemig::incoming::error());
+            assert_eq!(STARTS.load(Ordering::SeqCst), starts, "a cancelled load does not start the VM");
+            assert_ne!(state(), RunState::Running);
+        } else {
+            late += 1;
+            assert_eq!(st, MigrationStatus::Completed, "cancel() returned false: the load goes on");
+        }
+    }
+    println!("cancel honoured {honoured}, too late {late}");
+    set_state(RunState::Running);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_incoming_cancel_wakes_process_incoming_migration() {
+    let _g = host();
+    set_state(RunState::Inmigrate);
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    // The header, then nothing: the load waits in a read (for up to the
+    // 60 s stall timeout, but for the cancel).
+    std::io::Write::write_all(&mut peer, &[0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]).unwrap();
+    let mode = CString::new("rb").unwrap();
+    let f = qemu_fdopen(ours.into_raw_fd(), mode.as_ptr());
+    assert!(!f.is_null());
+    api::process_incoming_migration(f);
+    wait_until(10, "the incoming ACTIVE", || INCOMING.status() == MigrationStatus::Active);
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert!(t.elapsed() < Duration::from_secs(5), "the cancel took {:?}", t.elapsed());
+    assert!(livemig::incoming::error().unwrap_or_default().contains("cancel"), "{:?}", livemig::incoming::error());
+    set_state(RunState::Running);
+    drop(peer);
+}
+
+/// Counts of the handlers below.
+static SETUP_FAILS: AtomicBool = AtomicBool::new(false);
+static CANCELS: AtomicU32 = AtomicU32::new(0);
+static CLEANUPS: AtomicU32 = AtomicU32::new(0);
+
+/// A live device: empty sections; counts its cancels and cleanups.
+struct Counted;
+
+impl SaveVmHandler for Counted {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn cancel(&mut self) {
+        CANCELS.fetch_add(1, Ordering::SeqCst);
+    }
+    fn cleanup(&mut self) {
+        CLEANUPS.fetch_add(1, Ordering::SeqCst);
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+/// A live device whose setup fails while SETUP_FAILS is set.
+struct FailingSetup;
+
+impl SaveVmHandler for FailingSetup {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn setup(&mut self, _f: &mut QemuFile) -> Result<()> {
+        if SETUP_FAILS.load(Ordering::SeqCst) {
+            Err(MigError::new("no setup today"))
+        } else {
+            Ok(())
+        }
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+const OWNER: usize = 0xed9e;
+
+#[test]
+fn a_failed_setup_cancels_and_cleans_up_every_handler_and_cleanup_runs_once() {
+    let _g = host();
+    livemig::savevm::register("counted", 0, 1, Box::new(Counted), OWNER, Priority::Default).unwrap();
+    livemig::savevm::register("failing-setup", 0, 1, Box::new(FailingSetup), OWNER, Priority::Default).unwrap();
+    for fails in [true, false] {
+        SETUP_FAILS.store(fails, Ordering::SeqCst);
+        let (cancels, cleanups) = (CANCELS.load(Ordering::SeqCst), CLEANUPS.load(Ordering::SeqCst));
+        let (log_starts, log_stops) = (LOG_STARTS.load(Ordering::SeqCst), LOG_STOPS.load(Ordering::SeqCst));
+        assert_eq!(migrate("exec:cat > /dev/null"), "");
+        let st = wait_final(false, 30);
+        let (cancels, cleanups) = (CANCELS.load(Ordering::SeqCst) - cancels, CLEANUPS.load(Ordering::SeqCst) - cleanups);
+        let (log_starts, log_stops) = (LOG_STARTS.load(Ordering::SeqCst) - log_starts, LOG_STOPS.load(Ordering::SeqCst) - log_stops);
+        if fails {
+            assert_eq!(st, MigrationStatus::Failed);
+            let e = livemig::outgoing::stats().error.unwrap_or_default();
+            assert!(e.contains("no setup today"), "{e}");
+            assert_eq!((cancels, cleanups), (1, 1), "the handler set up before the failure is cancelled and cleaned up");
+            assert_eq!(state(), RunState::Running);
+        } else {
+            assert_eq!(st, MigrationStatus::Completed);
+            assert_eq!((cancels, cleanups), (0, 1), "cleanup runs once");
+            set_state(RunState::Running);
+        }
+        assert_eq!(log_stops, log_starts, "the dirty log is stopped as often as it was started (setup failed: {fails})");
+    }
+    livemig::savevm::unregister("counted", OWNER);
+    livemig::savevm::unregister("failing-setup", OWNER);
+}
+
+#[test]
+fn a_stop_that_fails_after_stopping_still_gets_the_vm_started_again() {
+    let _g = host();
+    STOP_FAILS.store(true, Ordering::SeqCst);
+    let starts = STARTS.load(Ordering::SeqCst);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+    assert!(
+        livemig::outgoing::stats().error.unwrap_or_default().contains("the host failed to stop the VM"),
+        "{:?}",
+        livemig::outgoing::stats().error
+    );
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1, "the stopped VM is started again");
+    assert_eq!(state(), RunState::Running);
+    STOP_FAILS.store(false, Ordering::SeqCst);
+}
+
+#[test]
+fn a_paused_vm_gets_its_run_state_back_after_a_failed_switchover() {
+    let _g = host();
+    set_state(RunState::Paused);
+    let starts = STARTS.load(Ordering::SeqCst);
+    // The command reads the whole stream, then fails: the switchover's
+    // close fails after the VM was stopped.
+    assert_eq!(migrate("exec:cat > /dev/null; exit 3"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+    assert_eq!(state(), RunState::Paused, "not left in finish-migrate");
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts, "a VM that was paused is not started");
+    set_state(RunState::Running);
+}
+
+#[test]
+fn a_vm_in_postmigrate_is_not_migrated_again() {
+    let _g = host();
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed);
+    assert_eq!(state(), RunState::Postmigrate);
+    assert_eq!(migrate("exec:cat > /dev/null"), "Can't migrate the vm that was paused due to previous migration");
+    assert_eq!(OUTGOING.status(), MigrationStatus::Completed, "the refusal changes nothing");
+    set_state(RunState::Running);
+    assert_eq!(migrate("exec:cat > /dev/null"), "", "once running again");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed);
+}
+
+#[test]
+fn fd_n_is_taken_by_the_call_and_a_bad_one_is_refused_at_once() {
+    let _g = host();
+    let before = OUTGOING.status();
+    // Refused for a blocker: the descriptor is closed all the same.
+    let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = w.into_raw_fd();
+    let reason = CString::new("device 'x' cannot migrate").unwrap();
+    let reason = error_new(reason.as_ptr());
+    let mut err = null_mut();
+    assert_eq!(api::migrate_add_blocker(reason, &mut err), 0);
+    assert_eq!(migrate(&format!("fd:{fd}")), "device 'x' cannot migrate");
+    api::migrate_del_blocker(reason);
+    error_free(reason);
+    // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+    assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0, "fd {fd} is closed on refusal");
+    let mut buf = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut &r, &mut buf).unwrap(), 0, "the peer sees the end");
+    // A descriptor that is not open: refused by the call, state unchanged.
+    let e = migrate(&format!("fd:{fd}"));
+    assert!(e.starts_with(&format!("fd:{fd}")) && e.contains("Bad file descriptor"), "{e}");
+    assert_eq!(OUTGOING.status(), before, "a refused call changes nothing");
+}
+
+/// The versions a v3 live device was loaded with, per section kind.
+static LOADS: Mutex<Vec<(SectionKind, u32)>> = Mutex::new(Vec::new());
+
+/// A live device at version 3 that records its loads.
+struct V3;
+
+impl SaveVmHandler for V3 {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn load(&mut self, f: &mut QemuFile, version_id: u32, kind: SectionKind) -> Result<()> {
+        LOADS.lock().unwrap().push((kind, version_id));
+        f.check()
+    }
+}
+
+#[test]
+fn part_and_end_sections_load_as_the_version_their_start_gave() {
+    let _g = host();
+    livemig::savevm::register("vdev", 0, 3, Box::new(V3), OWNER, Priority::Default).unwrap();
+    LOADS.lock().unwrap().clear();
+    // START (id 9, "vdev", instance 0, version 2), PART, END, each with a
+    // footer, then EOF: a v2 source's sections.
+    let mut s = vec![0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3];
+    s.extend([1, 0, 0, 0, 9, 4]);
+    s.extend(b"vdev");
+    s.extend([0, 0, 0, 0, 0, 0, 0, 2]);
+    for kind in [None, Some(2u8), Some(3u8)] {
+        if let Some(k) = kind {
+            s.extend([k, 0, 0, 0, 9]);
+        }
+        s.extend([0x7e, 0, 0, 0, 9]);
+    }
+    s.push(0); // EOF
+    let mut f = QemuFile::new(Box::new(MemChannel::source(s)), Direction::Read);
+    let r = livemig::loadvm::load_stream(&mut f, None);
+    livemig::savevm::unregister("vdev", OWNER);
+    r.unwrap_or_else(|e| panic!("{e}: loads {:?}", LOADS.lock().unwrap()));
+    assert_eq!(*LOADS.lock().unwrap(), [(SectionKind::Start, 2), (SectionKind::Part, 2), (SectionKind::End, 2)]);
+}
+
+#[test]
+fn a_unix_listener_replaces_a_stale_socket_and_nothing_else() {
+    let _g = host();
+    set_state(RunState::Inmigrate);
+    let dir = tmp("unix-listen");
+    let path = dir.join("precious.txt");
+    std::fs::write(&path, b"keep me").unwrap();
+    let e = livemig::incoming::start_uri(&format!("unix:{}", path.display())).expect_err("a regular file at the path").to_string();
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep me", "the file is left alone");
+    assert!(INCOMING.status().is_idle(), "nothing started");
+    // A socket left behind by an earlier listener is replaced.
+    let sock = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    livemig::incoming::start_uri(&format!("unix:{}", sock.display())).expect("a stale socket is replaced");
+    assert!(livemig::incoming::cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    set_state(RunState::Running);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_incoming_migration_is_refused_while_the_vm_runs() {
+    let _g = host();
+    let before = INCOMING.status();
+    let e = livemig::incoming::start_uri("exec:cat /dev/null").expect_err("the VM runs").to_string();
+    assert_eq!(e, "cannot start an incoming migration while the VM is running");
+    assert_eq!(INCOMING.status(), before, "nothing started");
+    assert_eq!(state(), RunState::Running);
+}
