@@ -281,8 +281,13 @@ typedef struct QEMUFile QEMUFile;
  threads ("livemig-out", "livemig-in"). `iothread_lock`/`unlock` guard the
  switchover, notifiers and device loads; `vm_stop_force_state`, `vm_start`,
  `runstate_*`, `system_wakeup_request` and `announce_self` are called with
- the host lock held. The dirty-log callbacks are called without it (the
- last sync of a migration runs with it held, the VM stopped).
+ the host lock held, except that `runstate_is_running` and `runstate_get`
+ are also asked by `qmp_migrate`, `migrate_fd_connect`,
+ `qemu_start_incoming_migration` and `process_incoming_migration` on the
+ calling thread, with whatever the caller holds (as QEMU reads its run
+ state there): they must not take the host lock. The dirty-log callbacks
+ are called without it (the last sync of a migration runs with it held,
+ the VM stopped).
  */
 typedef struct LivemigHostOps {
   /*
@@ -852,8 +857,8 @@ int64_t migrate_xbzrle_cache_size(void);
  bad URI, and for block migration (`blk`/`inc`). With `fd:N` livemig owns
  descriptor N from the call on, and closes it when it refuses; a
  descriptor that is not open is refused at once. A named fd (`fd:NAME`,
- `livemig_fd_add`) is taken by the migration and stays registered when
- the call is refused. `detach` is accepted and ignored (the call never
+ `livemig_fd_add`) is taken by the call once it is accepted, and stays
+ registered when the call is refused. `detach` is accepted and ignored (the call never
  waits).
  */
 void qmp_migrate(const char *uri, bool has_blk, bool blk, bool has_inc, bool inc, bool has_detach, bool detach, struct Error **errp);
@@ -1029,6 +1034,10 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
 /*
  Marks `[offset, offset + length)` of block `idstr` dirty: writes the
  dirty log does not see (device DMA, emulated devices). Any thread.
+ Refused (false, EBUSY) once the switchover's final RAM pass has taken
+ the marks, until the migration ends: the page could no longer be sent,
+ so the migration then fails rather than lose it (a device must quiesce
+ its DMA when the VM stops, before its `save_state`).
  */
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 

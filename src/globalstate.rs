@@ -75,7 +75,7 @@ impl SaveVmHandler for GlobalState {
 pub fn register() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        crate::savevm::register("globalstate", 0, 1, Box::new(GlobalState), 0, crate::savevm::Priority::Late)
+        crate::savevm::register("globalstate", 0, 1, Box::new(GlobalState), crate::savevm::builtin_owner(), crate::savevm::Priority::Late)
             .expect("globalstate registers once");
     });
 }

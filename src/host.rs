@@ -133,10 +133,13 @@ pub fn set(ops: LivemigHostOps, opaque: *mut c_void) -> Result<()> {
     if let Some((name, _)) = required.iter().find(|(_, present)| !present) {
         return Err(MigError::new(format!("host operations: required callback '{name}' is NULL")));
     }
+    // Checked under the lock: a migration reads the table after its state
+    // left idle, so a change either lands before that or is refused.
+    let mut h = HOST.write();
     if crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active() {
         return Err(MigError::new("host operations cannot change while a migration is in progress"));
     }
-    *HOST.write() = Some(Host { ops, opaque: opaque as usize });
+    *h = Some(Host { ops, opaque: opaque as usize });
     Ok(())
 }
 

@@ -48,7 +48,12 @@ pub fn start_file(f: QemuFile) -> Result<()> {
 /// Starts the incoming thread on what `open` sets up with the aborter a
 /// cancel fires (`aborter`, or a new one).
 fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
-    let host = host::get()?;
+    // Asked before IN is taken: the incoming thread takes IN while it
+    // holds the host lock, which a host's run-state callback may want.
+    if host::get()?.runstate_is_running() {
+        // Loading writes guest RAM and device state under running vCPUs.
+        return Err(MigError::new("cannot start an incoming migration while the VM is running"));
+    }
     let mut g = IN.lock();
     if OUTGOING.status().is_active() {
         return Err(MigError::new("an outgoing migration is in progress"));
@@ -56,10 +61,6 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
     let prev = INCOMING.status();
     if !prev.is_idle() {
         return Err(MigError::new("an incoming migration is already in progress"));
-    }
-    if host.runstate_is_running() {
-        // Loading writes guest RAM and device state under running vCPUs.
-        return Err(MigError::new("cannot start an incoming migration while the VM is running"));
     }
     let aborter = match aborter {
         Some(a) => a,
@@ -69,6 +70,14 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
     if !INCOMING.cas(prev, S::Setup) {
         return Err(MigError::new("an incoming migration is already in progress"));
     }
+    // Out of idle, the host table can no longer change: take it now.
+    let host = match host::get() {
+        Ok(h) => h,
+        Err(e) => {
+            INCOMING.cas(S::Setup, prev);
+            return Err(e);
+        }
+    };
     if let Some(t) = g.thread.take() {
         // Never wait for it (see outgoing::start): it only notifies after
         // its final transition.

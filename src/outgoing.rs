@@ -125,8 +125,18 @@ fn update<F: FnOnce(&mut OutStats)>(f: F) {
 }
 
 /// Adds a blocker: `qmp_migrate` refuses with `msg` while it is registered.
-pub fn add_blocker(key: usize, msg: String) {
-    OUT.lock().blockers.push((key, msg));
+/// Registers a blocker; refused (EBUSY) while a migration runs. Checked
+/// under OUT, where `start` checks the blockers and leaves idle.
+pub fn add_blocker(key: usize, msg: String) -> Result<()> {
+    let mut o = OUT.lock();
+    if OUTGOING.status().is_active() {
+        return Err(MigError::with_errno(
+            format!("disallowing migration blocker (migration/snapshot in progress) for: {msg}"),
+            libc::EBUSY,
+        ));
+    }
+    o.blockers.push((key, msg));
+    Ok(())
 }
 
 /// Removes the blocker registered under `key`.
@@ -144,7 +154,9 @@ pub enum Target {
 
 /// Starts a migration to `target`. Never blocks on the network.
 pub fn start(target: Target) -> Result<()> {
-    let host = host::get()?;
+    // Asked before OUT is taken: the migration thread takes OUT while it
+    // holds the host lock, which a host's run-state callback may want.
+    let postmigrate = host::get()?.runstate() == RunState::Postmigrate;
     let mut o = OUT.lock();
     if let Some((_, msg)) = o.blockers.last() {
         // The newest blocker, as QEMU reports it.
@@ -153,7 +165,7 @@ pub fn start(target: Target) -> Result<()> {
     if crate::state::INCOMING.status().is_active() {
         return Err(MigError::new("Guest is waiting for an incoming migration"));
     }
-    if host.runstate() == RunState::Postmigrate {
+    if postmigrate {
         // As QEMU: this VM's state went to a destination already.
         return Err(MigError::new("Can't migrate the vm that was paused due to previous migration"));
     }
@@ -170,13 +182,25 @@ pub fn start(target: Target) -> Result<()> {
             let _ = t.join();
         }
     }
-    // A stream the host opened is woken through its own aborter.
-    let own = match &target {
-        Target::File(f) => f.aborter(),
-        Target::Uri(..) => None,
-    };
-    let aborter = match own.map_or_else(Aborter::new, Ok) {
-        Ok(a) => a,
+    // Out of idle, the host table, the block list, the capabilities and
+    // the named fds can no longer change under the migration (each change
+    // is refused under its own lock once the state left idle): take them
+    // now. A named fd is taken by the call, as in QEMU.
+    let prepared = (|| -> Result<(Host, Target, Aborter)> {
+        let host = host::get()?;
+        let target = match target {
+            Target::Uri(uri @ Uri::FdName(_), text) => Target::File(QemuFile::new(transport::fd_channel(&uri, &text)?, Direction::Write)),
+            t => t,
+        };
+        // A stream the host opened is woken through its own aborter.
+        let own = match &target {
+            Target::File(f) => f.aborter(),
+            Target::Uri(..) => None,
+        };
+        Ok((host, target, own.map_or_else(Aborter::new, Ok)?))
+    })();
+    let (host, target, aborter) = match prepared {
+        Ok(p) => p,
         Err(e) => {
             OUTGOING.cas(S::Setup, prev);
             return Err(e);
@@ -645,6 +669,11 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
         let mut o = OUT.lock();
         if OUTGOING.status() != S::Active {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+        }
+        if crate::ram::late_marks() {
+            // A device marked RAM dirty after the final RAM pass (e.g. DMA
+            // flushed in its save_state): that change would be lost.
+            return Err(MigError::with_errno("guest RAM was marked dirty after the final RAM pass of the switchover", libc::EBUSY));
         }
         o.committed = true;
     }

@@ -207,7 +207,12 @@ pub fn set_capabilities(list: &[(MigrationCapability, bool)]) -> Result<()> {
             return Err(MigError::new(format!("capability '{}' is not supported by livemig", cap.name())));
         }
     }
+    // Checked under the lock: a migration reads the capabilities after its
+    // state left idle, so a change either lands before that or is refused.
     let mut p = PARAMS.lock();
+    if crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active() {
+        return Err(MigError::new("There's a migration process in progress"));
+    }
     for &(cap, on) in list {
         p.caps[cap as usize] = on;
     }

@@ -210,6 +210,14 @@ pub fn register(
     Ok(section_id)
 }
 
+/// The owner of livemig's own sections ("ram", "globalstate"): the address
+/// of a private static, which no host's opaque pointer can equal, so that
+/// `unregister_savevm(NULL, "ram", NULL)` cannot remove them.
+pub(crate) fn builtin_owner() -> usize {
+    static BUILTIN: u8 = 0;
+    &BUILTIN as *const u8 as usize
+}
+
 /// Removes the handlers registered as `idstr` by `owner`; returns how many.
 pub fn unregister(idstr: &str, owner: usize) -> usize {
     let mut r = REGISTRY.lock();

@@ -551,3 +551,110 @@ fn an_incoming_migration_is_refused_while_the_vm_runs() {
     assert_eq!(INCOMING.status(), before, "nothing started");
     assert_eq!(state(), RunState::Running);
 }
+
+#[test]
+fn livemig_s_own_sections_cannot_be_unregistered_by_a_host() {
+    let _g = host();
+    let ram = CString::new("ram").unwrap();
+    let gs = CString::new("globalstate").unwrap();
+    // A host passing a NULL opaque (its own devices' owner) for these names.
+    livemig::ffi::savevm::unregister_savevm(null_mut(), ram.as_ptr(), null_mut());
+    livemig::ffi::savevm::unregister_savevm(null_mut(), gs.as_ptr(), null_mut());
+    let names: Vec<String> = livemig::savevm::entries().into_iter().map(|e| e.idstr).collect();
+    assert!(names.iter().any(|n| n == "ram") && names.iter().any(|n| n == "globalstate"), "{names:?}");
+    // And the RAM still migrates: a stream of 16 MiB of non-zero pages.
+    let dir = tmp("builtin");
+    let stream = stream_file(&dir);
+    assert!(std::fs::metadata(&stream).unwrap().len() > RAM_SIZE as u64, "the RAM is in the stream");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Set: the device below marks guest RAM dirty in its save_state (as a
+/// device flushing DMA there would); its result is kept.
+static MARK_IN_SAVE: AtomicBool = AtomicBool::new(false);
+static MARK_RESULT: Mutex<Option<std::result::Result<(), String>>> = Mutex::new(None);
+
+/// A device that may mark a page dirty while its state is saved.
+struct Dma;
+
+impl SaveVmHandler for Dma {
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn save_state(&mut self, _f: &mut QemuFile) -> Result<()> {
+        if MARK_IN_SAVE.load(Ordering::SeqCst) {
+            let r = livemig::ram::mark_dirty("ram", 7 * PAGE as u64, PAGE as u64).map_err(|e| e.to_string());
+            *MARK_RESULT.lock().unwrap() = Some(r);
+        }
+        Ok(())
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+#[test]
+fn a_page_marked_dirty_after_the_final_ram_pass_fails_the_switchover() {
+    let _g = host();
+    livemig::savevm::register("dma", 0, 1, Box::new(Dma), OWNER, Priority::Default).unwrap();
+    for late in [true, false] {
+        MARK_IN_SAVE.store(late, Ordering::SeqCst);
+        *MARK_RESULT.lock().unwrap() = None;
+        let starts = STARTS.load(Ordering::SeqCst);
+        assert_eq!(migrate("exec:cat > /dev/null"), "");
+        let st = wait_final(false, 30);
+        if late {
+            let r = MARK_RESULT.lock().unwrap().clone().expect("save_state ran");
+            assert!(r.as_ref().is_err_and(|e| e.contains("marked dirty after the final RAM pass")), "{r:?}");
+            assert_eq!(st, MigrationStatus::Failed, "the page would be lost");
+            let e = livemig::outgoing::stats().error.unwrap_or_default();
+            assert!(e.contains("marked dirty after the final RAM pass"), "{e}");
+            assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1, "the VM runs here again");
+            assert_eq!(state(), RunState::Running);
+        } else {
+            assert_eq!(st, MigrationStatus::Completed);
+            set_state(RunState::Running);
+        }
+        // Once the migration is over, marks are taken again.
+        livemig::ram::mark_dirty("ram", 0, PAGE as u64).expect("marks after the migration");
+    }
+    livemig::savevm::unregister("dma", OWNER);
+}
+
+#[test]
+fn a_named_fd_is_taken_by_the_call() {
+    let _g = host();
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let name = CString::new("mig").unwrap();
+    let mut err = null_mut();
+    assert!(livemig::ffi::host::livemig_fd_add(name.as_ptr(), ours.into_raw_fd(), &mut err), "{}", take_err(&mut err));
+    let reader = std::thread::spawn(move || std::io::copy(&mut &peer, &mut std::io::sink()).unwrap());
+    assert_eq!(migrate("fd:mig"), "");
+    // Taken by the call: no longer registered, so removing it fails and
+    // the migration goes on.
+    assert!(!livemig::ffi::host::livemig_fd_remove(name.as_ptr(), &mut err), "the fd is the migration's now");
+    assert!(take_err(&mut err).contains("mig"));
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    assert!(reader.join().unwrap() > RAM_SIZE as u64, "the peer got the stream");
+    set_state(RunState::Running);
+}
+
+#[test]
+fn a_blocker_added_during_a_migration_is_refused_with_ebusy() {
+    let _g = host();
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mode = CString::new("wb").unwrap();
+    let f = qemu_fdopen(ours.into_raw_fd(), mode.as_ptr());
+    let mut err = null_mut();
+    api::migrate_fd_connect(null_mut(), f, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    let reason = CString::new("late device").unwrap();
+    let reason = error_new(reason.as_ptr());
+    assert_eq!(api::migrate_add_blocker(reason, &mut err), -libc::EBUSY);
+    assert_eq!(take_err(&mut err), "disallowing migration blocker (migration/snapshot in progress) for: late device");
+    error_free(reason);
+    cancel();
+    assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
+    drop(peer);
+}

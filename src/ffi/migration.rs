@@ -82,8 +82,8 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// bad URI, and for block migration (`blk`/`inc`). With `fd:N` livemig owns
 /// descriptor N from the call on, and closes it when it refuses; a
 /// descriptor that is not open is refused at once. A named fd (`fd:NAME`,
-/// `livemig_fd_add`) is taken by the migration and stays registered when
-/// the call is refused. `detach` is accepted and ignored (the call never
+/// `livemig_fd_add`) is taken by the call once it is accepted, and stays
+/// registered when the call is refused. `detach` is accepted and ignored (the call never
 /// waits).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
@@ -211,9 +211,6 @@ pub extern "C" fn qmp_query_migrate_capabilities(errp: *mut *mut Error) -> *mut 
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_capabilities(params: *mut MigrationCapabilityStatusList, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_capabilities", errp, (), || {
-        if OUTGOING.status().is_active() || INCOMING.status().is_active() {
-            return Err(MigError::new("There's a migration process in progress"));
-        }
         let mut list = Vec::new();
         let mut node = params as *const MigrationCapabilityStatusList;
         // SAFETY: the caller passes a well-formed, NULL-terminated list
@@ -418,16 +415,14 @@ pub extern "C" fn remove_migration_state_change_notifier(notify: *mut Notifier) 
 /// migration runs.
 #[no_mangle]
 pub extern "C" fn migrate_add_blocker(reason: *mut Error, errp: *mut *mut Error) -> i32 {
+    // The result is 0 or the error's negative errno (-EBUSY while a
+    // migration runs, -EINVAL for a NULL reason).
     guard_err("migrate_add_blocker", errp, -libc::EINVAL, || {
         let msg = Error::message(reason).ok_or_else(|| MigError::new("migrate_add_blocker: reason must not be NULL"))?;
-        if OUTGOING.status().is_active() {
-            return Err(MigError::with_errno(
-                format!("disallowing migration blocker (migration/snapshot in progress) for: {msg}"),
-                libc::EBUSY,
-            ));
-        }
-        outgoing::add_blocker(reason as usize, msg);
-        Ok(0)
+        outgoing::add_blocker(reason as usize, msg).map(|()| 0).or_else(|e| {
+            super::errors::set(errp, &e);
+            Ok(-e.errno())
+        })
     })
 }
 

@@ -21,8 +21,13 @@ pub const LIVEMIG_HOST_OPS_VERSION: u32 = 1;
 /// threads ("livemig-out", "livemig-in"). `iothread_lock`/`unlock` guard the
 /// switchover, notifiers and device loads; `vm_stop_force_state`, `vm_start`,
 /// `runstate_*`, `system_wakeup_request` and `announce_self` are called with
-/// the host lock held. The dirty-log callbacks are called without it (the
-/// last sync of a migration runs with it held, the VM stopped).
+/// the host lock held, except that `runstate_is_running` and `runstate_get`
+/// are also asked by `qmp_migrate`, `migrate_fd_connect`,
+/// `qemu_start_incoming_migration` and `process_incoming_migration` on the
+/// calling thread, with whatever the caller holds (as QEMU reads its run
+/// state there): they must not take the host lock. The dirty-log callbacks
+/// are called without it (the last sync of a migration runs with it held,
+/// the VM stopped).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LivemigHostOps {

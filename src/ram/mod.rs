@@ -77,6 +77,24 @@ pub struct RamBlock {
     resized: Option<Resized>,
     /// Pages the host marked dirty itself (`livemig_ram_mark_dirty`).
     marks: Mutex<DirtyBitmap>,
+    /// The final pass of an outgoing migration took the marks: a later
+    /// mark cannot be sent. Read and written with `marks` held.
+    sealed: AtomicBool,
+}
+
+/// A page was marked dirty after its block was sealed: the switchover
+/// must not complete (the page would be lost).
+static LATE_MARK: AtomicBool = AtomicBool::new(false);
+
+/// Whether a page was marked dirty after the final pass took the marks,
+/// since the last [`reset_late_marks`].
+pub fn late_marks() -> bool {
+    LATE_MARK.load(Ordering::SeqCst)
+}
+
+/// Clears the late-mark flag (a new migration starts).
+pub(crate) fn reset_late_marks() {
+    LATE_MARK.store(false, Ordering::SeqCst);
 }
 
 /// A host callback for a resized block: `f(opaque, idstr, new_length)`.
@@ -146,6 +164,7 @@ impl RamBlock {
             max_length: len,
             resized: None,
             marks: Mutex::new(DirtyBitmap::new((len / TARGET_PAGE_SIZE) as usize)),
+            sealed: AtomicBool::new(false),
         }
     }
 
@@ -161,12 +180,22 @@ impl RamBlock {
         self.host as *mut u8
     }
 
-    /// Moves the host's own marks into `into` and clears them.
-    fn take_marks(&self, into: &mut DirtyBitmap) {
+    /// Moves the host's own marks into `into` and clears them; with
+    /// `seal` (the final pass), later marks are refused until [`unseal`](Self::unseal).
+    fn take_marks(&self, into: &mut DirtyBitmap, seal: bool) {
         let mut m = self.marks.lock();
         for (d, s) in into.words_mut().iter_mut().zip(m.words_mut().iter_mut()) {
             *d |= std::mem::take(s);
         }
+        if seal {
+            self.sealed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Accepts marks again (the migration is over).
+    fn unseal(&self) {
+        let _m = self.marks.lock();
+        self.sealed.store(false, Ordering::SeqCst);
     }
 }
 
@@ -196,8 +225,8 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
             "ram block '{idstr}': maximum length {max_length} must be a multiple of {TARGET_PAGE_SIZE} and at least {length}"
         )));
     }
-    busy_check()?;
     let mut b = BLOCKS.lock();
+    busy_check()?;
     if b.iter().any(|x| x.idstr == idstr) {
         return Err(MigError::new(format!("ram block '{idstr}' is already registered")));
     }
@@ -209,6 +238,7 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
         max_length,
         resized,
         marks: Mutex::new(DirtyBitmap::new(pages)),
+        sealed: AtomicBool::new(false),
     }));
     log::info!("ram block '{idstr}' registered: {length} bytes at {host:p}");
     Ok(())
@@ -216,13 +246,17 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
 
 /// Removes a block.
 pub fn block_remove(idstr: &str) -> Result<()> {
-    busy_check()?;
     let mut b = BLOCKS.lock();
+    busy_check()?;
     let i = b.iter().position(|x| x.idstr == idstr).ok_or_else(|| MigError::new(format!("ram block '{idstr}' is not registered")))?;
     b.remove(i);
     Ok(())
 }
 
+/// Refuses a change of the block list while a migration runs. Called with
+/// `BLOCKS` held: a migration takes its copy of the list under that lock,
+/// after its state left idle, so a change either lands before the copy
+/// or is refused.
 fn busy_check() -> Result<()> {
     if crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active() {
         return Err(MigError::new("ram blocks cannot change while a migration is in progress"));
@@ -251,7 +285,17 @@ pub fn mark_dirty(idstr: &str, offset: u64, len: u64) -> Result<()> {
     }
     let first = (offset / TARGET_PAGE_SIZE) as usize;
     let last = ((end - 1) / TARGET_PAGE_SIZE) as usize;
-    b.marks.lock().set_range(first, last - first + 1);
+    let mut m = b.marks.lock();
+    if b.sealed.load(Ordering::SeqCst) {
+        // The pages went out in the final pass: the switchover would lose
+        // this change, so it is abandoned and the VM keeps running here.
+        LATE_MARK.store(true, Ordering::SeqCst);
+        return Err(MigError::with_errno(
+            format!("ram block '{idstr}': marked dirty after the final RAM pass of the switchover; the migration fails"),
+            libc::EBUSY,
+        ));
+    }
+    m.set_range(first, last - first + 1);
     Ok(())
 }
 
@@ -383,8 +427,15 @@ pub fn query_stats(out: &OutStats) -> (MigrationStats, Option<XBZRLECacheStats>)
 pub fn register() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        crate::savevm::register("ram", 0, 4, Box::new(save::RamSection::new()), 0, crate::savevm::Priority::Ram)
-            .expect("ram registers once");
+        crate::savevm::register(
+            "ram",
+            0,
+            4,
+            Box::new(save::RamSection::new()),
+            crate::savevm::builtin_owner(),
+            crate::savevm::Priority::Ram,
+        )
+        .expect("ram registers once");
     });
 }
 
@@ -406,7 +457,7 @@ mod tests {
         assert_eq!(e, "ram block 't.blk': range 0x3000+0x1001 exceeds its length 0x4000");
         let b = blocks().into_iter().find(|b| b.idstr == "t.blk").unwrap();
         let mut bm = DirtyBitmap::new(4);
-        b.take_marks(&mut bm);
+        b.take_marks(&mut bm, false);
         assert!(bm.test(0) && bm.test(1) && !bm.test(2) && !bm.test(3));
         block_remove("t.blk").unwrap();
         assert!(block_remove("t.blk").is_err());

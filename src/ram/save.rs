@@ -93,6 +93,10 @@ pub struct Saver {
 impl Saver {
     /// A saver over `blocks`, using `host`'s dirty log when it has one.
     pub fn new(blocks: Vec<Arc<RamBlock>>, host: Option<Host>) -> Result<Saver> {
+        super::reset_late_marks();
+        for b in &blocks {
+            b.unseal();
+        }
         let mut base = 0;
         let blocks = blocks
             .into_iter()
@@ -192,7 +196,7 @@ impl Saver {
             if let Some(h) = &self.host {
                 h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.block.length(), b.bitmap.words_mut())?;
             }
-            b.block.take_marks(&mut b.bitmap);
+            b.block.take_marks(&mut b.bitmap, self.last_stage);
         }
         self.dirty_pages = self.blocks.iter().map(|b| b.bitmap.count() as u64).sum();
         let c = &*COUNTERS;
@@ -461,8 +465,11 @@ impl Saver {
         f.check()
     }
 
-    /// Stops the dirty log.
+    /// Stops the dirty log; the host's marks are taken again.
     pub fn cleanup(&mut self) {
+        for b in &self.blocks {
+            b.block.unseal();
+        }
         if self.logging {
             if let Some(h) = &self.host {
                 h.dirty_log_stop();
