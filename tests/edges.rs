@@ -658,3 +658,25 @@ fn a_blocker_added_during_a_migration_is_refused_with_ebusy() {
     assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
     drop(peer);
 }
+
+#[test]
+fn a_host_name_is_resolved_and_an_unknown_one_fails_with_its_reason() {
+    let _g = host();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let reader = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        std::io::copy(&mut &s, &mut std::io::sink()).unwrap()
+    });
+    // "localhost" is looked up (on the resolver thread); its IPv6 address,
+    // if listed first, is refused and the next one is tried.
+    assert_eq!(migrate(&format!("tcp:localhost:{port}")), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    assert!(reader.join().unwrap() > RAM_SIZE as u64);
+    set_state(RunState::Running);
+    assert_eq!(migrate("tcp:livemig-test.invalid:4444"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+    let e = livemig::outgoing::stats().error.unwrap_or_default();
+    assert!(e.starts_with("Failed to connect to 'livemig-test.invalid:4444'"), "{e}");
+    assert_eq!(state(), RunState::Running);
+}

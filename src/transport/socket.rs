@@ -82,10 +82,39 @@ fn connect_one(addr: &SocketAddr, abort: &Aborter, text: &str) -> io::Result<Own
     Ok(fd)
 }
 
+/// The addresses of `host:port`. An address literal needs no lookup; a
+/// name is looked up on a short-lived thread, so that a cancel or the
+/// stall timeout ends the wait even while the resolver hangs (the thread
+/// then ends on its own when the lookup returns).
+fn resolve(host: &str, port: u16, abort: &Aborter) -> io::Result<Vec<SocketAddr>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_string();
+    std::thread::Builder::new().name("livemig-resolve".into()).spawn(move || {
+        let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+    })?;
+    let limit = super::stall_timeout();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        abort.check()?;
+        match rx.recv_timeout(std::time::Duration::from_millis(10)) {
+            Ok(r) => return r,
+            Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {}
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer resolving '{host}' for {} ms", limit.as_millis())))
+            }
+            Err(RecvTimeoutError::Disconnected) => return Err(io::Error::other("the resolver thread ended without an answer")),
+        }
+    }
+}
+
 /// Connects to `host:port`, trying each resolved address in turn.
 pub fn connect_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
     let fail = |e: io::Error| MigError::io(format!("Failed to connect to '{host}:{port}'"), e);
-    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().map_err(fail)?.collect();
+    let addrs = resolve(host, port, abort).map_err(fail)?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for addr in &addrs {
         match connect_one(addr, abort, text) {
