@@ -501,7 +501,10 @@ typedef struct XBZRLECacheStats {
 
 /*
  QAPI `MigrationInfo`: QEMU's field order, newer fields appended.
- Free with `qapi_free_MigrationInfo`.
+ Free with `qapi_free_MigrationInfo`. As in QEMU 7.2, the source's
+ figures (`ram`, `xbzrle_cache`, the times) are set while ACTIVE or
+ CANCELLING and once COMPLETED; in SETUP and once CANCELLED only the
+ status is, once FAILED the status and `error_desc`.
  */
 typedef struct MigrationInfo {
   /*
@@ -545,8 +548,9 @@ typedef struct MigrationInfo {
    */
   int64_t total_time;
   /*
-   Whether `expected_downtime` is set (while active, and once completed:
-   then it is the estimate the switchover was decided on).
+   Whether `expected_downtime` is set (while active or cancelling, and
+   once completed: then it is the estimate the switchover was decided
+   on).
    */
   bool has_expected_downtime;
   /*
@@ -810,9 +814,16 @@ bool livemig_set_io_timeout(uint64_t ms, struct Error **errp);
 struct MigrationState *migrate_get_current(void);
 
 /*
- True while a migration is in setup, active or cancelling.
+ True while the migration is ACTIVE (as QEMU 7.2: not in setup, nor
+ cancelling).
  */
 bool migration_is_active(struct MigrationState *s);
+
+/*
+ True while the migration is in SETUP (QEMU's `migration_in_setup`, which
+ notifiers use to tell the start of a migration).
+ */
+bool migration_in_setup(struct MigrationState *s);
 
 /*
  True once the migration completed.
@@ -959,7 +970,12 @@ void qapi_free_XBZRLECacheStats(struct XBZRLECacheStats *s);
  Adds a state-change notifier. It is called on livemig's thread, with the
  host lock held, once per transition of either direction, with a
  `MigrationState *` valid during the call. The host keeps `notify` alive
- until it removes it.
+ until it removes it. Unlike QEMU 7.2, which notifies the source only
+ (setup, then the final state), livemig also notifies ACTIVE and
+ CANCELLING and the destination's transitions: a notifier written for
+ QEMU returns early when `livemig_migration_is_incoming(s)`, and tests
+ the state with `migration_in_setup`, `migration_has_finished` and
+ `migration_has_failed`, which the extra states do not match.
  */
 void add_migration_state_change_notifier(struct Notifier *notify);
 

@@ -60,7 +60,7 @@ pub struct OutStats {
     pub expected_downtime_ms: u64,
     /// Bytes written to the stream.
     pub transferred: u64,
-    /// Bytes written after the VM stopped.
+    /// RAM bytes written after the switchover stopped the VM.
     pub downtime_bytes: u64,
     /// Throughput of the last window, in megabits per second.
     pub mbps: f64,
@@ -207,6 +207,7 @@ pub fn start(target: Target) -> Result<()> {
         }
     };
     o.stats = empty_stats();
+    crate::ram::reset_counters();
     o.start = Some(Instant::now());
     o.aborter = Some(aborter.clone());
     o.host_error = None;
@@ -659,6 +660,8 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     let stopped = stop_time.elapsed();
     f.set_rate_limit(0);
     let before = f.tell();
+    // RAM bytes sent with the VM stopped (QEMU's downtime-bytes).
+    let ram_before = crate::ram::COUNTERS.transferred.load(std::sync::atomic::Ordering::Relaxed);
     save.complete(f)?;
     f.flush()?;
     // Everything but the end of the stream is out. From here on the
@@ -703,7 +706,7 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     let total = start.elapsed();
     update(|s| {
         s.transferred = sent;
-        s.downtime_bytes = sent - before;
+        s.downtime_bytes = crate::ram::COUNTERS.transferred.load(std::sync::atomic::Ordering::Relaxed) - ram_before;
         s.downtime_ms = Some(downtime);
         s.total_time_ms = round_ms(total);
         s.remaining = 0;

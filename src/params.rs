@@ -185,12 +185,12 @@ pub fn set_downtime(seconds: f64) -> Result<()> {
     Ok(())
 }
 
-/// Sets the XBZRLE cache size in bytes (at least one page).
+/// Sets the XBZRLE cache size in bytes: a power of two, at least one page
+/// (as QEMU 7.2 requires; the size reported is then the cache's own).
 pub fn set_cache_size(value: i64) -> Result<()> {
-    if value < TARGET_PAGE_SIZE as i64 {
+    if value < TARGET_PAGE_SIZE as i64 || !(value as u64).is_power_of_two() {
         return Err(MigError::new(format!(
-            "Parameter 'xbzrle_cache_size' expects a value from {TARGET_PAGE_SIZE} (one page) to {} bytes, got {value}",
-            isize::MAX
+            "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size ({TARGET_PAGE_SIZE}), got {value}"
         )));
     }
     if usize::try_from(value).is_err() {
@@ -209,8 +209,9 @@ pub fn set_capabilities(list: &[(MigrationCapability, bool)]) -> Result<()> {
     }
     // Checked under the lock: a migration reads the capabilities after its
     // state left idle, so a change either lands before that or is refused.
+    // Only the source's state counts, as in QEMU: a destination reads none.
     let mut p = PARAMS.lock();
-    if crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active() {
+    if crate::state::OUTGOING.status().is_active() {
         return Err(MigError::new("There's a migration process in progress"));
     }
     for &(cap, on) in list {
@@ -238,6 +239,8 @@ mod tests {
         assert!(set_downtime(f64::INFINITY).is_err());
         assert!(set_downtime(2000.5).is_err());
         assert!(set_cache_size(4095).unwrap_err().to_string().contains("got 4095"));
+        let e = set_cache_size(5 << 20).unwrap_err().to_string();
+        assert_eq!(e, "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size (4096), got 5242880");
         assert!(set_cache_size(-1).is_err());
         let e = set_capabilities(&[(MigrationCapability::Xbzrle, true), (MigrationCapability::Compress, true)]).unwrap_err();
         assert_eq!(e.to_string(), "capability 'compress' is not supported by livemig");

@@ -680,3 +680,139 @@ fn a_host_name_is_resolved_and_an_unknown_one_fails_with_its_reason() {
     assert!(e.starts_with("Failed to connect to 'livemig-test.invalid:4444'"), "{e}");
     assert_eq!(state(), RunState::Running);
 }
+
+/// What the notifier below saw: (status, migration_is_active,
+/// migration_in_setup, migration_has_finished, migration_has_failed).
+type Seen = (MigrationStatus, bool, bool, bool, bool);
+static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+
+unsafe extern "C" fn record(_n: *mut livemig::ffi::types::Notifier, data: *mut c_void) {
+    let s = data.cast::<livemig::state::MigrationState>();
+    if api::livemig_migration_is_incoming(s) {
+        return;
+    }
+    SEEN.lock().unwrap().push((
+        api::livemig_migration_status(s),
+        api::migration_is_active(s),
+        api::migration_in_setup(s),
+        api::migration_has_finished(s),
+        api::migration_has_failed(s),
+    ));
+}
+
+#[test]
+fn the_state_predicates_are_qemu_s() {
+    let _g = host();
+    let n = Box::leak(Box::new(livemig::ffi::types::Notifier { notify: Some(record), le_next: null_mut(), le_prev: null_mut() }));
+    api::add_migration_state_change_notifier(n);
+    SEEN.lock().unwrap().clear();
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed);
+    set_state(RunState::Running);
+    api::remove_migration_state_change_notifier(n);
+    use MigrationStatus::*;
+    // In setup only migration_in_setup, while active only
+    // migration_is_active, once completed only migration_has_finished.
+    assert_eq!(
+        *SEEN.lock().unwrap(),
+        [(Setup, false, true, false, false), (Active, true, false, false, false), (Completed, false, false, true, false)]
+    );
+}
+
+/// The fields of the source's query-migrate: (status, has_ram,
+/// has_total_time, has_error_desc), and the RAM figures when set.
+fn query() -> (MigrationStatus, bool, bool, bool, Option<livemig::ffi::types::MigrationStats>) {
+    let mut err = null_mut();
+    let i = api::qmp_query_migrate(&mut err);
+    assert!(!i.is_null(), "{}", take_err(&mut err));
+    // SAFETY: a MigrationInfo from livemig, freed below; `ram` is set when
+    // `has_ram` is.
+    let r = unsafe {
+        let info = &*i;
+        let ram = info.has_ram.then(|| (*info.ram).clone());
+        (info.status, info.has_ram, info.has_total_time, info.has_error_desc, ram)
+    };
+    api::qapi_free_MigrationInfo(i);
+    r
+}
+
+/// A device with 1 MiB of state.
+struct Big;
+
+impl SaveVmHandler for Big {
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
+        f.put_buffer(&vec![0x5a; 1 << 20]);
+        Ok(())
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.skip(1 << 20);
+        f.check()
+    }
+}
+
+#[test]
+fn query_migrate_shows_what_qemu_shows_in_each_state() {
+    let _g = host();
+    use MigrationStatus::*;
+    // Setup (connecting to a full backlog): the status alone, not the last
+    // migration's figures; then cancelled: the status alone.
+    let dir = tmp("query");
+    let path = dir.join("s.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) on our own socket.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let _queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    assert_eq!(migrate(&format!("unix:{}", path.display())), "");
+    let q = query();
+    assert_eq!((q.0, q.1, q.2, q.3), (Setup, false, false, false), "setup");
+    cancel();
+    assert_eq!(wait_final(false, 10), Cancelled);
+    let q = query();
+    assert_eq!((q.0, q.1, q.2, q.3), (Cancelled, false, false, false), "cancelled");
+    // Active at 8 MiB/s: the send rate shows during the first pass, before
+    // any sync but setup's.
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(8 << 20, &mut err);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    std::thread::sleep(Duration::from_millis(700));
+    let q = query();
+    assert_eq!((q.0, q.1, q.2), (Active, true, true), "active");
+    let ram = q.4.unwrap();
+    assert_eq!(ram.dirty_sync_count, 1, "still in the first pass");
+    assert!(ram.pages_per_second > 0, "pages_per_second in the first pass");
+    assert!(ram.total == RAM_SIZE as i64 && ram.remaining > 0 && ram.remaining < ram.total, "{} of {}", ram.remaining, ram.total);
+    cancel();
+    assert_eq!(wait_final(false, 10), Cancelled);
+    api::qmp_migrate_set_speed(0, &mut err);
+    // Completed, with 1 MiB of device state: downtime-bytes counts RAM only.
+    livemig::savevm::register("big", 0, 1, Box::new(Big), OWNER, Priority::Default).unwrap();
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(false, 30), Completed);
+    set_state(RunState::Running);
+    livemig::savevm::unregister("big", OWNER);
+    let q = query();
+    let ram = q.4.unwrap();
+    assert!(ram.downtime_bytes < 64 << 10, "downtime-bytes {} counts the device state", ram.downtime_bytes);
+    assert_eq!(ram.precopy_bytes + ram.downtime_bytes, ram.transferred);
+    // Failed: the status and the error.
+    assert_eq!(migrate("exec:exit 3"), "");
+    assert_eq!(wait_final(false, 30), Failed);
+    let q = query();
+    assert_eq!((q.0, q.1, q.2, q.3), (Failed, false, false, true), "failed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn capabilities_may_change_while_an_incoming_migration_listens() {
+    let _g = host();
+    set_state(RunState::Inmigrate);
+    livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();
+    livemig::params::set_capabilities(&[(livemig::params::MigrationCapability::Xbzrle, true)]).expect("the destination reads none");
+    livemig::params::set_capabilities(&[(livemig::params::MigrationCapability::Xbzrle, false)]).unwrap();
+    assert!(livemig::incoming::cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    set_state(RunState::Running);
+}

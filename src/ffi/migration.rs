@@ -26,10 +26,18 @@ fn status_of(s: *const MigrationState) -> Option<MigrationStatus> {
     unsafe { s.as_ref() }.map(MigrationState::status)
 }
 
-/// True while a migration is in setup, active or cancelling.
+/// True while the migration is ACTIVE (as QEMU 7.2: not in setup, nor
+/// cancelling).
 #[no_mangle]
 pub extern "C" fn migration_is_active(s: *mut MigrationState) -> bool {
-    status_of(s).is_some_and(MigrationStatus::is_active)
+    status_of(s) == Some(MigrationStatus::Active)
+}
+
+/// True while the migration is in SETUP (QEMU's `migration_in_setup`, which
+/// notifiers use to tell the start of a migration).
+#[no_mangle]
+pub extern "C" fn migration_in_setup(s: *mut MigrationState) -> bool {
+    status_of(s) == Some(MigrationStatus::Setup)
 }
 
 /// True once the migration completed.
@@ -276,24 +284,25 @@ fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
     let error = if incoming_side {
         incoming::error()
     } else {
-        if status == MigrationStatus::None {
-            return info;
-        }
         let st = outgoing::stats();
-        let (ram, xbz) = crate::ram::query_stats(&st);
-        info.has_ram = true;
-        info.ram = Box::into_raw(Box::new(ram));
-        if let Some(x) = xbz {
-            info.has_xbzrle_cache = true;
-            info.xbzrle_cache = Box::into_raw(Box::new(x));
-        }
-        info.has_total_time = true;
-        info.total_time = st.total_time_ms as i64;
-        info.has_setup_time = status != MigrationStatus::Setup;
-        info.setup_time = st.setup_time_ms as i64;
-        // While active, and once completed (then: the estimate the
-        // switchover was decided on, to compare with `downtime`).
-        if matches!(status, MigrationStatus::Active | MigrationStatus::Completed) {
+        // The figures where QEMU 7.2 shows them: while active or
+        // cancelling, and once completed. In setup and once cancelled only
+        // the status, once failed the status and the error.
+        if matches!(status, MigrationStatus::Active | MigrationStatus::Cancelling | MigrationStatus::Completed) {
+            let (ram, xbz) = crate::ram::query_stats(&st);
+            info.has_ram = true;
+            info.ram = Box::into_raw(Box::new(ram));
+            if let Some(x) = xbz {
+                info.has_xbzrle_cache = true;
+                info.xbzrle_cache = Box::into_raw(Box::new(x));
+            }
+            info.has_total_time = true;
+            info.total_time = st.total_time_ms as i64;
+            info.has_setup_time = true;
+            info.setup_time = st.setup_time_ms as i64;
+            // While active or cancelling, and (unlike QEMU) once completed:
+            // then the estimate the switchover was decided on, to compare
+            // with `downtime`.
             info.has_expected_downtime = true;
             info.expected_downtime = st.expected_downtime_ms as i64;
         }
@@ -390,7 +399,12 @@ fn call_notifier(n: NotifierRef, snap: &MigrationState) {
 /// Adds a state-change notifier. It is called on livemig's thread, with the
 /// host lock held, once per transition of either direction, with a
 /// `MigrationState *` valid during the call. The host keeps `notify` alive
-/// until it removes it.
+/// until it removes it. Unlike QEMU 7.2, which notifies the source only
+/// (setup, then the final state), livemig also notifies ACTIVE and
+/// CANCELLING and the destination's transitions: a notifier written for
+/// QEMU returns early when `livemig_migration_is_incoming(s)`, and tests
+/// the state with `migration_in_setup`, `migration_has_finished` and
+/// `migration_has_failed`, which the extra states do not match.
 #[no_mangle]
 pub extern "C" fn add_migration_state_change_notifier(notify: *mut Notifier) {
     guard("add_migration_state_change_notifier", (), || {

@@ -183,7 +183,10 @@ pub struct XBZRLECacheStats {
 }
 
 /// QAPI `MigrationInfo`: QEMU's field order, newer fields appended.
-/// Free with `qapi_free_MigrationInfo`.
+/// Free with `qapi_free_MigrationInfo`. As in QEMU 7.2, the source's
+/// figures (`ram`, `xbzrle_cache`, the times) are set while ACTIVE or
+/// CANCELLING and once COMPLETED; in SETUP and once CANCELLED only the
+/// status is, once FAILED the status and `error_desc`.
 #[repr(C)]
 pub struct MigrationInfo {
     /// Whether `status` is set.
@@ -206,8 +209,9 @@ pub struct MigrationInfo {
     pub has_total_time: bool,
     /// Milliseconds since the start (or in all, once finished).
     pub total_time: i64,
-    /// Whether `expected_downtime` is set (while active, and once completed:
-    /// then it is the estimate the switchover was decided on).
+    /// Whether `expected_downtime` is set (while active or cancelling, and
+    /// once completed: then it is the estimate the switchover was decided
+    /// on).
     pub has_expected_downtime: bool,
     /// Expected downtime in ms.
     pub expected_downtime: i64,

@@ -387,11 +387,39 @@ pub(crate) fn take_cache_resized() -> bool {
     CACHE_RESIZED.swap(false, Ordering::AcqRel)
 }
 
+/// Zeroes the counters: a new migration starts (none of the last one's
+/// figures may show in its query-migrate).
+pub fn reset_counters() {
+    let c = &*COUNTERS;
+    for a in [
+        &c.remaining,
+        &c.total,
+        &c.transferred,
+        &c.duplicate,
+        &c.normal,
+        &c.dirty_sync_count,
+        &c.last_sync_us,
+        &c.first_round_left,
+        &c.dirty_pages_rate,
+        &c.pages_per_second,
+        &c.skipped,
+    ]
+    .into_iter()
+    .chain([&c.xbzrle_pages, &c.xbzrle_bytes, &c.xbzrle_cache_miss, &c.xbzrle_overflow, &c.resent])
+    {
+        a.store(0, Ordering::Relaxed);
+    }
+    c.xbzrle_cache_miss_rate.store(0f64.to_bits(), Ordering::Relaxed);
+    c.xbzrle_encoding_rate.store(0f64.to_bits(), Ordering::Relaxed);
+}
+
 /// The RAM and XBZRLE figures for query-migrate.
 pub fn query_stats(out: &OutStats) -> (MigrationStats, Option<XBZRLECacheStats>) {
     let c = &*COUNTERS;
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
     let transferred = ld(&c.transferred);
+    // RAM bytes sent after the switchover stopped the VM; the rest of
+    // `transferred` went while it ran (QEMU 7.2 counts RAM alone in both).
     let downtime_bytes = out.downtime_bytes.min(transferred as u64) as i64;
     let s = MigrationStats {
         transferred,

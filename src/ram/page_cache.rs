@@ -73,9 +73,8 @@ impl PageCache {
     /// Creates an empty cache of `cache_size_bytes`, rounded down to a
     /// power-of-two number of 4096-byte pages.
     ///
-    /// QEMU 7.2 itself refuses sizes that are not a power of two
-    /// (`migrate-set-parameters` checks it); this rounds down instead, as
-    /// QEMU's cache did before 2.11, so any size of at least one page works.
+    /// The size parameter is a power of two (`set_cache_size` refuses
+    /// others, as QEMU 7.2 does); the rounding only guards this type.
     pub fn new(cache_size_bytes: u64) -> Result<PageCache, String> {
         let slots = slots_for(cache_size_bytes)?;
         let alloc_err = || format!("cannot allocate an xbzrle cache of {cache_size_bytes} bytes");

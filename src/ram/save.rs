@@ -81,9 +81,12 @@ pub struct Saver {
     zero: ZeroPages,
     last_stage: bool,
     logging: bool,
-    /// Start of the current rate period, and what it has counted so far.
+    /// Start of the current dirty-rate period, and what it has counted so far.
     rate_start: Instant,
     rate_dirtied: u64,
+    /// Start of the current send-rate period (`pages_per_second`, updated
+    /// by the passes, also in a first round with no syncs), and its pages.
+    sent_start: Instant,
     rate_sent: u64,
     rounds: u64,
     /// Dirty-log syncs of this migration (what a zero probe is valid for).
@@ -140,6 +143,7 @@ impl Saver {
             logging: false,
             rate_start: Instant::now(),
             rate_dirtied: 0,
+            sent_start: Instant::now(),
             rate_sent: 0,
             rounds: 0,
             syncs: 0,
@@ -153,24 +157,7 @@ impl Saver {
     /// Writes the block list and EOS (the START payload).
     pub fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
         let c = &*COUNTERS;
-        for a in [
-            &c.transferred,
-            &c.duplicate,
-            &c.normal,
-            &c.dirty_sync_count,
-            &c.last_sync_us,
-            &c.first_round_left,
-            &c.dirty_pages_rate,
-            &c.pages_per_second,
-            &c.skipped,
-        ]
-        .into_iter()
-        .chain([&c.xbzrle_pages, &c.xbzrle_bytes, &c.xbzrle_cache_miss, &c.xbzrle_overflow, &c.resent])
-        {
-            a.store(0, Ordering::Relaxed);
-        }
-        c.xbzrle_cache_miss_rate.store(0f64.to_bits(), Ordering::Relaxed);
-        c.xbzrle_encoding_rate.store(0f64.to_bits(), Ordering::Relaxed);
+        super::reset_counters();
         c.total.store(self.total(), Ordering::Relaxed);
         if let Some(h) = &self.host {
             h.dirty_log_start()?;
@@ -212,11 +199,9 @@ impl Saver {
         if secs >= RATE_PERIOD.as_secs_f64() || self.last_stage {
             if n > 1 {
                 c.dirty_pages_rate.store((self.rate_dirtied as f64 / secs.max(1e-3)) as u64, Ordering::Relaxed);
-                c.pages_per_second.store((self.rate_sent as f64 / secs.max(1e-3)) as u64, Ordering::Relaxed);
             }
             self.rate_start = Instant::now();
             self.rate_dirtied = 0;
-            self.rate_sent = 0;
         }
         if let Some(x) = &mut self.xbzrle {
             let lookups = x.lookups - x.last_lookups;
@@ -423,6 +408,11 @@ impl Saver {
             zero_time += t.elapsed();
         }
         COUNTERS.zero_scan_ns.fetch_add(zero_time.as_nanos() as u64, Ordering::Relaxed);
+        let secs = self.sent_start.elapsed().as_secs_f64();
+        if secs >= RATE_PERIOD.as_secs_f64() {
+            COUNTERS.pages_per_second.store((self.rate_sent as f64 / secs) as u64, Ordering::Relaxed);
+            (self.sent_start, self.rate_sent) = (Instant::now(), 0);
+        }
         f.put_be64(flags::EOS);
         COUNTERS.transferred.fetch_add(8, Ordering::Relaxed);
         COUNTERS.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
