@@ -729,7 +729,7 @@ fn query() -> (MigrationStatus, bool, bool, bool, Option<livemig::ffi::types::Mi
     // `has_ram` is.
     let r = unsafe {
         let info = &*i;
-        let ram = info.has_ram.then(|| (*info.ram).clone());
+        let ram = info.has_ram.then(|| *info.ram);
         (info.status, info.has_ram, info.has_total_time, info.has_error_desc, ram)
     };
     api::qapi_free_MigrationInfo(i);
