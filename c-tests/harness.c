@@ -347,6 +347,26 @@ static void check_bad_input(void)
     error_free(err), err = NULL;
     CHECK(qemu_get_be32(NULL) == 0 && qemu_file_get_error(NULL) < 0, "NULL QEMUFile");
     CHECK(!migration_is_active(NULL) && !migration_has_finished(NULL), "NULL state");
+    /* A stream written on this (host) thread, whose reader is gone: the
+     * write fails with EPIPE, and no SIGPIPE ends this process (SIGPIPE
+     * keeps its default action here). */
+    int pfd[2];
+    CHECK(pipe(pfd) == 0, "pipe");
+    close(pfd[0]);
+    QEMUFile *pf = qemu_fdopen(pfd[1], "wb");
+    CHECK(pf, "qemu_fdopen of a pipe");
+    static uint8_t big[300 << 10];
+    qemu_put_buffer(pf, big, sizeof(big));
+    int rc = qemu_fclose(pf);
+    CHECK(rc == -EPIPE, "a write into a pipe with no reader: %d (want -EPIPE)", rc);
+    /* A stream opened for reading cannot carry an outgoing migration. */
+    int sp[2];
+    CHECK(pipe(sp) == 0, "pipe");
+    close(sp[1]);
+    migrate_fd_connect(NULL, qemu_fdopen(sp[0], "rb"), &err);
+    CHECK(err && strstr(error_get_pretty(err), "not open for writing"), "a read stream for migrate_fd_connect: %s",
+          err ? error_get_pretty(err) : "accepted");
+    error_free(err), err = NULL;
     printf("src: bad input refused, nothing changed\n");
 }
 

@@ -174,6 +174,12 @@ fn run(host: Host, source: Source) {
     // only once the source has been told: if the confirmation cannot be
     // sent, the source will restart its VM, so this side must not run it.
     if let Some(f) = file.as_mut().filter(|f| f.return_path) {
+        if result.is_ok() && f.peer_closed() {
+            // The source gave up waiting (and runs its VM again) before
+            // this side could confirm: a confirmation now might still be
+            // written into the closed connection, so this VM must not run.
+            result = Err(MigError::new("the source closed the connection before the load could be confirmed"));
+        }
         let status: u32 = if result.is_ok() { 0 } else { 1 };
         if let Err(e) = f.rp_send(crate::savevm::MIG_RP_MSG_SHUT, &status.to_be_bytes()) {
             if result.is_ok() {

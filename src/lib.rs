@@ -49,10 +49,55 @@ pub(crate) fn block_sigpipe() {
     // SAFETY: sigset manipulation on a local, zero-initialised set; only the
     // calling thread's mask changes.
     unsafe {
+        let set = sigpipe_set();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    SIGPIPE_BLOCKED.set(true);
+}
+
+thread_local! {
+    /// This thread is one of livemig's, with SIGPIPE blocked for good.
+    static SIGPIPE_BLOCKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The set holding SIGPIPE alone.
+fn sigpipe_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise a local, zeroed set.
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Runs `write` (a write(2) to a pipe, whose closed reader raises SIGPIPE)
+/// so that the caller gets EPIPE and the process no signal, on any thread:
+/// a host thread writing a `qemu_fdopen` stream has SIGPIPE unblocked, and
+/// its default action ends the process. Returns the byte count, or the
+/// error of the write itself.
+pub(crate) fn write_without_sigpipe(write: impl FnOnce() -> isize) -> std::io::Result<usize> {
+    let done = |r: isize| if r >= 0 { Ok(r as usize) } else { Err(std::io::Error::last_os_error()) };
+    if SIGPIPE_BLOCKED.get() {
+        return done(write());
+    }
+    let set = sigpipe_set();
+    // SAFETY: signal-mask calls on local sets; only this thread's mask and
+    // pending signals are touched, and the old mask is restored.
+    unsafe {
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut pending);
+        let was_pending = libc::sigismember(&pending, libc::SIGPIPE) == 1;
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        let r = done(write());
+        if r.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EPIPE)) && !was_pending {
+            // Take the SIGPIPE this write raised before unblocking.
+            let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) < 0 && *libc::__errno_location() == libc::EINTR {}
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
     }
 }
 

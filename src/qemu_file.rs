@@ -362,6 +362,11 @@ impl QemuFile {
         Ok(true)
     }
 
+    /// True when the peer of a socket has closed or shut down its side.
+    pub fn peer_closed(&self) -> bool {
+        self.chan.peer_closed()
+    }
+
     /// True when the channel is a socket (can carry a return path).
     pub fn bidirectional(&self) -> bool {
         self.chan.bidirectional()

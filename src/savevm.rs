@@ -385,26 +385,41 @@ impl SaveState {
         f.put_buffer(desc.as_bytes());
     }
 
-    /// With a return path: waits (bounded by the io timeout) for the
-    /// destination to confirm it loaded the whole stream.
+    /// With a return path: waits for the destination to confirm it loaded
+    /// the whole stream, for at most the io timeout in all (messages that
+    /// keep arriving do not extend it). Messages are checked as QEMU 7.2's
+    /// source checks them: a known type with its length; only PONG and SHUT
+    /// are expected in pre-copy.
     pub fn await_destination(&mut self, f: &mut QemuFile) -> Result<()> {
         if !f.return_path {
             return Ok(());
         }
+        let limit = crate::transport::stall_timeout();
+        let deadline = std::time::Instant::now() + limit;
         loop {
-            match f.rp_recv()? {
-                None => {
-                    return Err(MigError::with_errno("the destination closed the return path without confirming the load", libc::EPIPE))
-                }
-                Some((MIG_RP_MSG_SHUT, d)) => {
-                    let status = d.get(..4).map_or(1, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+            if std::time::Instant::now() >= deadline {
+                return Err(MigError::with_errno(
+                    format!("the destination did not confirm the load within {} ms", limit.as_millis()),
+                    libc::ETIMEDOUT,
+                ));
+            }
+            let (t, d) = f
+                .rp_recv()?
+                .ok_or_else(|| MigError::with_errno("the destination closed the return path without confirming the load", libc::EPIPE))?;
+            match (t, d.len()) {
+                (MIG_RP_MSG_SHUT, 4) => {
+                    let status = u32::from_be_bytes(d[..4].try_into().expect("4 bytes"));
                     if status != 0 {
                         return Err(MigError::new(format!("the destination failed to load the stream (return path status {status})")));
                     }
                     log::info!("the destination confirmed the load");
                     return Ok(());
                 }
-                Some((t, _)) => log::debug!("return path: message {t} ignored"),
+                (MIG_RP_MSG_PONG, 4) => log::debug!("return path: PONG"),
+                (MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG, n) => {
+                    return Err(MigError::new(format!("RP: Received message 0x{t:04x} with incorrect length {n} expecting 4")))
+                }
+                _ => return Err(MigError::new(format!("RP: Received invalid message 0x{t:04x} length 0x{:04x}", d.len()))),
             }
         }
     }

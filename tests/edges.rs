@@ -816,3 +816,110 @@ fn capabilities_may_change_while_an_incoming_migration_listens() {
     assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
     set_state(RunState::Running);
 }
+
+/// A destination on the far end of `peer` that reads the whole stream and
+/// answers on the return path with `messages` (type, payload) every 100 ms
+/// until the stream ends, never with SHUT.
+fn chatty_destination(peer: std::os::unix::net::UnixStream, messages: Vec<(u16, Vec<u8>)>) -> std::thread::JoinHandle<()> {
+    let reader = peer.try_clone().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut &reader, &mut std::io::sink()).map(drop).unwrap_or(()));
+    std::thread::spawn(move || {
+        for (t, d) in messages.iter().cycle() {
+            let mut m = t.to_be_bytes().to_vec();
+            m.extend((d.len() as u16).to_be_bytes());
+            m.extend(d);
+            if std::io::Write::write_all(&mut &peer, &m).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// Migrates over a socket pair with the return path on, to `messages`.
+fn migrate_to_chatty(messages: Vec<(u16, Vec<u8>)>) -> (MigrationStatus, String, Duration) {
+    use livemig::params::MigrationCapability::ReturnPath;
+    livemig::params::set_capabilities(&[(ReturnPath, true)]).unwrap();
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dst = chatty_destination(peer, messages);
+    let mode = CString::new("wb").unwrap();
+    let mut err = null_mut();
+    let t = Instant::now();
+    api::migrate_fd_connect(null_mut(), qemu_fdopen(ours.into_raw_fd(), mode.as_ptr()), &mut err);
+    assert_eq!(take_err(&mut err), "");
+    let st = wait_final(false, 30);
+    let took = t.elapsed();
+    livemig::params::set_capabilities(&[(ReturnPath, false)]).unwrap();
+    dst.join().unwrap();
+    (st, livemig::outgoing::stats().error.unwrap_or_default(), took)
+}
+
+#[test]
+fn the_source_waits_for_the_confirmation_a_bounded_time_and_checks_the_messages() {
+    let _g = host();
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    let starts = STARTS.load(Ordering::SeqCst);
+    // PONGs every 100 ms, never SHUT: each message used to restart the
+    // wait, with the VM stopped and the host lock held.
+    let (st, e, took) = migrate_to_chatty(vec![(2, vec![0, 0, 0, 1])]);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("did not confirm the load within 1000 ms"), "{e}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!((STARTS.load(Ordering::SeqCst), state()), (starts + 1, RunState::Running), "the VM runs here again");
+    // A message QEMU's source refuses: an unknown type.
+    let (st, e, _) = migrate_to_chatty(vec![(0x7777, vec![])]);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("RP: Received invalid message 0x7777"), "{e}");
+    // SHUT with a wrong length.
+    let (st, e, _) = migrate_to_chatty(vec![(1, vec![0; 8])]);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("incorrect length 8 expecting 4"), "{e}");
+    assert_eq!(state(), RunState::Running);
+    livemig::transport::set_stall_timeout(60_000).unwrap();
+}
+
+#[test]
+fn a_destination_does_not_start_when_the_source_closed_before_the_confirmation() {
+    let _g = host();
+    let dir = tmp("rp-closed");
+    // This host's stream with the return path opened after the header.
+    let mut s = std::fs::read(stream_file(&dir)).unwrap();
+    s.splice(8..8, [0x08, 0, 1, 0, 0]);
+    set_state(RunState::Inmigrate);
+    let starts = STARTS.load(Ordering::SeqCst);
+    livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();
+    let port = livemig::incoming::local_port().unwrap();
+    let mut src = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_until(10, "the incoming ACTIVE", || INCOMING.status() == MigrationStatus::Active);
+    // The host lock is held while the whole stream arrives and the source
+    // (giving up) closes: the RAM loads without the lock, the device
+    // section after it waits for the lock.
+    LOCK.lock();
+    let writer = std::thread::spawn(move || {
+        std::io::Write::write_all(&mut src, &s).unwrap();
+        src.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    writer.join().unwrap();
+    let waited = Instant::now() + Duration::from_secs(10);
+    while WAITERS.load(Ordering::SeqCst) == 0 && Instant::now() < waited {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: locked above by this thread.
+    unsafe { LOCK.unlock() };
+    assert_eq!(wait_final(true, 30), MigrationStatus::Failed);
+    let e = livemig::incoming::error().unwrap_or_default();
+    assert!(e.contains("the source closed the connection before the load could be confirmed"), "{e}");
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts, "the destination VM is not started");
+    set_state(RunState::Running);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_exec_command_s_output_goes_nowhere() {
+    let _g = host();
+    // The command fails unless its stdout is /dev/null (not the host's).
+    assert_eq!(migrate(r#"exec:cat > /dev/null; [ "$(readlink /proc/$$/fd/1)" = /dev/null ] || exit 7"#), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    set_state(RunState::Running);
+}

@@ -135,6 +135,9 @@ pub extern "C" fn migrate_fd_connect(s: *mut MigrationState, f: *mut crate::qemu
         if !s.is_null() && s != migrate_get_current() {
             return Err(MigError::new("migrate_fd_connect: not the current migration state"));
         }
+        if file.direction() != Direction::Write {
+            return Err(MigError::new("migrate_fd_connect: the stream is not open for writing (qemu_fdopen mode \"wb\")"));
+        }
         outgoing::start(outgoing::Target::File(file))
     })
 }
@@ -472,6 +475,10 @@ pub extern "C" fn process_incoming_migration(f: *mut crate::qemu_file::QemuFile)
         }
         // SAFETY: `f` came from qemu_fdopen (Box::into_raw); ownership passes here.
         let file = unsafe { *Box::from_raw(f) };
+        if file.direction() != Direction::Read {
+            log::error!("process_incoming_migration: the stream is not open for reading (qemu_fdopen mode \"rb\")");
+            return;
+        }
         if let Err(e) = incoming::start_file(file) {
             log::error!("process_incoming_migration: {e}");
         }

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use super::{Aborter, Channel, FdChannel};
 use crate::error::{MigError, Result};
 
-/// Runs `cmd` with `/bin/sh -c`; `outgoing` pipes its stdin, else its stdout.
+/// Runs `cmd` with `/bin/sh -c`; `outgoing` pipes its stdin (its stdout
+/// goes nowhere, not to the host's: QEMU keeps it too), else its stdout.
 pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
     let mut c = Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
     if outgoing {
-        c.stdin(Stdio::piped());
+        c.stdin(Stdio::piped()).stdout(Stdio::null());
     } else {
         c.stdout(Stdio::piped()).stdin(Stdio::null());
     }

@@ -118,17 +118,17 @@ impl Channel for FdChannel {
         loop {
             let fd = self.fd.as_raw_fd();
             // SAFETY: `buf` is a live slice of `buf.len()` readable bytes.
-            let r = unsafe {
+            let r = crate::write_without_sigpipe(|| unsafe {
                 if self.is_socket {
                     libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
                 } else {
                     libc::write(fd, buf.as_ptr().cast(), buf.len())
                 }
+            });
+            let e = match r {
+                Ok(n) => return Ok(n),
+                Err(e) => e,
             };
-            if r >= 0 {
-                return Ok(r as usize);
-            }
-            let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EAGAIN) => wait_fd(fd, libc::POLLOUT, &self.abort, &self.name)?,
                 Some(libc::EINTR) => {}
@@ -144,7 +144,7 @@ impl Channel for FdChannel {
             let fd = self.fd.as_raw_fd();
             // SAFETY: `iov` is a live array of iovecs the caller guarantees
             // readable; msghdr points at it for the duration of the call.
-            let r = unsafe {
+            let r = crate::write_without_sigpipe(|| unsafe {
                 if self.is_socket {
                     let mut msg: libc::msghdr = std::mem::zeroed();
                     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
@@ -153,11 +153,11 @@ impl Channel for FdChannel {
                 } else {
                     libc::writev(fd, iov.as_ptr(), iov.len() as i32)
                 }
+            });
+            let e = match r {
+                Ok(n) => return Ok(n),
+                Err(e) => e,
             };
-            if r >= 0 {
-                return Ok(r as usize);
-            }
-            let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EAGAIN) => wait_fd(fd, libc::POLLOUT, &self.abort, &self.name)?,
                 Some(libc::EINTR) => {}
@@ -202,6 +202,16 @@ impl Channel for FdChannel {
 
     fn aborter(&self) -> Option<Aborter> {
         Some(self.abort.clone())
+    }
+
+    fn peer_closed(&self) -> bool {
+        if !self.is_socket {
+            return false;
+        }
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 }
 

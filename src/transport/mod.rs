@@ -87,6 +87,11 @@ pub trait Channel: Send {
     fn aborter(&self) -> Option<Aborter> {
         None
     }
+    /// True when the peer of a socket has closed or shut down its sending
+    /// side (known without reading).
+    fn peer_closed(&self) -> bool {
+        false
+    }
 }
 
 /// Wakes and fails every blocking operation of the channels it was given

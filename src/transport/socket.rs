@@ -18,13 +18,16 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) {
 }
 
 /// Keepalive so that a dead peer is noticed even while nothing is sent, and
-/// a user timeout so that unacknowledged data fails the stream.
+/// a user timeout so that unacknowledged data fails the stream: the io
+/// timeout (`livemig_set_io_timeout`), so that the kernel never gives up
+/// sooner than livemig would.
 fn tune_tcp(fd: RawFd) {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
+    let user_timeout = super::stall_timeout().as_millis().min(i32::MAX as u128) as i32;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout);
 }
 
 fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
