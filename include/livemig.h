@@ -757,7 +757,8 @@ int64_t qemu_ftell(struct QEMUFile *f);
 /*
  Opens a stream over `fd` ("wb": outgoing, "rb": incoming) for
  `migrate_fd_connect` or `process_incoming_migration`. livemig owns `fd`
- on success. NULL on error (bad mode or fd).
+ on success, and makes it non-blocking (O_NONBLOCK, a flag of the open
+ file, so also of any duplicate of it). NULL on error (bad mode or fd).
  */
 struct QEMUFile *qemu_fdopen(int fd, const char *mode);
 
