@@ -226,24 +226,53 @@ fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
 }
 
 /// Reads a command; `Ok(true)` when it opens the return path.
+/// QEMU 7.2's commands (`mig_cmd_args`): name and fixed payload length
+/// (None: variable), by number; 0 is INVALID, 11 and above unknown.
+const MIG_CMDS: [(&str, Option<u16>); 11] = [
+    ("INVALID", None),
+    ("OPEN_RETURN_PATH", Some(0)),
+    ("PING", Some(4)),
+    ("POSTCOPY_ADVISE", None),
+    ("POSTCOPY_LISTEN", Some(0)),
+    ("POSTCOPY_RUN", Some(0)),
+    ("POSTCOPY_RAM_DISCARD", None),
+    ("POSTCOPY_RESUME", Some(0)),
+    ("PACKAGED", Some(4)),
+    ("RECV_BITMAP", None),
+    ("ENABLE_COLO", Some(0)),
+];
+
+/// One QEMU_VM_COMMAND, checked as QEMU 7.2's `loadvm_process_command`
+/// checks it; true when it opened the return path.
 fn load_command(f: &mut QemuFile) -> Result<bool> {
     let cmd = f.get_be16();
     let len = f.get_be16();
     f.check()?;
-    match (cmd, len) {
-        (1, 0) if f.bidirectional() => Ok(true),
-        (2, 4) if f.return_path => {
+    let Some(&(name, fixed)) = MIG_CMDS.get(usize::from(cmd)).filter(|_| cmd != 0) else {
+        return Err(MigError::new(format!("MIG_CMD 0x{cmd:x} unknown (len 0x{len:x})")));
+    };
+    if let Some(want) = fixed.filter(|&n| n != len) {
+        return Err(MigError::with_errno(format!("{name} received with bad length - expecting {want}, got {len}"), libc::ERANGE));
+    }
+    match cmd {
+        1 if f.bidirectional() => Ok(true),
+        1 => Err(MigError::with_errno("the source asked for a return path, but this channel is not a socket", libc::ENOTSUP)),
+        2 => {
             // PING: answer with a PONG carrying the same value.
             let v = f.get_be32();
             f.check()?;
+            if !f.return_path {
+                return Err(MigError::with_errno(format!("CMD_PING (0x{v:x}) received with no return path"), libc::EPERM));
+            }
             f.rp_send(crate::savevm::MIG_RP_MSG_PONG, &v.to_be_bytes())?;
             Ok(false)
         }
-        (1, 0) => Err(MigError::with_errno("the source asked for a return path, but this channel is not a socket", libc::ENOTSUP)),
-        (2, 4) => Err(MigError::with_errno("CMD_PING (0x1) received with no return path", libc::EPERM)),
-        (2, n) => Err(MigError::with_errno(format!("PING received with bad length - expecting 4, got {n}"), libc::ERANGE)),
-        (3, 16) => Err(MigError::new("RAM postcopy is disabled but have 16 byte advise")),
-        (3..=10, _) => Err(MigError::with_errno(format!("MIG_CMD 0x{cmd:x} (postcopy/COLO) is not supported"), libc::ENOTSUP)),
-        _ => Err(MigError::new(format!("MIG_CMD 0x{cmd:x} unknown (len 0x{len:x})"))),
+        // POSTCOPY_ADVISE: empty with postcopy off (this side has none).
+        3 => match len {
+            0 => Ok(false),
+            16 => Err(MigError::new("RAM postcopy is disabled but have 16 byte advise")),
+            n => Err(MigError::new(format!("CMD_POSTCOPY_ADVISE invalid length ({n})"))),
+        },
+        _ => Err(MigError::with_errno(format!("MIG_CMD 0x{cmd:x} ({name}: postcopy/COLO) is not supported"), libc::ENOTSUP)),
     }
 }
