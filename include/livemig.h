@@ -734,8 +734,8 @@ uint32_t qemu_get_be32(struct QEMUFile *f);
 uint64_t qemu_get_be64(struct QEMUFile *f);
 
 /*
- Reads `size` bytes into `buf`; returns how many were read (short only
- on error).
+ Reads `size` bytes into `buf`; returns `size`, or 0 after an error
+ (then `buf` holds no data of the stream).
  */
 size_t qemu_get_buffer(struct QEMUFile *f, uint8_t *buf, size_t size);
 
@@ -912,8 +912,8 @@ void qmp_migrate_set_speed(int64_t value, struct Error **errp);
 void qmp_migrate_set_downtime(double value, struct Error **errp);
 
 /*
- Sets the XBZRLE cache size in bytes (at least one page); also resizes
- the cache of a running migration.
+ Sets the XBZRLE cache size in bytes (a power of two, at least one page,
+ as in QEMU 7.2); also resizes the cache of a running migration.
  */
 void qmp_migrate_set_cache_size(int64_t value, struct Error **errp);
 
@@ -1019,7 +1019,8 @@ void qemu_start_incoming_migration(const char *uri, struct Error **errp);
 void process_incoming_migration(struct QEMUFile *f);
 
 /*
- The TCP port of the incoming listener (useful with port 0), or -1.
+ The TCP port of the incoming listener (useful with port 0), or -1 (no
+ listener, or the incoming migration has ended).
  */
 int32_t livemig_incoming_port(void);
 
@@ -1051,7 +1052,7 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
 /*
  Marks `[offset, offset + length)` of block `idstr` dirty: writes the
  dirty log does not see (device DMA, emulated devices). Any thread.
- Refused (false, EBUSY) once the switchover's final RAM pass has taken
+ Refused (false, with an `Error`) once the switchover's final RAM pass has taken
  the marks, until the migration ends: the page could no longer be sent,
  so the migration then fails rather than lose it (a device must quiesce
  its DMA when the VM stops, before its `save_state`).
@@ -1070,7 +1071,8 @@ bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t use
 /*
  Registers a live device with a handler table (copied). Returns the
  section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
- reports why. `instance_id` -1 picks the next free instance.
+ reports why. `instance_id` -1 picks the next free instance (other negative values
+ are refused).
  */
 int register_savevm_live(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, const struct SaveVMHandlers *ops, void *opaque);
 

@@ -205,6 +205,7 @@ fn run(host: Host, source: Source) {
             };
             let mut g = IN.lock();
             g.aborter = None;
+            g.port = None;
             match started {
                 Ok(()) => {
                     g.final_runstate = Some(state);
@@ -227,6 +228,7 @@ fn run(host: Host, source: Source) {
             let mut g = IN.lock();
             g.error = Some(msg);
             g.aborter = None;
+            g.port = None;
             drop(g);
             INCOMING.cas_any(&[S::Setup, S::Active], S::Failed);
             notify(S::Failed, true);

@@ -162,8 +162,9 @@ struct Registry {
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry { entries: Vec::new(), next_section_id: 0 });
 static MACHINE_NAME: Mutex<Option<String>> = Mutex::new(None);
 
-/// Registers a handler. `instance_id` < 0 picks the next free instance of
-/// `idstr`. Returns the section id assigned.
+/// Registers a handler. `instance_id` -1 picks the next free instance of
+/// `idstr` (other negative values are refused). Returns the section id
+/// assigned.
 pub fn register(
     idstr: &str,
     instance_id: i64,
@@ -175,7 +176,7 @@ pub fn register(
     if idstr.is_empty() || idstr.len() > 255 || idstr.contains('\0') {
         return Err(MigError::new(format!("savevm: section name '{idstr}' must be 1 to 255 bytes without NUL")));
     }
-    if instance_id > u32::MAX as i64 {
+    if instance_id > u32::MAX as i64 || instance_id < -1 {
         return Err(MigError::new(format!("savevm: instance id {instance_id} of '{idstr}' is out of range")));
     }
     let mut r = REGISTRY.lock();

@@ -923,3 +923,46 @@ fn an_exec_command_s_output_goes_nowhere() {
     assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
     set_state(RunState::Running);
 }
+
+#[test]
+fn stream_calls_in_the_wrong_direction_fail_the_stream() {
+    let _g = host();
+    use livemig::ffi::file::{qemu_fclose, qemu_file_get_error, qemu_get_byte, qemu_put_be32};
+    for (mode, write) in [("wb", false), ("rb", true)] {
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let m = CString::new(mode).unwrap();
+        let f = qemu_fdopen(ours.into_raw_fd(), m.as_ptr());
+        assert!(!f.is_null());
+        if write {
+            qemu_put_be32(f, 0x1122_3344);
+        } else {
+            assert_eq!(qemu_get_byte(f), 0);
+        }
+        assert_eq!(qemu_file_get_error(f), -libc::EINVAL, "{mode}: a {} is refused", if write { "write" } else { "read" });
+        assert_eq!(qemu_fclose(f), -libc::EINVAL);
+    }
+}
+
+#[test]
+fn odd_host_inputs_get_clear_answers() {
+    let _g = host();
+    // The incoming port is -1 once the incoming migration has ended.
+    set_state(RunState::Inmigrate);
+    livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();
+    assert!(api::livemig_incoming_port() > 0);
+    assert!(livemig::incoming::cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(api::livemig_incoming_port(), -1);
+    set_state(RunState::Running);
+    // An error message that is not UTF-8 is kept, its bad bytes replaced.
+    let e = error_new(c"disk \xff gone".as_ptr());
+    // SAFETY: a live error; its text is a C string it owns.
+    let text = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(e)) }.to_string_lossy().into_owned();
+    error_free(e);
+    assert_eq!(text, "disk \u{fffd} gone");
+    // Instance ids: -1 picks the next free one, other negatives are refused.
+    let e = livemig::savevm::register("neg", -7, 1, Box::new(Counted), OWNER, Priority::Default).unwrap_err().to_string();
+    assert!(e.contains("instance id -7 of 'neg' is out of range"), "{e}");
+    livemig::savevm::register("neg", -1, 1, Box::new(Counted), OWNER, Priority::Default).unwrap();
+    assert_eq!(livemig::savevm::unregister("neg", OWNER), 1);
+}

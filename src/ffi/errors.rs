@@ -52,7 +52,9 @@ pub(crate) fn log_and_free(err: *mut Error, what: &str) {
 #[no_mangle]
 pub extern "C" fn error_new(msg: *const c_char) -> *mut Error {
     guard("error_new", std::ptr::null_mut(), || {
-        let m = if msg.is_null() { String::new() } else { super::cstr(msg, "msg").map(str::to_string).unwrap_or_else(|e| e.to_string()) };
+        // SAFETY: non-NULL; the caller passes a NUL-terminated string that
+        // lives for the duration of the call (the C API contract).
+        let m = if msg.is_null() { String::new() } else { unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy().into_owned() };
         Error::boxed(&m)
     })
 }

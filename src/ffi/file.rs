@@ -4,6 +4,10 @@
 //! Inside a handler the `QEMUFile *` is livemig's stream, valid for the
 //! call only; the handler must not close it. Errors are sticky: after one,
 //! writes do nothing and reads return 0; `qemu_file_get_error` reports it.
+//! A read from a stream open for writing, or a write to one open for
+//! reading, is such an error (EINVAL). These calls wait for their channel
+//! when it is full or empty, up to the io timeout
+//! (`livemig_set_io_timeout`), as QEMU's do.
 
 use std::ffi::{c_char, c_int};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -12,6 +16,20 @@ use super::guard;
 use crate::error::MigError;
 use crate::qemu_file::{Direction, QemuFile};
 use crate::transport::{Aborter, FdChannel};
+
+/// Runs `body` on a stream open in direction `dir`; on the other, records
+/// an error on the stream and returns `default`.
+fn with_dir<T: Copy>(name: &str, f: *mut QemuFile, dir: Direction, default: T, body: impl FnOnce(&mut QemuFile) -> T) -> T {
+    with(name, f, default, |f| {
+        if f.direction() == dir {
+            body(f)
+        } else {
+            let open = if dir == Direction::Read { "writing" } else { "reading" };
+            f.set_error(MigError::new(format!("{name}: the stream is open for {open}")));
+            default
+        }
+    })
+}
 
 fn with<T: Copy>(name: &str, f: *mut QemuFile, default: T, body: impl FnOnce(&mut QemuFile) -> T) -> T {
     guard(name, default, || {
@@ -31,31 +49,31 @@ fn with<T: Copy>(name: &str, f: *mut QemuFile, default: T, body: impl FnOnce(&mu
 /// Writes one byte (the low 8 bits of `v`).
 #[no_mangle]
 pub extern "C" fn qemu_put_byte(f: *mut QemuFile, v: c_int) {
-    with("qemu_put_byte", f, (), |f| f.put_u8(v as u8))
+    with_dir("qemu_put_byte", f, Direction::Write, (), |f| f.put_u8(v as u8))
 }
 
 /// Writes a big-endian 16-bit value.
 #[no_mangle]
 pub extern "C" fn qemu_put_be16(f: *mut QemuFile, v: u32) {
-    with("qemu_put_be16", f, (), |f| f.put_be16(v as u16))
+    with_dir("qemu_put_be16", f, Direction::Write, (), |f| f.put_be16(v as u16))
 }
 
 /// Writes a big-endian 32-bit value.
 #[no_mangle]
 pub extern "C" fn qemu_put_be32(f: *mut QemuFile, v: u32) {
-    with("qemu_put_be32", f, (), |f| f.put_be32(v))
+    with_dir("qemu_put_be32", f, Direction::Write, (), |f| f.put_be32(v))
 }
 
 /// Writes a big-endian 64-bit value.
 #[no_mangle]
 pub extern "C" fn qemu_put_be64(f: *mut QemuFile, v: u64) {
-    with("qemu_put_be64", f, (), |f| f.put_be64(v))
+    with_dir("qemu_put_be64", f, Direction::Write, (), |f| f.put_be64(v))
 }
 
 /// Writes `size` bytes from `buf` (NULL with size 0 is allowed).
 #[no_mangle]
 pub extern "C" fn qemu_put_buffer(f: *mut QemuFile, buf: *const u8, size: usize) {
-    with("qemu_put_buffer", f, (), |f| {
+    with_dir("qemu_put_buffer", f, Direction::Write, (), |f| {
         if size == 0 {
             return;
         }
@@ -71,32 +89,32 @@ pub extern "C" fn qemu_put_buffer(f: *mut QemuFile, buf: *const u8, size: usize)
 /// Reads one byte (0 after an error).
 #[no_mangle]
 pub extern "C" fn qemu_get_byte(f: *mut QemuFile) -> c_int {
-    with("qemu_get_byte", f, 0, |f| f.get_u8() as c_int)
+    with_dir("qemu_get_byte", f, Direction::Read, 0, |f| f.get_u8() as c_int)
 }
 
 /// Reads a big-endian 16-bit value.
 #[no_mangle]
 pub extern "C" fn qemu_get_be16(f: *mut QemuFile) -> u32 {
-    with("qemu_get_be16", f, 0, |f| f.get_be16() as u32)
+    with_dir("qemu_get_be16", f, Direction::Read, 0, |f| f.get_be16() as u32)
 }
 
 /// Reads a big-endian 32-bit value.
 #[no_mangle]
 pub extern "C" fn qemu_get_be32(f: *mut QemuFile) -> u32 {
-    with("qemu_get_be32", f, 0, |f| f.get_be32())
+    with_dir("qemu_get_be32", f, Direction::Read, 0, |f| f.get_be32())
 }
 
 /// Reads a big-endian 64-bit value.
 #[no_mangle]
 pub extern "C" fn qemu_get_be64(f: *mut QemuFile) -> u64 {
-    with("qemu_get_be64", f, 0, |f| f.get_be64())
+    with_dir("qemu_get_be64", f, Direction::Read, 0, |f| f.get_be64())
 }
 
-/// Reads `size` bytes into `buf`; returns how many were read (short only
-/// on error).
+/// Reads `size` bytes into `buf`; returns `size`, or 0 after an error
+/// (then `buf` holds no data of the stream).
 #[no_mangle]
 pub extern "C" fn qemu_get_buffer(f: *mut QemuFile, buf: *mut u8, size: usize) -> usize {
-    with("qemu_get_buffer", f, 0, |f| {
+    with_dir("qemu_get_buffer", f, Direction::Read, 0, |f| {
         if size == 0 {
             return 0;
         }

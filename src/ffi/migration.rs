@@ -185,8 +185,8 @@ pub extern "C" fn qmp_migrate_set_downtime(value: f64, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_downtime", errp, (), || params::set_downtime(value))
 }
 
-/// Sets the XBZRLE cache size in bytes (at least one page); also resizes
-/// the cache of a running migration.
+/// Sets the XBZRLE cache size in bytes (a power of two, at least one page,
+/// as in QEMU 7.2); also resizes the cache of a running migration.
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_cache_size(value: i64, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_cache_size", errp, (), || {
@@ -485,7 +485,8 @@ pub extern "C" fn process_incoming_migration(f: *mut crate::qemu_file::QemuFile)
     })
 }
 
-/// The TCP port of the incoming listener (useful with port 0), or -1.
+/// The TCP port of the incoming listener (useful with port 0), or -1 (no
+/// listener, or the incoming migration has ended).
 #[no_mangle]
 pub extern "C" fn livemig_incoming_port() -> i32 {
     guard("livemig_incoming_port", -1, || incoming::local_port().map_or(-1, i32::from))

@@ -32,7 +32,7 @@ pub extern "C" fn livemig_ram_block_remove(idstr: *const c_char, errp: *mut *mut
 
 /// Marks `[offset, offset + length)` of block `idstr` dirty: writes the
 /// dirty log does not see (device DMA, emulated devices). Any thread.
-/// Refused (false, EBUSY) once the switchover's final RAM pass has taken
+/// Refused (false, with an `Error`) once the switchover's final RAM pass has taken
 /// the marks, until the migration ends: the page could no longer be sent,
 /// so the migration then fails rather than lose it (a device must quiesce
 /// its DMA when the VM stops, before its `save_state`).
