@@ -124,9 +124,9 @@ fn update<F: FnOnce(&mut OutStats)>(f: F) {
     f(&mut OUT.lock().stats);
 }
 
-/// Adds a blocker: `qmp_migrate` refuses with `msg` while it is registered.
-/// Registers a blocker; refused (EBUSY) while a migration runs. Checked
-/// under OUT, where `start` checks the blockers and leaves idle.
+/// Adds a blocker: `qmp_migrate` refuses with `msg` while it is
+/// registered. Refused (EBUSY) while a migration runs; checked under OUT,
+/// where `start` checks the blockers and leaves idle.
 pub fn add_blocker(key: usize, msg: String) -> Result<()> {
     let mut o = OUT.lock();
     if OUTGOING.status().is_active() {
