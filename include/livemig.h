@@ -870,8 +870,8 @@ int64_t migrate_xbzrle_cache_size(void);
  descriptor N from the call on, and closes it when it refuses; a
  descriptor that is not open is refused at once. A named fd (`fd:NAME`,
  `livemig_fd_add`) is taken by the call once it is accepted, and stays
- registered when the call is refused. `detach` is accepted and ignored (the call never
- waits).
+ registered when the call is refused. `detach` is accepted and ignored
+ (the call never waits).
  */
 void qmp_migrate(const char *uri, bool has_blk, bool blk, bool has_inc, bool inc, bool has_detach, bool detach, struct Error **errp);
 
@@ -1052,10 +1052,11 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
 /*
  Marks `[offset, offset + length)` of block `idstr` dirty: writes the
  dirty log does not see (device DMA, emulated devices). Any thread.
- Refused (false, with an `Error`) once the switchover's final RAM pass has taken
- the marks, until the migration ends: the page could no longer be sent,
- so the migration then fails rather than lose it (a device must quiesce
- its DMA when the VM stops, before its `save_state`).
+ Refused (false, with an `Error`) once the switchover's final RAM pass
+ has taken the marks, until the migration ends: the page could no
+ longer be sent, so the migration then fails rather than lose it (a
+ device must quiesce its DMA when the VM stops, before its
+ `save_state`).
  */
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 
@@ -1071,8 +1072,8 @@ bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t use
 /*
  Registers a live device with a handler table (copied). Returns the
  section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
- reports why. `instance_id` -1 picks the next free instance (other negative values
- are refused).
+ reports why. `instance_id` -1 picks the next free instance (other
+ negative values are refused).
  */
 int register_savevm_live(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, const struct SaveVMHandlers *ops, void *opaque);
 

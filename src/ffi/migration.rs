@@ -91,8 +91,8 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// descriptor N from the call on, and closes it when it refuses; a
 /// descriptor that is not open is refused at once. A named fd (`fd:NAME`,
 /// `livemig_fd_add`) is taken by the call once it is accepted, and stays
-/// registered when the call is refused. `detach` is accepted and ignored (the call never
-/// waits).
+/// registered when the call is refused. `detach` is accepted and ignored
+/// (the call never waits).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "C" fn qmp_migrate(

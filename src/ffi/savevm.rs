@@ -119,8 +119,8 @@ fn register(idstr: *const c_char, instance_id: c_int, version_id: c_int, h: impl
 
 /// Registers a live device with a handler table (copied). Returns the
 /// section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
-/// reports why. `instance_id` -1 picks the next free instance (other negative values
-/// are refused).
+/// reports why. `instance_id` -1 picks the next free instance (other
+/// negative values are refused).
 #[no_mangle]
 pub extern "C" fn register_savevm_live(
     dev: *mut DeviceState,
