@@ -295,7 +295,10 @@ impl Saver {
             return true;
         }
         if self.xbzrle_enabled {
-            match self.try_xbzrle(ptr, addr, generation) {
+            // The next dirty page, if near, to fetch while this one is
+            // encoded.
+            let next = b.bitmap.find_next_near(page + 1).map(|q| (b.block.page_ptr(q), b.base + (q * PAGE) as u64));
+            match self.try_xbzrle(ptr, addr, generation, next) {
                 Xbz::Unchanged => {}
                 Xbz::Encoded(len) => {
                     let n = self.record_header(f, bi, page, flags::XBZRLE);
@@ -327,8 +330,10 @@ impl Saver {
     }
 
     /// Tries XBZRLE on a private copy of the page (left in the xbzrle
-    /// buffer either way), keeping the cache up to date.
-    fn try_xbzrle(&mut self, ptr: *mut u8, addr: u64, generation: u64) -> Xbz {
+    /// buffer either way), keeping the cache up to date. `next` is the
+    /// page likely to come next (its host address and RAM address),
+    /// prefetched during the encode.
+    fn try_xbzrle(&mut self, ptr: *mut u8, addr: u64, generation: u64, next: Option<(*mut u8, u64)>) -> Xbz {
         let last_stage = self.last_stage;
         let c = &*COUNTERS;
         let x = self.xbzrle.as_mut().expect("enabled implies a cache");
@@ -343,8 +348,9 @@ impl Saver {
             }
             return Xbz::Raw;
         }
+        let ahead = next.map_or([std::ptr::null(); 2], |(p, a)| [p.cast_const(), x.cache.get(a).map_or(std::ptr::null(), <[u8]>::as_ptr)]);
         let old = x.cache.get(addr).expect("is_cached");
-        match super::xbzrle::encode(old, &x.page[..], &mut x.enc[..]) {
+        match super::xbzrle::encode_prefetching(old, &x.page[..], &mut x.enc[..], ahead) {
             None => {
                 c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed);
                 if !last_stage {

@@ -195,6 +195,19 @@ impl DirtyBitmap {
         }
     }
 
+    /// [`find_next`](Self::find_next), looking no further than the
+    /// 64-page word after `from`'s: a peek that reads at most two words.
+    pub fn find_next_near(&self, from: usize) -> Option<usize> {
+        if from >= self.pages {
+            return None;
+        }
+        let w = from / BITS;
+        let word = self.words[w] & (!0u64 << (from % BITS));
+        let (w, word) = if word != 0 { (w, word) } else { (w + 1, *self.words.get(w + 1)?) };
+        let page = w * BITS + word.trailing_zeros() as usize;
+        (word != 0 && page < self.pages).then_some(page)
+    }
+
     /// The raw words, for hosts that OR their dirty log in. Bits past
     /// `pages()` are ignored by [`count`](Self::count) and
     /// [`find_next`](Self::find_next).
@@ -328,6 +341,24 @@ mod tests {
         assert_eq!(b.find_next(usize::MAX), None);
         b.clear(149);
         assert_eq!(b.find_next(128), None);
+    }
+
+    #[test]
+    fn find_next_near_looks_one_word_ahead() {
+        let mut b = DirtyBitmap::new(200);
+        for p in [3, 70, 199] {
+            b.set(p);
+        }
+        assert_eq!(b.find_next_near(0), Some(3));
+        assert_eq!(b.find_next_near(4), Some(70)); // in the next word
+        assert_eq!(b.find_next_near(71), None); // 199 is two words on
+        assert_eq!(b.find_next(71), Some(199));
+        assert_eq!(b.find_next_near(128), Some(199));
+        assert_eq!(b.find_next_near(200), None);
+        assert_eq!(b.find_next_near(usize::MAX), None);
+        b.words_mut()[3] |= 1 << 10; // page 202: past the end
+        b.clear(199);
+        assert_eq!(b.find_next_near(150), None);
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //!    `pos`, so that it alternates run start, run end, start, ...: with a
 //!    table lookup per mask byte, or, in chunks with few changes, with
 //!    TZCNT. `pos[0]` holds the end of the previous nzrun; a run still
-//!    open at the end of a chunk is carried to the next.
+//!    open at the end of a chunk is carried to the next. Meanwhile, a
+//!    cache line per block of the caller's next pages is prefetched
+//!    (`encode_prefetching`), so that memory works while the encoder
+//!    computes.
 //! 3. Write the pairs a group of 8 at a time, from the zrun and nzrun
 //!    lengths computed in vector registers (differences of neighbouring
 //!    `pos` entries). A group of 8 short pairs (zrun below 128, 1 or 2
@@ -128,14 +131,15 @@ static BIT_POSITIONS: [[u8; 8]; 256] = {
     table
 };
 
-/// [`super::encode`] for CPUs with AVX2, BMI1, BMI2 and POPCNT.
+/// [`super::encode_prefetching`] for CPUs with AVX2, BMI1, BMI2 and
+/// POPCNT.
 ///
 /// # Safety
 ///
 /// The CPU must support those features (see [`supported`]), and `old`
 /// and `new` must have the same length, at most 16383.
 #[target_feature(enable = "avx2,bmi1,bmi2,popcnt")]
-pub(super) unsafe fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
+pub(super) unsafe fn encode(old: &[u8], new: &[u8], dst: &mut [u8], next: [*const u8; 2]) -> Option<usize> {
     let len = old.len();
     debug_assert!(len == new.len() && len <= super::ULEB_SMALL_MAX as usize);
     if len == 0 {
@@ -148,6 +152,9 @@ pub(super) unsafe fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<us
         // cache.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(dst.as_ptr().add(off).cast()) };
     }
+    // What pass 2 prefetches, a line per block: the caller's next pages,
+    // or else this page (cached by pass 1, so next to free).
+    let ahead = next.map(|p| if p.is_null() { new.as_ptr() } else { p });
     let mut positions: Positions = [MaybeUninit::uninit(); POS_CAP];
     let pos = positions.as_mut_ptr().cast::<u16>();
     // SAFETY: pos has POS_CAP > 0 entries.
@@ -184,11 +191,13 @@ pub(super) unsafe fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<us
         // POS_CAP - 17.
         if count <= 2 * full {
             for (k, &t) in tmask[..full].iter().enumerate() {
+                prefetch_line(&ahead, base + k * BLOCK);
                 // SAFETY: see above.
                 n = unsafe { list_sparse(pos.add(1 + n), n, base + k * BLOCK, t) };
             }
         } else {
             for (k, t) in tmask[..full].iter().enumerate() {
+                prefetch_line(&ahead, base + k * BLOCK);
                 // SAFETY: see above.
                 n = unsafe { list_dense(pos.add(1 + n), n, base + k * BLOCK, t) };
             }
@@ -238,6 +247,17 @@ pub(super) unsafe fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<us
         return None;
     }
     Some(d)
+}
+
+/// Starts fetching the cache line at offset `off` of each of `ahead`.
+#[inline(always)]
+fn prefetch_line(ahead: &[*const u8; 2], off: usize) {
+    for p in ahead {
+        // SAFETY: a prefetch never faults and has no effect beyond the
+        // cache; `wrapping_add` makes the address without claiming it is
+        // in bounds of anything.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+    }
 }
 
 /// Bit j of the result is set iff `o[j] != n[j]`.

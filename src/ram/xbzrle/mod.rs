@@ -91,7 +91,26 @@ pub fn uleb128_decode_small(input: &[u8]) -> Option<(u32, usize)> {
 /// If `old` and `new` differ in length or are longer than 16383 bytes (a run
 /// length must fit a 2-byte uleb).
 pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
-    encode_with(Encoder::best(), old, new, dst)
+    encode_with(Encoder::best(), old, new, dst, [std::ptr::null(); 2])
+}
+
+/// [`encode`], fetching meanwhile into the cache the `old.len()` bytes at
+/// each of `next` (the next page to be encoded and its old version, say),
+/// so that memory works while the encoder computes.
+///
+/// The pointers are only prefetched, never read: they may be null,
+/// dangling or anywhere. The output is [`encode`]'s. The portable encoder
+/// ignores them.
+///
+/// Spread over the encode, the prefetches leave the hardware prefetchers,
+/// which stop at page boundaries, only the page being encoded; all
+/// fetched at once, before the encode, they would make it slower.
+///
+/// # Panics
+///
+/// As [`encode`].
+pub fn encode_prefetching(old: &[u8], new: &[u8], dst: &mut [u8], next: [*const u8; 2]) -> Option<usize> {
+    encode_with(Encoder::best(), old, new, dst, next)
 }
 
 /// [`encode`] with the portable encoder whatever the CPU: the reference the
@@ -102,7 +121,7 @@ pub fn encode(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
 /// As [`encode`].
 #[doc(hidden)]
 pub fn encode_portable_for_fuzzing(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
-    encode_with(Encoder::Portable, old, new, dst)
+    encode_with(Encoder::Portable, old, new, dst, [std::ptr::null(); 2])
 }
 
 /// The implementations of [`encode`].
@@ -129,12 +148,12 @@ impl Encoder {
     }
 }
 
-/// [`encode`] with the given implementation.
+/// [`encode_prefetching`] with the given implementation.
 ///
 /// # Panics
 ///
 /// As [`encode`]; also if this CPU cannot run `encoder`.
-fn encode_with(encoder: Encoder, old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
+fn encode_with(encoder: Encoder, old: &[u8], new: &[u8], dst: &mut [u8], next: [*const u8; 2]) -> Option<usize> {
     let len = old.len();
     assert_eq!(len, new.len(), "xbzrle encode: pages differ in length");
     assert!(len <= ULEB_SMALL_MAX as usize, "xbzrle encode: page too long");
@@ -146,7 +165,7 @@ fn encode_with(encoder: Encoder, old: &[u8], new: &[u8], dst: &mut [u8]) -> Opti
             // SAFETY: best() picks Avx2 only after avx2::supported() found
             // the features avx2::encode is compiled for on this CPU (they
             // do not go away), and the lengths were checked above.
-            unsafe { avx2::encode(old, new, dst) }
+            unsafe { avx2::encode(old, new, dst, next) }
         }
     }
 }

@@ -187,16 +187,45 @@ fn check_encoders(old: &[u8], new: &[u8], dlen: usize, what: &str) {
     for encoder in encoders() {
         // Garbage in dst must not matter, and nothing past it may be
         // written.
-        let mut got_buf = vec![0xa5u8; dlen + 64];
-        let got = encode_with(encoder, old, new, &mut got_buf[..dlen]);
-        assert!(got_buf[dlen..].iter().all(|&b| b == 0xa5), "{encoder:?}, {what}: wrote past dst");
-        assert_eq!(got, want, "{encoder:?}, {what}, dst length {dlen}");
-        if let Some(n) = got {
-            assert_eq!(got_buf[..n], want_buf[..n], "{encoder:?}, {what}, dst length {dlen}");
-            let mut page = old.to_vec();
-            decode(&got_buf[..n], &mut page).unwrap();
-            assert!(page == new, "{encoder:?}, {what}: round trip");
+        // Whatever the prefetch hints point at: nothing, real pages,
+        // or addresses that are not mapped.
+        for next in prefetch_hints(old, new) {
+            let mut got_buf = vec![0xa5u8; dlen + 64];
+            let got = encode_with(encoder, old, new, &mut got_buf[..dlen], next);
+            assert!(got_buf[dlen..].iter().all(|&b| b == 0xa5), "{encoder:?}, {what}: wrote past dst");
+            assert_eq!(got, want, "{encoder:?}, {what}, dst length {dlen}, hints {next:?}");
+            if let Some(n) = got {
+                assert_eq!(got_buf[..n], want_buf[..n], "{encoder:?}, {what}, dst length {dlen}, hints {next:?}");
+                let mut page = old.to_vec();
+                decode(&got_buf[..n], &mut page).unwrap();
+                assert!(page == new, "{encoder:?}, {what}: round trip");
+            }
         }
+    }
+}
+
+/// Prefetch hints for `encode_with`: none, the pages themselves, and
+/// addresses no page is mapped at (near 0 and at the top of the address
+/// space).
+fn prefetch_hints(old: &[u8], new: &[u8]) -> [[*const u8; 2]; 3] {
+    [[std::ptr::null(); 2], [new.as_ptr(), old.as_ptr()], [8 as *const u8, usize::MAX as *const u8]]
+}
+
+#[test]
+fn prefetch_hints_do_not_change_the_output() {
+    let mut rng = Rng(0x51ed_270b_2c3a_91f7);
+    let old: Vec<u8> = (0..PAGE_SIZE).map(|_| rng.next() as u8).collect();
+    let mut new = old.clone();
+    for _ in 0..400 {
+        let i = rng.below(PAGE_SIZE);
+        new[i] = new[i].wrapping_add(1);
+    }
+    let mut plain = vec![0u8; PAGE_SIZE];
+    let want = encode(&old, &new, &mut plain).expect("fits");
+    for next in prefetch_hints(&old, &new) {
+        let mut got = vec![0u8; PAGE_SIZE];
+        assert_eq!(encode_prefetching(&old, &new, &mut got, next), Some(want), "hints {next:?}");
+        assert_eq!(got[..want], plain[..want], "hints {next:?}");
     }
 }
 
@@ -404,7 +433,7 @@ fn encoders_and_decoder_stay_within_their_buffers() {
             let want = reference_encode(&old, &new, &mut vec![0u8; dlen]);
             let mut g_dst = Guarded::new(&vec![0u8; dlen]);
             for encoder in encoders() {
-                let got = encode_with(encoder, g_old.as_mut(), g_new.as_mut(), g_dst.as_mut());
+                let got = encode_with(encoder, g_old.as_mut(), g_new.as_mut(), g_dst.as_mut(), [std::ptr::null(); 2]);
                 assert_eq!(got, want, "{encoder:?}, round {round}, dst length {dlen}");
             }
             if let Some(n) = want {
@@ -455,7 +484,7 @@ fn short_pair_groups_match_reference() {
                         let want = reference_encode(&old, &new, &mut want_buf);
                         for encoder in encoders() {
                             let mut got_buf = vec![0u8; dlen];
-                            let got = encode_with(encoder, &old, g_new.as_mut(), &mut got_buf);
+                            let got = encode_with(encoder, &old, g_new.as_mut(), &mut got_buf, [std::ptr::null(); 2]);
                             assert_eq!(got, want, "{encoder:?}, {what}, dst length {dlen}");
                             if let Some(n) = got {
                                 assert_eq!(got_buf[..n], want_buf[..n], "{encoder:?}, {what}, dst length {dlen}");
