@@ -981,7 +981,9 @@ void qapi_free_XBZRLECacheStats(struct XBZRLECacheStats *s);
 void add_migration_state_change_notifier(struct Notifier *notify);
 
 /*
- Removes a notifier (safe from inside a notifier).
+ Removes a notifier. Safe from inside a notifier; from another thread it
+ waits until a round of notifier calls in progress has returned, so
+ the notifier may be freed once this returns.
  */
 void remove_migration_state_change_notifier(struct Notifier *notify);
 
@@ -1052,11 +1054,14 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
 /*
  Marks `[offset, offset + length)` of block `idstr` dirty: writes the
  dirty log does not see (device DMA, emulated devices). Any thread.
- Refused (false, with an `Error`) once the switchover's final RAM pass
- has taken the marks, until the migration ends: the page could no
+ Refused (false, with an `Error`, EBUSY) once the switchover's final RAM
+ pass has taken the marks, until the migration ends: the page could no
  longer be sent, so the migration then fails rather than lose it (a
  device must quiesce its DMA when the VM stops, before its
- `save_state`).
+ `save_state`). Once the switchover has committed (the end of the
+ stream is going out; a return-path wait may follow) the migration can
+ no longer fail: a mark is then refused with "the change will not
+ reach the destination", until COMPLETED.
  */
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 

@@ -55,6 +55,8 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
         return Err(MigError::new("cannot start an incoming migration while the VM is running"));
     }
     let mut g = IN.lock();
+    // Until this side has left idle, the other cannot (see STARTING).
+    let starting = crate::state::STARTING.lock();
     if OUTGOING.status().is_active() {
         return Err(MigError::new("an outgoing migration is in progress"));
     }
@@ -70,6 +72,7 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
     if !INCOMING.cas(prev, S::Setup) {
         return Err(MigError::new("an incoming migration is already in progress"));
     }
+    drop(starting);
     // Out of idle, the host table can no longer change: take it now.
     let host = match host::get() {
         Ok(h) => h,

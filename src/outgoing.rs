@@ -80,6 +80,9 @@ struct Outgoing {
     /// all and start the VM, so a cancel (or a host error) is too late and
     /// is ignored; only a failure of the stream itself fails the migration.
     committed: bool,
+    /// A failed migration's end is decided (failed or cancelled): a later
+    /// cancel or host error does not change it.
+    settled: bool,
 }
 
 static OUT: Mutex<Outgoing> = Mutex::new(Outgoing {
@@ -90,6 +93,7 @@ static OUT: Mutex<Outgoing> = Mutex::new(Outgoing {
     blockers: Vec::new(),
     host_error: None,
     committed: false,
+    settled: false,
 });
 static WAKE: Condvar = Condvar::new();
 static WAKE_LOCK: Mutex<()> = Mutex::new(());
@@ -162,6 +166,8 @@ pub fn start(target: Target) -> Result<()> {
         // The newest blocker, as QEMU reports it.
         return Err(MigError::new(msg.clone()));
     }
+    // Until this side has left idle, the other cannot (see STARTING).
+    let starting = crate::state::STARTING.lock();
     if crate::state::INCOMING.status().is_active() {
         return Err(MigError::new("Guest is waiting for an incoming migration"));
     }
@@ -173,6 +179,7 @@ pub fn start(target: Target) -> Result<()> {
     if !prev.is_idle() || !OUTGOING.cas(prev, S::Setup) {
         return Err(MigError::new("There's a migration process in progress"));
     }
+    drop(starting);
     if let Some(t) = o.thread.take() {
         // The previous thread touches no shared state after its final
         // transition (it may still be running its notifiers): reap it if it
@@ -212,6 +219,7 @@ pub fn start(target: Target) -> Result<()> {
     o.aborter = Some(aborter.clone());
     o.host_error = None;
     o.committed = false;
+    o.settled = false;
     let spawned = std::thread::Builder::new().name("livemig-out".into()).spawn(move || {
         crate::block_sigpipe();
         run(host, target, aborter);
@@ -230,11 +238,12 @@ pub fn start(target: Target) -> Result<()> {
 }
 
 /// Requests a cancel; the migration thread carries it out. Ignored once
-/// the end of the stream is being sent (see `Outgoing::committed`).
+/// the end of the stream is being sent (see `Outgoing::committed`), or
+/// once a failed migration's end is decided (`Outgoing::settled`).
 pub fn cancel() {
     let o = OUT.lock();
-    if o.committed {
-        if OUTGOING.status() == S::Active {
+    if o.committed || o.settled {
+        if o.committed && OUTGOING.status() == S::Active {
             log::warn!("cancel ignored: the switchover is sending the end of the stream");
         }
         return;
@@ -253,8 +262,8 @@ pub fn cancel() {
 /// Ignored, like a cancel, once the end of the stream is being sent.
 pub fn host_error(msg: String) {
     let mut o = OUT.lock();
-    if o.committed {
-        if OUTGOING.status() == S::Active {
+    if o.committed || o.settled {
+        if o.committed && OUTGOING.status() == S::Active {
             log::warn!("host error ignored: the switchover is sending the end of the stream: {msg}");
         }
         return;
@@ -673,11 +682,9 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
         if OUTGOING.status() != S::Active {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
         }
-        if crate::ram::late_marks() {
-            // A device marked RAM dirty after the final RAM pass (e.g. DMA
-            // flushed in its save_state): that change would be lost.
-            return Err(MigError::with_errno("guest RAM was marked dirty after the final RAM pass of the switchover", libc::EBUSY));
-        }
+        // Fails if a page was marked dirty after the final RAM pass; later
+        // marks are refused as too late.
+        crate::ram::commit_final_pass()?;
         o.committed = true;
     }
     save.end(f);
@@ -718,6 +725,9 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     if !OUTGOING.cas(S::Active, S::Completed) {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
     }
+    // Marks are taken again only now: one made before COMPLETED was
+    // refused, not lost.
+    crate::ram::end_final_pass(&crate::ram::blocks());
     log::info!("migration completed: {sent} bytes, total {} ms, downtime {downtime} ms", round_ms(total));
     notify(S::Completed, false);
     Ok(())
@@ -745,9 +755,16 @@ fn finish(host: &Host, result: Result<()>, mut p: Progress) {
         // Completed and notified inside the switchover, under the host lock.
         return;
     };
-    let host_err = OUT.lock().host_error.take();
+    crate::ram::end_final_pass(&crate::ram::blocks());
     let _l = host.lock();
-    let cancelled = OUTGOING.status() == S::Cancelling;
+    // Cancelled or failed is decided here, under OUT: a cancel arriving
+    // later (from a host that does not hold its lock) would otherwise turn
+    // this failure into CANCELLED and hide its error.
+    let (cancelled, host_err) = {
+        let mut o = OUT.lock();
+        o.settled = true;
+        (OUTGOING.status() == S::Cancelling, o.host_error.take())
+    };
     if cancelled {
         notify(S::Cancelling, false);
     }

@@ -11,9 +11,10 @@
 //! state just entered, so a notifier always sees the transition it is told
 //! about even if another has happened since.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, ReentrantMutex};
 
 /// Migration status, numbered as QEMU 7.2's QAPI `MigrationStatus`.
 #[repr(C)]
@@ -160,9 +161,17 @@ pub struct NotifierRef(pub usize);
 /// Calls one notifier with a snapshot.
 pub type NotifyFn = fn(NotifierRef, &MigrationState);
 
-static NOTIFIERS: Mutex<Vec<NotifierRef>> = Mutex::new(Vec::new());
+/// The registered notifiers. A round of calls holds the lock (it is
+/// re-entrant: a notifier may add or remove notifiers), so a removal from
+/// another thread returns only once no call is in progress, and the host
+/// may then free the notifier.
+static NOTIFIERS: ReentrantMutex<RefCell<Vec<NotifierRef>>> = ReentrantMutex::new(RefCell::new(Vec::new()));
 static NOTIFY_CALL: Mutex<Option<NotifyFn>> = Mutex::new(None);
-static NOTIFYING: AtomicBool = AtomicBool::new(false);
+
+/// Held while a migration leaves idle, by either direction: each checks
+/// that the other is not active and changes its own state under it, so an
+/// outgoing and an incoming migration never both start.
+pub(crate) static STARTING: Mutex<()> = Mutex::new(());
 
 /// Installs the function that calls a notifier (set by the C boundary).
 pub fn set_notify_fn(f: NotifyFn) {
@@ -171,15 +180,17 @@ pub fn set_notify_fn(f: NotifyFn) {
 
 /// Adds a notifier (appended: notifiers run in registration order).
 pub fn add_notifier(n: NotifierRef) {
-    let mut l = NOTIFIERS.lock();
+    let l = NOTIFIERS.lock();
+    let mut l = l.borrow_mut();
     if !l.contains(&n) {
         l.push(n);
     }
 }
 
-/// Removes a notifier; safe to call from inside a notifier.
+/// Removes a notifier. Safe to call from inside a notifier; from another
+/// thread, waits until a round of calls in progress has returned.
 pub fn remove_notifier(n: NotifierRef) {
-    NOTIFIERS.lock().retain(|x| *x != n);
+    NOTIFIERS.lock().borrow_mut().retain(|x| *x != n);
 }
 
 /// Calls every notifier with a snapshot in state `st`. Must be called with
@@ -188,16 +199,18 @@ pub fn notify(st: MigrationStatus, incoming: bool) {
     let snap = MigrationState::snapshot(st, incoming);
     let call = *NOTIFY_CALL.lock();
     let Some(call) = call else { return };
-    // Iterate over a copy so a notifier may add or remove notifiers, but
-    // skip one that was removed by an earlier notifier of this round.
-    let list: Vec<NotifierRef> = NOTIFIERS.lock().clone();
-    NOTIFYING.store(true, Ordering::Release);
+    // Held for the round (see NOTIFIERS). Iterate over a copy so a
+    // notifier may add or remove notifiers, but skip one that was removed
+    // by an earlier notifier of this round. No borrow is held across a
+    // call.
+    let notifiers = NOTIFIERS.lock();
+    let list: Vec<NotifierRef> = notifiers.borrow().clone();
     for n in list {
-        if NOTIFIERS.lock().contains(&n) {
+        let registered = notifiers.borrow().contains(&n);
+        if registered {
             call(n, &snap);
         }
     }
-    NOTIFYING.store(false, Ordering::Release);
 }
 
 #[cfg(test)]

@@ -32,11 +32,14 @@ pub extern "C" fn livemig_ram_block_remove(idstr: *const c_char, errp: *mut *mut
 
 /// Marks `[offset, offset + length)` of block `idstr` dirty: writes the
 /// dirty log does not see (device DMA, emulated devices). Any thread.
-/// Refused (false, with an `Error`) once the switchover's final RAM pass
-/// has taken the marks, until the migration ends: the page could no
+/// Refused (false, with an `Error`, EBUSY) once the switchover's final RAM
+/// pass has taken the marks, until the migration ends: the page could no
 /// longer be sent, so the migration then fails rather than lose it (a
 /// device must quiesce its DMA when the VM stops, before its
-/// `save_state`).
+/// `save_state`). Once the switchover has committed (the end of the
+/// stream is going out; a return-path wait may follow) the migration can
+/// no longer fail: a mark is then refused with "the change will not
+/// reach the destination", until COMPLETED.
 #[no_mangle]
 pub extern "C" fn livemig_ram_mark_dirty(idstr: *const c_char, offset: u64, length: u64, errp: *mut *mut Error) -> bool {
     guard_err("livemig_ram_mark_dirty", errp, false, || {

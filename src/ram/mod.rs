@@ -82,19 +82,43 @@ pub struct RamBlock {
     sealed: AtomicBool,
 }
 
-/// A page was marked dirty after its block was sealed: the switchover
-/// must not complete (the page would be lost).
-static LATE_MARK: AtomicBool = AtomicBool::new(false);
-
-/// Whether a page was marked dirty after the final pass took the marks,
-/// since the last [`reset_late_marks`].
-pub fn late_marks() -> bool {
-    LATE_MARK.load(Ordering::SeqCst)
+/// What happened after the final pass sealed the blocks. One lock, so
+/// that a late mark and the switchover's commit are ordered: a mark
+/// before the commit fails the migration, one after it is refused as
+/// too late to reach the destination.
+struct FinalPass {
+    /// A page was marked dirty after its block was sealed: the
+    /// switchover must not complete (the page would be lost).
+    late_mark: bool,
+    /// The switchover committed: the end of the stream is going out, and
+    /// the migration can no longer fail because of a mark.
+    committed: bool,
 }
 
-/// Clears the late-mark flag (a new migration starts).
-pub(crate) fn reset_late_marks() {
-    LATE_MARK.store(false, Ordering::SeqCst);
+static FINAL_PASS: Mutex<FinalPass> = Mutex::new(FinalPass { late_mark: false, committed: false });
+
+/// Commits the switchover unless a page was marked dirty after the final
+/// pass; from then until [`end_final_pass`], marks are refused as too
+/// late.
+pub(crate) fn commit_final_pass() -> Result<()> {
+    let mut f = FINAL_PASS.lock();
+    if f.late_mark {
+        // A device marked RAM dirty after the final RAM pass (e.g. DMA
+        // flushed in its save_state): that change would be lost.
+        return Err(MigError::with_errno("guest RAM was marked dirty after the final RAM pass of the switchover", libc::EBUSY));
+    }
+    f.committed = true;
+    Ok(())
+}
+
+/// Ends the final pass of the migration that ran on `blocks` (it completed
+/// or failed): marks are taken again.
+pub(crate) fn end_final_pass(blocks: &[Arc<RamBlock>]) {
+    for b in blocks {
+        b.unseal();
+    }
+    let mut f = FINAL_PASS.lock();
+    (f.late_mark, f.committed) = (false, false);
 }
 
 /// A host callback for a resized block: `f(opaque, idstr, new_length)`.
@@ -287,9 +311,16 @@ pub fn mark_dirty(idstr: &str, offset: u64, len: u64) -> Result<()> {
     let last = ((end - 1) / TARGET_PAGE_SIZE) as usize;
     let mut m = b.marks.lock();
     if b.sealed.load(Ordering::SeqCst) {
+        let mut f = FINAL_PASS.lock();
+        if f.committed {
+            return Err(MigError::with_errno(
+                format!("ram block '{idstr}': marked dirty after the switchover committed; the change will not reach the destination"),
+                libc::EBUSY,
+            ));
+        }
         // The pages went out in the final pass: the switchover would lose
         // this change, so it is abandoned and the VM keeps running here.
-        LATE_MARK.store(true, Ordering::SeqCst);
+        f.late_mark = true;
         return Err(MigError::with_errno(
             format!("ram block '{idstr}': marked dirty after the final RAM pass of the switchover; the migration fails"),
             libc::EBUSY,

@@ -96,10 +96,7 @@ pub struct Saver {
 impl Saver {
     /// A saver over `blocks`, using `host`'s dirty log when it has one.
     pub fn new(blocks: Vec<Arc<RamBlock>>, host: Option<Host>) -> Result<Saver> {
-        super::reset_late_marks();
-        for b in &blocks {
-            b.unseal();
-        }
+        super::end_final_pass(&blocks);
         let mut base = 0;
         let blocks = blocks
             .into_iter()
@@ -461,11 +458,9 @@ impl Saver {
         f.check()
     }
 
-    /// Stops the dirty log; the host's marks are taken again.
+    /// Stops the dirty log. The blocks stay sealed until the migration
+    /// has ended ([`end_final_pass`](super::end_final_pass)).
     pub fn cleanup(&mut self) {
-        for b in &self.blocks {
-            b.block.unseal();
-        }
         if self.logging {
             if let Some(h) = &self.host {
                 h.dirty_log_stop();
