@@ -285,9 +285,9 @@ typedef struct QEMUFile QEMUFile;
  are also asked by `qmp_migrate`, `migrate_fd_connect`,
  `qemu_start_incoming_migration` and `process_incoming_migration` on the
  calling thread, with whatever the caller holds (as QEMU reads its run
- state there): they must not take the host lock. The dirty-log callbacks
- are called without it (the last sync of a migration runs with it held,
- the VM stopped).
+ state there): they must not take the host lock. `dirty_log_start` and
+ the syncs are called without it (the last sync of a migration runs
+ with it held, the VM stopped); `dirty_log_stop` with it held.
  */
 typedef struct LivemigHostOps {
   /*
@@ -324,7 +324,8 @@ typedef struct LivemigHostOps {
   void (*runstate_set)(void *opaque, enum RunState state);
   /*
    Optional: the current run state (sent in "globalstate"); without it
-   livemig sends running or paused.
+   livemig sends running or paused, and cannot tell a VM in
+   postmigrate, which `qmp_migrate` then does not refuse.
    */
   enum RunState (*runstate_get)(void *opaque);
   /*
@@ -387,8 +388,9 @@ typedef struct MigrationCapabilityStatusList {
 } MigrationCapabilityStatusList;
 
 /*
- RAM statistics, QAPI `MigrationStats` (QEMU's field order; 7.2's
- fields appended after `dirty_pages_rate`).
+ RAM statistics, QAPI `MigrationStats`: QEMU's fields up to
+ `dirty_pages_rate` in its order, then the rest (`skipped`, which QEMU
+ lists after `duplicate`, comes last).
  */
 typedef struct MigrationStats {
   /*
@@ -626,8 +628,10 @@ typedef int (*LoadStateHandler)(struct QEMUFile *f, void *opaque, int version_id
  `save_live_setup`, `save_live_iterate`, `save_live_complete`,
  `save_live_pending` and `load_state` are required. `iterate` returns < 0
  on error, 0 while it has more to send, > 0 when it is done for now.
- Setup/iterate/pending run without the host lock, complete and cancel
- with it (VM stopped); `load_state` runs with it on the destination.
+ Setup/iterate/pending run without the host lock; complete with it (VM
+ stopped); cancel with it too, the VM possibly running (a cancel or
+ failure before the switchover); `load_state` with it on the
+ destination. `save_live_pending` gets a NULL `QEMUFile *`.
  */
 typedef struct SaveVMHandlers {
   /*
@@ -647,7 +651,7 @@ typedef struct SaveVMHandlers {
    */
   int (*save_live_complete)(struct QEMUFile *f, void *opaque);
   /*
-   Bytes still to send.
+   Bytes still to send (called with a NULL `QEMUFile *`).
    */
   uint64_t (*save_live_pending)(struct QEMUFile *f, void *opaque, uint64_t max_size);
   /*
@@ -714,7 +718,8 @@ void qemu_put_be64(struct QEMUFile *f, uint64_t v);
 void qemu_put_buffer(struct QEMUFile *f, const uint8_t *buf, size_t size);
 
 /*
- Reads one byte (0 after an error).
+ Reads one byte (0 once the stream has an error: check
+ `qemu_file_get_error`).
  */
 int qemu_get_byte(struct QEMUFile *f);
 
@@ -734,8 +739,9 @@ uint32_t qemu_get_be32(struct QEMUFile *f);
 uint64_t qemu_get_be64(struct QEMUFile *f);
 
 /*
- Reads `size` bytes into `buf`; returns `size`, or 0 after an error
- (then `buf` holds no data of the stream).
+ Reads `size` bytes into `buf`; returns `size`, or 0 if the stream has
+ or meets an error (then `buf` holds zeros, no data of the stream). The
+ other `qemu_get_*` calls also read 0 from a stream with an error.
  */
 size_t qemu_get_buffer(struct QEMUFile *f, uint8_t *buf, size_t size);
 
@@ -1007,8 +1013,11 @@ void migrate_del_blocker(struct Error *reason);
  sets its run state. Errors in the URI or binding are reported here, and
  so is a VM that is running (loading would write under its vCPUs);
  errors in the stream end in FAILED (see `livemig_query_incoming`). A
- `unix:` path may hold a stale socket, which is replaced; anything else
- there is refused.
+ socket at a `unix:` path is replaced, as QEMU replaces it, even if
+ another listener still uses it; anything else there is refused. `fd:N`
+ is livemig's from the call on (closed if the start is refused); a
+ named fd is taken once the start is accepted. A `tcp:` host name is
+ resolved on the calling thread.
  */
 void qemu_start_incoming_migration(const char *uri, struct Error **errp);
 
@@ -1068,8 +1077,8 @@ bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length,
 /*
  Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
  `used_length` bytes now, up to `max_length` mapped at `host`. An
- incoming stream may set any used length up to the maximum; `resized` is
- then called with the new length. Longer lengths are refused with QEMU's
+ incoming stream may set any used length up to the maximum; `resized`
+ (required) is then called with the new length. Longer lengths are refused with QEMU's
  "Size too large" message.
  */
 bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t used_length, uint64_t max_length, LivemigRamResized resized, void *opaque, struct Error **errp);

@@ -36,6 +36,13 @@ enum Source {
 /// Starts an incoming migration from `uri`.
 pub fn start_uri(uri: &str) -> Result<()> {
     let parsed = Uri::parse(uri)?;
+    if let Uri::FdNum(_) = parsed {
+        // Taken by the call, as `qmp_migrate` takes it: a bad N is refused
+        // at once, and N is closed if the start is refused. A cancel fires
+        // the channel's own aborter.
+        let chan = crate::transport::fd_channel(&parsed, uri)?;
+        return start(chan.aborter(), move |_| Ok(Source::Listener(Listener::Ready(chan))));
+    }
     start(None, |abort| Ok(Source::Listener(Listener::open(&parsed, uri, abort)?)))
 }
 

@@ -741,6 +741,9 @@ fn round_ms(d: Duration) -> u64 {
 }
 
 fn finish(host: &Host, result: Result<()>, mut p: Progress) {
+    // The handlers' cancel and cleanup, and the dirty log's stop, run under
+    // the host lock, as the switchover's do (QEMU: under the BQL).
+    let _l = host.lock();
     if let Some(save) = p.save.as_mut() {
         // A handler that panics here still lets the migration end (logged).
         let _ = crate::contain_panic("migration", || {
@@ -756,7 +759,6 @@ fn finish(host: &Host, result: Result<()>, mut p: Progress) {
         return;
     };
     crate::ram::end_final_pass(&crate::ram::blocks());
-    let _l = host.lock();
     // Cancelled or failed is decided here, under OUT: a cancel arriving
     // later (from a host that does not hold its lock) would otherwise turn
     // this failure into CANCELLED and hide its error.

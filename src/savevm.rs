@@ -73,8 +73,10 @@ pub enum SectionKind {
 /// A savevm handler: a device's (or RAM's) state in the stream.
 ///
 /// Thread and lock: `setup`, `iterate`, `pending` run on the migration
-/// thread without the host lock; `complete`, `save_state` and `cancel` run
-/// on it with the host lock held (the VM is stopped). `load` runs on the
+/// thread without the host lock; `complete` and `save_state` run on it
+/// with the host lock held (the VM is stopped), `cancel` and `cleanup`
+/// with the host lock held too (after a cancel or failure before the
+/// switchover, the VM may be running). `load` runs on the
 /// incoming thread, with the host lock held unless `load_without_host_lock`.
 pub trait SaveVmHandler: Send {
     /// True for a live (iterative) handler.

@@ -52,6 +52,15 @@ static STOPS: AtomicU32 = AtomicU32::new(0);
 static STOP_FAILS: AtomicBool = AtomicBool::new(false);
 static LOG_STARTS: AtomicU32 = AtomicU32::new(0);
 static LOG_STOPS: AtomicU32 = AtomicU32::new(0);
+/// Calls of handlers' cancel and cleanup, and of dirty_log_stop, made
+/// without the host lock held (only livemig's threads take it here).
+static UNLOCKED_CALLS: AtomicU32 = AtomicU32::new(0);
+
+fn note_lock_held() {
+    if !LOCK.is_locked() {
+        UNLOCKED_CALLS.fetch_add(1, Ordering::SeqCst);
+    }
+}
 
 unsafe extern "C" fn lock(_: *mut c_void) {
     WAITERS.fetch_add(1, Ordering::SeqCst);
@@ -90,6 +99,7 @@ unsafe extern "C" fn log_start(_: *mut c_void) -> c_int {
     0
 }
 unsafe extern "C" fn log_stop(_: *mut c_void) {
+    note_lock_held();
     LOG_STOPS.fetch_add(1, Ordering::SeqCst);
 }
 unsafe extern "C" fn log_sync(_: *mut c_void, _: *const std::ffi::c_char, _: *mut c_void, _: u64, _: *mut u64) -> c_int {
@@ -354,9 +364,11 @@ impl SaveVmHandler for Counted {
         true
     }
     fn cancel(&mut self) {
+        note_lock_held();
         CANCELS.fetch_add(1, Ordering::SeqCst);
     }
     fn cleanup(&mut self) {
+        note_lock_held();
         CLEANUPS.fetch_add(1, Ordering::SeqCst);
     }
     fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
@@ -388,6 +400,7 @@ const OWNER: usize = 0xed9e;
 #[test]
 fn a_failed_setup_cancels_and_cleans_up_every_handler_and_cleanup_runs_once() {
     let _g = host();
+    let unlocked = UNLOCKED_CALLS.load(Ordering::SeqCst);
     livemig::savevm::register("counted", 0, 1, Box::new(Counted), OWNER, Priority::Default).unwrap();
     livemig::savevm::register("failing-setup", 0, 1, Box::new(FailingSetup), OWNER, Priority::Default).unwrap();
     for fails in [true, false] {
@@ -410,6 +423,11 @@ fn a_failed_setup_cancels_and_cleans_up_every_handler_and_cleanup_runs_once() {
             set_state(RunState::Running);
         }
         assert_eq!(log_stops, log_starts, "the dirty log is stopped as often as it was started (setup failed: {fails})");
+        assert_eq!(
+            UNLOCKED_CALLS.load(Ordering::SeqCst),
+            unlocked,
+            "cancel, cleanup and dirty_log_stop run under the host lock (setup failed: {fails})"
+        );
     }
     livemig::savevm::unregister("counted", OWNER);
     livemig::savevm::unregister("failing-setup", OWNER);
@@ -553,6 +571,33 @@ fn an_incoming_migration_is_refused_while_the_vm_runs() {
     assert_eq!(e, "cannot start an incoming migration while the VM is running");
     assert_eq!(INCOMING.status(), before, "nothing started");
     assert_eq!(state(), RunState::Running);
+    // fd:N is livemig's from the call on: closed on the refusal too.
+    let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let n = ours.into_raw_fd();
+    let e = livemig::incoming::start_uri(&format!("fd:{n}")).expect_err("the VM runs").to_string();
+    assert_eq!(e, "cannot start an incoming migration while the VM is running");
+    // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+    assert_eq!(unsafe { libc::fcntl(n, libc::F_GETFD) }, -1, "fd:{n} is closed");
+    assert_eq!(INCOMING.status(), before, "nothing started");
+}
+
+#[test]
+fn a_unix_listener_leaves_a_socket_bound_at_its_path_since() {
+    let _g = host();
+    set_state(RunState::Inmigrate);
+    let dir = tmp("unix-rebound");
+    let path = dir.join("s.sock");
+    livemig::incoming::start_uri(&format!("unix:{}", path.display())).unwrap();
+    // Another listener takes the path over while livemig waits.
+    std::fs::remove_file(&path).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    assert!(livemig::incoming::cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    set_state(RunState::Running);
+    assert!(path.exists(), "livemig's listener removed another listener's socket");
+    drop(std::os::unix::net::UnixStream::connect(&path).expect("the other listener is still reachable"));
+    drop(other);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -944,6 +989,35 @@ fn stream_calls_in_the_wrong_direction_fail_the_stream() {
         assert_eq!(qemu_file_get_error(f), -libc::EINVAL, "{mode}: a {} is refused", if write { "write" } else { "read" });
         assert_eq!(qemu_fclose(f), -libc::EINVAL);
     }
+}
+
+#[test]
+fn nothing_is_read_from_a_stream_with_an_error() {
+    let _g = host();
+    use livemig::ffi::file::{qemu_fclose, qemu_file_get_error, qemu_file_set_error, qemu_get_buffer, qemu_get_byte};
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut &peer, b"ABCDEFGH").unwrap();
+    let m = CString::new("rb").unwrap();
+    let f = qemu_fdopen(ours.into_raw_fd(), m.as_ptr());
+    assert_eq!(qemu_get_byte(f), i32::from(b'A'));
+    qemu_file_set_error(f, -libc::EIO);
+    // "BCDEFGH" is buffered, but the stream has failed.
+    assert_eq!(qemu_get_byte(f), 0);
+    let mut buf = [0xa5u8; 4];
+    assert_eq!(qemu_get_buffer(f, buf.as_mut_ptr(), buf.len()), 0);
+    assert_eq!(buf, [0; 4], "no data of the stream");
+    assert_eq!(qemu_file_get_error(f), -libc::EIO);
+    qemu_fclose(f);
+    // A read cut short by the end of the stream passes none of its bytes on.
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut &peer, b"XYZ").unwrap();
+    drop(peer);
+    let f = qemu_fdopen(ours.into_raw_fd(), m.as_ptr());
+    let mut buf = [0xa5u8; 8];
+    assert_eq!(qemu_get_buffer(f, buf.as_mut_ptr(), buf.len()), 0);
+    assert_eq!(buf, [0; 8], "no data of the stream");
+    assert_ne!(qemu_file_get_error(f), 0);
+    qemu_fclose(f);
 }
 
 #[test]

@@ -22,6 +22,11 @@ use crate::transport::{Aborter, FdChannel};
 fn with_dir<T: Copy>(name: &str, f: *mut QemuFile, dir: Direction, default: T, body: impl FnOnce(&mut QemuFile) -> T) -> T {
     with(name, f, default, |f| {
         if f.direction() == dir {
+            if dir == Direction::Read && f.error().is_some() {
+                // Nothing more is read from a failed stream, not even
+                // bytes it had buffered before the error.
+                return default;
+            }
             body(f)
         } else {
             let open = if dir == Direction::Read { "writing" } else { "reading" };
@@ -86,7 +91,8 @@ pub extern "C" fn qemu_put_buffer(f: *mut QemuFile, buf: *const u8, size: usize)
     })
 }
 
-/// Reads one byte (0 after an error).
+/// Reads one byte (0 once the stream has an error: check
+/// `qemu_file_get_error`).
 #[no_mangle]
 pub extern "C" fn qemu_get_byte(f: *mut QemuFile) -> c_int {
     with_dir("qemu_get_byte", f, Direction::Read, 0, |f| f.get_u8() as c_int)
@@ -110,14 +116,15 @@ pub extern "C" fn qemu_get_be64(f: *mut QemuFile) -> u64 {
     with_dir("qemu_get_be64", f, Direction::Read, 0, |f| f.get_be64())
 }
 
-/// Reads `size` bytes into `buf`; returns `size`, or 0 after an error
-/// (then `buf` holds no data of the stream).
+/// Reads `size` bytes into `buf`; returns `size`, or 0 if the stream has
+/// or meets an error (then `buf` holds zeros, no data of the stream). The
+/// other `qemu_get_*` calls also read 0 from a stream with an error.
 #[no_mangle]
 pub extern "C" fn qemu_get_buffer(f: *mut QemuFile, buf: *mut u8, size: usize) -> usize {
-    with_dir("qemu_get_buffer", f, Direction::Read, 0, |f| {
-        if size == 0 {
-            return 0;
-        }
+    if size == 0 {
+        return 0;
+    }
+    let got = with_dir("qemu_get_buffer", f, Direction::Read, 0, |f| {
         if buf.is_null() {
             f.set_error(MigError::new("qemu_get_buffer: NULL buffer"));
             return 0;
@@ -130,7 +137,13 @@ pub extern "C" fn qemu_get_buffer(f: *mut QemuFile, buf: *mut u8, size: usize) -
         } else {
             0
         }
-    })
+    });
+    if got == 0 && !buf.is_null() {
+        // No part of a read that failed, or was refused, is passed on.
+        // SAFETY: as above, `size` writable bytes at `buf`.
+        unsafe { std::ptr::write_bytes(buf, 0, size) };
+    }
+    got
 }
 
 /// 0, or the stream's first error as a negative errno.

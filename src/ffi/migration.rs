@@ -457,8 +457,11 @@ pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
 /// sets its run state. Errors in the URI or binding are reported here, and
 /// so is a VM that is running (loading would write under its vCPUs);
 /// errors in the stream end in FAILED (see `livemig_query_incoming`). A
-/// `unix:` path may hold a stale socket, which is replaced; anything else
-/// there is refused.
+/// socket at a `unix:` path is replaced, as QEMU replaces it, even if
+/// another listener still uses it; anything else there is refused. `fd:N`
+/// is livemig's from the call on (closed if the start is refused); a
+/// named fd is taken once the start is accepted. A `tcp:` host name is
+/// resolved on the calling thread.
 #[no_mangle]
 pub extern "C" fn qemu_start_incoming_migration(uri: *const c_char, errp: *mut *mut Error) {
     guard_err("qemu_start_incoming_migration", errp, (), || incoming::start_uri(cstr(uri, "uri")?))

@@ -54,8 +54,8 @@ pub type LivemigRamResized = Option<unsafe extern "C" fn(opaque: *mut c_void, id
 
 /// Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
 /// `used_length` bytes now, up to `max_length` mapped at `host`. An
-/// incoming stream may set any used length up to the maximum; `resized` is
-/// then called with the new length. Longer lengths are refused with QEMU's
+/// incoming stream may set any used length up to the maximum; `resized`
+/// (required) is then called with the new length. Longer lengths are refused with QEMU's
 /// "Size too large" message.
 #[no_mangle]
 pub extern "C" fn livemig_ram_block_add_resizable(

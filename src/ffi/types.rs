@@ -25,9 +25,9 @@ pub const LIVEMIG_HOST_OPS_VERSION: u32 = 1;
 /// are also asked by `qmp_migrate`, `migrate_fd_connect`,
 /// `qemu_start_incoming_migration` and `process_incoming_migration` on the
 /// calling thread, with whatever the caller holds (as QEMU reads its run
-/// state there): they must not take the host lock. The dirty-log callbacks
-/// are called without it (the last sync of a migration runs with it held,
-/// the VM stopped).
+/// state there): they must not take the host lock. `dirty_log_start` and
+/// the syncs are called without it (the last sync of a migration runs
+/// with it held, the VM stopped); `dirty_log_stop` with it held.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LivemigHostOps {
@@ -48,7 +48,8 @@ pub struct LivemigHostOps {
     /// Required: records a run state without starting or stopping anything.
     pub runstate_set: Option<unsafe extern "C" fn(opaque: *mut c_void, state: RunState)>,
     /// Optional: the current run state (sent in "globalstate"); without it
-    /// livemig sends running or paused.
+    /// livemig sends running or paused, and cannot tell a VM in
+    /// postmigrate, which `qmp_migrate` then does not refuse.
     pub runstate_get: Option<unsafe extern "C" fn(opaque: *mut c_void) -> RunState>,
     /// Optional: wakes a suspended guest before the switchover.
     pub system_wakeup_request: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
@@ -96,8 +97,10 @@ pub type LoadStateHandler = Option<unsafe extern "C" fn(f: *mut QemuFile, opaque
 /// `save_live_setup`, `save_live_iterate`, `save_live_complete`,
 /// `save_live_pending` and `load_state` are required. `iterate` returns < 0
 /// on error, 0 while it has more to send, > 0 when it is done for now.
-/// Setup/iterate/pending run without the host lock, complete and cancel
-/// with it (VM stopped); `load_state` runs with it on the destination.
+/// Setup/iterate/pending run without the host lock; complete with it (VM
+/// stopped); cancel with it too, the VM possibly running (a cancel or
+/// failure before the switchover); `load_state` with it on the
+/// destination. `save_live_pending` gets a NULL `QEMUFile *`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SaveVMHandlers {
@@ -109,7 +112,7 @@ pub struct SaveVMHandlers {
     pub save_live_iterate: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
     /// Writes the END payload.
     pub save_live_complete: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
-    /// Bytes still to send.
+    /// Bytes still to send (called with a NULL `QEMUFile *`).
     pub save_live_pending: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void, max_size: u64) -> u64>,
     /// Optional: the migration failed or was cancelled.
     pub cancel: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
@@ -119,8 +122,9 @@ pub struct SaveVMHandlers {
     pub is_active: Option<unsafe extern "C" fn(opaque: *mut c_void) -> bool>,
 }
 
-/// RAM statistics, QAPI `MigrationStats` (QEMU's field order; 7.2's
-/// fields appended after `dirty_pages_rate`).
+/// RAM statistics, QAPI `MigrationStats`: QEMU's fields up to
+/// `dirty_pages_rate` in its order, then the rest (`skipped`, which QEMU
+/// lists after `duplicate`, comes last).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MigrationStats {

@@ -199,7 +199,9 @@ pub struct SocketListener {
     name: String,
     abort: Aborter,
     port: Option<u16>,
-    unix_path: Option<String>,
+    /// A `unix:` listener's path, and the device and inode of its socket
+    /// file there (removed on drop only if it is still this one).
+    unix_path: Option<(String, (u64, u64))>,
 }
 
 impl SocketListener {
@@ -237,10 +239,20 @@ impl SocketListener {
 
 impl Drop for SocketListener {
     fn drop(&mut self) {
-        if let Some(p) = &self.unix_path {
-            let _ = std::fs::remove_file(p);
+        if let Some((p, id)) = &self.unix_path {
+            // Not a socket another listener has bound at the path since.
+            if file_id(p).ok() == Some(*id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
+}
+
+/// The device and inode of the file at `path` (not following a link).
+fn file_id(path: &str) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(path)?;
+    Ok((md.dev(), md.ino()))
 }
 
 /// Binds `host:port` (empty host: every address; port 0: any free port).
@@ -254,7 +266,9 @@ pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<
     Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: Some(port), unix_path: None })
 }
 
-/// Removes a stale socket at `path`. Anything else there (a file, a
+/// Removes a socket at `path`, as QEMU does before it binds: whether a
+/// listener still uses it is not checked (a probe connect would reach
+/// that listener as a source). Anything else there (a file, a
 /// directory, a link) is the user's and is refused, not replaced.
 fn remove_stale_socket(path: &str) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
@@ -279,8 +293,8 @@ fn rename_noreplace(from: &str, to: &str) -> io::Result<()> {
     }
 }
 
-/// Binds the unix socket `path`, replacing a stale socket (and nothing
-/// else).
+/// Binds the unix socket `path`, replacing a socket there (and nothing
+/// else: see `remove_stale_socket`).
 pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketListener> {
     let fail = |e: io::Error| MigError::io(format!("Failed to bind socket for '{text}'"), e);
     remove_stale_socket(path).map_err(fail)?;
@@ -302,5 +316,9 @@ pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketList
     }
     let fd = OwnedFd::from(l);
     set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
-    Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some(path.to_string()) })
+    let id = file_id(path).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        fail(e)
+    })?;
+    Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some((path.to_string(), id)) })
 }
