@@ -987,9 +987,9 @@ void qapi_free_XBZRLECacheStats(struct XBZRLECacheStats *s);
 void add_migration_state_change_notifier(struct Notifier *notify);
 
 /*
- Removes a notifier. Safe from inside a notifier; from another thread it
- waits until a round of notifier calls in progress has returned, so
- the notifier may be freed once this returns.
+ Removes a notifier. Safe from inside a notifier. If the notifier is
+ being called on another thread, waits until that call has returned,
+ so the notifier may be freed once this returns.
  */
 void remove_migration_state_change_notifier(struct Notifier *notify);
 
@@ -1068,9 +1068,10 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
  longer be sent, so the migration then fails rather than lose it (a
  device must quiesce its DMA when the VM stops, before its
  `save_state`). Once the switchover has committed (the end of the
- stream is going out; a return-path wait may follow) the migration can
- no longer fail: a mark is then refused with "the change will not
- reach the destination", until COMPLETED.
+ stream is going out; a return-path wait may follow) a mark can no
+ longer fail the migration: it is refused as too late ("the change will
+ not reach the destination") until the migration ends, which may still
+ be FAILED for another reason (the stream, the destination).
  */
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 

@@ -62,27 +62,32 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
         return Err(MigError::new("cannot start an incoming migration while the VM is running"));
     }
     let mut g = IN.lock();
-    // Until this side has left idle, the other cannot (see STARTING).
-    let starting = crate::state::STARTING.lock();
-    if OUTGOING.status().is_active() {
-        return Err(MigError::new("an outgoing migration is in progress"));
-    }
-    let prev = INCOMING.status();
-    if !prev.is_idle() {
-        return Err(MigError::new("an incoming migration is already in progress"));
-    }
-    let aborter = match aborter {
-        Some(a) => a,
-        None => Aborter::new()?,
+    let prev = {
+        // Until this side has left idle, the other cannot (see STARTING).
+        let _starting = crate::state::STARTING.lock();
+        if OUTGOING.status().is_active() {
+            return Err(MigError::new("an outgoing migration is in progress"));
+        }
+        let prev = INCOMING.status();
+        if !prev.is_idle() || !INCOMING.cas(prev, S::Setup) {
+            return Err(MigError::new("an incoming migration is already in progress"));
+        }
+        prev
     };
-    let source = open(&aborter)?;
-    if !INCOMING.cas(prev, S::Setup) {
-        return Err(MigError::new("an incoming migration is already in progress"));
-    }
-    drop(starting);
-    // Out of idle, the host table can no longer change: take it now.
-    let host = match host::get() {
-        Ok(h) => h,
+    // Set up out of STARTING, so that spawning a command or looking up a
+    // host name does not hold up a `qmp_migrate`; a failure goes back to
+    // the previous state. Out of idle, the host table can no longer
+    // change: take it now.
+    let prepared = (|| -> Result<(Aborter, Source, Host)> {
+        let aborter = match aborter {
+            Some(a) => a,
+            None => Aborter::new()?,
+        };
+        let source = open(&aborter)?;
+        Ok((aborter, source, host::get()?))
+    })();
+    let (aborter, source, host) = match prepared {
+        Ok(p) => p,
         Err(e) => {
             INCOMING.cas(S::Setup, prev);
             return Err(e);

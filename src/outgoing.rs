@@ -312,7 +312,30 @@ fn run(host: Host, target: Target, aborter: Aborter) {
         // VM now runs on the destination, so this one must stay stopped.
         return;
     }
-    finish(&host, result, p);
+    let Err(err) = result else {
+        // Completed: the switchover cleaned up and notified under the host
+        // lock. Nothing shared is touched after that final transition (the
+        // host may replace its table or free its lock once it sees it).
+        return;
+    };
+    // Cancelled or failed is decided now, under OUT, before waiting for the
+    // host lock: a cancel arriving later (a host cancels under its lock)
+    // would otherwise turn this failure into CANCELLED and hide its error.
+    let outcome = {
+        let mut o = OUT.lock();
+        o.settled = true;
+        Outcome { cancelled: OUTGOING.status() == S::Cancelling, host_error: o.host_error.take() }
+    };
+    finish(&host, err, outcome, p);
+}
+
+/// How a failed migration ends, decided once it has failed.
+struct Outcome {
+    /// A cancel came first: CANCELLED rather than FAILED.
+    cancelled: bool,
+    /// The host's `migrate_fd_error` message, reported instead of the
+    /// migration's own error.
+    host_error: Option<String>,
 }
 
 /// Runs the migration; on success the stream is closed and the state is
@@ -740,33 +763,22 @@ fn round_ms(d: Duration) -> u64 {
     ((d.as_micros() + 500) / 1000) as u64
 }
 
-fn finish(host: &Host, result: Result<()>, mut p: Progress) {
+/// Ends a failed or cancelled migration: handlers cancelled and cleaned
+/// up, the VM back in its run state, then FAILED or CANCELLED.
+fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
+    let Outcome { cancelled, host_error: host_err } = outcome;
     // The handlers' cancel and cleanup, and the dirty log's stop, run under
     // the host lock, as the switchover's do (QEMU: under the BQL).
     let _l = host.lock();
     if let Some(save) = p.save.as_mut() {
         // A handler that panics here still lets the migration end (logged).
         let _ = crate::contain_panic("migration", || {
-            if result.is_err() {
-                save.cancel();
-            }
+            save.cancel();
             save.cleanup();
             Ok(())
         });
     }
-    let Err(err) = result else {
-        // Completed and notified inside the switchover, under the host lock.
-        return;
-    };
     crate::ram::end_final_pass(&crate::ram::blocks());
-    // Cancelled or failed is decided here, under OUT: a cancel arriving
-    // later (from a host that does not hold its lock) would otherwise turn
-    // this failure into CANCELLED and hide its error.
-    let (cancelled, host_err) = {
-        let mut o = OUT.lock();
-        o.settled = true;
-        (OUTGOING.status() == S::Cancelling, o.host_error.take())
-    };
     if cancelled {
         notify(S::Cancelling, false);
     }

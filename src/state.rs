@@ -11,10 +11,10 @@
 //! state just entered, so a notifier always sees the transition it is told
 //! about even if another has happened since.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::ThreadId;
 
-use parking_lot::{Mutex, ReentrantMutex};
+use parking_lot::{Condvar, Mutex};
 
 /// Migration status, numbered as QEMU 7.2's QAPI `MigrationStatus`.
 #[repr(C)]
@@ -161,11 +161,16 @@ pub struct NotifierRef(pub usize);
 /// Calls one notifier with a snapshot.
 pub type NotifyFn = fn(NotifierRef, &MigrationState);
 
-/// The registered notifiers. A round of calls holds the lock (it is
-/// re-entrant: a notifier may add or remove notifiers), so a removal from
-/// another thread returns only once no call is in progress, and the host
-/// may then free the notifier.
-static NOTIFIERS: ReentrantMutex<RefCell<Vec<NotifierRef>>> = ReentrantMutex::new(RefCell::new(Vec::new()));
+/// The registered notifiers, and the calls in progress.
+struct Notifiers {
+    list: Vec<NotifierRef>,
+    /// Each notifier being called, with the thread calling it.
+    calling: Vec<(NotifierRef, ThreadId)>,
+}
+
+static NOTIFIERS: Mutex<Notifiers> = Mutex::new(Notifiers { list: Vec::new(), calling: Vec::new() });
+/// Signalled when a notifier call returns.
+static NOTIFIER_RETURNED: Condvar = Condvar::new();
 static NOTIFY_CALL: Mutex<Option<NotifyFn>> = Mutex::new(None);
 
 /// Held while a migration leaves idle, by either direction: each checks
@@ -180,17 +185,24 @@ pub fn set_notify_fn(f: NotifyFn) {
 
 /// Adds a notifier (appended: notifiers run in registration order).
 pub fn add_notifier(n: NotifierRef) {
-    let l = NOTIFIERS.lock();
-    let mut l = l.borrow_mut();
-    if !l.contains(&n) {
-        l.push(n);
+    let mut l = NOTIFIERS.lock();
+    if !l.list.contains(&n) {
+        l.list.push(n);
     }
 }
 
-/// Removes a notifier. Safe to call from inside a notifier; from another
-/// thread, waits until a round of calls in progress has returned.
+/// Removes a notifier. Safe to call from inside a notifier. If that
+/// notifier is being called on another thread, waits until the call has
+/// returned, so the host may free it then (no other lock is waited for:
+/// a notifier may release the host lock and wait for a thread that
+/// removes another notifier).
 pub fn remove_notifier(n: NotifierRef) {
-    NOTIFIERS.lock().borrow_mut().retain(|x| *x != n);
+    let me = std::thread::current().id();
+    let mut l = NOTIFIERS.lock();
+    l.list.retain(|x| *x != n);
+    while l.calling.iter().any(|&(c, t)| c == n && t != me) {
+        NOTIFIER_RETURNED.wait(&mut l);
+    }
 }
 
 /// Calls every notifier with a snapshot in state `st`. Must be called with
@@ -199,17 +211,34 @@ pub fn notify(st: MigrationStatus, incoming: bool) {
     let snap = MigrationState::snapshot(st, incoming);
     let call = *NOTIFY_CALL.lock();
     let Some(call) = call else { return };
-    // Held for the round (see NOTIFIERS). Iterate over a copy so a
-    // notifier may add or remove notifiers, but skip one that was removed
-    // by an earlier notifier of this round. No borrow is held across a
-    // call.
-    let notifiers = NOTIFIERS.lock();
-    let list: Vec<NotifierRef> = notifiers.borrow().clone();
+    let me = std::thread::current().id();
+    // Iterate over a copy so a notifier may add or remove notifiers, but
+    // skip one that was removed by an earlier notifier of this round.
+    let list = NOTIFIERS.lock().list.clone();
     for n in list {
-        let registered = notifiers.borrow().contains(&n);
-        if registered {
-            call(n, &snap);
+        {
+            let mut l = NOTIFIERS.lock();
+            if !l.list.contains(&n) {
+                continue;
+            }
+            l.calling.push((n, me));
         }
+        // Unregisters the call even if the notifier panics.
+        let _returned = CallReturned(n, me);
+        call(n, &snap);
+    }
+}
+
+/// Marks the call of a notifier on a thread as returned, when dropped.
+struct CallReturned(NotifierRef, ThreadId);
+
+impl Drop for CallReturned {
+    fn drop(&mut self) {
+        let mut l = NOTIFIERS.lock();
+        if let Some(i) = l.calling.iter().position(|&(c, t)| c == self.0 && t == self.1) {
+            l.calling.swap_remove(i);
+        }
+        NOTIFIER_RETURNED.notify_all();
     }
 }
 

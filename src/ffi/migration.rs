@@ -420,9 +420,9 @@ pub extern "C" fn add_migration_state_change_notifier(notify: *mut Notifier) {
     })
 }
 
-/// Removes a notifier. Safe from inside a notifier; from another thread it
-/// waits until a round of notifier calls in progress has returned, so
-/// the notifier may be freed once this returns.
+/// Removes a notifier. Safe from inside a notifier. If the notifier is
+/// being called on another thread, waits until that call has returned,
+/// so the notifier may be freed once this returns.
 #[no_mangle]
 pub extern "C" fn remove_migration_state_change_notifier(notify: *mut Notifier) {
     guard("remove_migration_state_change_notifier", (), || state::remove_notifier(NotifierRef(notify as usize)))

@@ -37,9 +37,10 @@ pub extern "C" fn livemig_ram_block_remove(idstr: *const c_char, errp: *mut *mut
 /// longer be sent, so the migration then fails rather than lose it (a
 /// device must quiesce its DMA when the VM stops, before its
 /// `save_state`). Once the switchover has committed (the end of the
-/// stream is going out; a return-path wait may follow) the migration can
-/// no longer fail: a mark is then refused with "the change will not
-/// reach the destination", until COMPLETED.
+/// stream is going out; a return-path wait may follow) a mark can no
+/// longer fail the migration: it is refused as too late ("the change will
+/// not reach the destination") until the migration ends, which may still
+/// be FAILED for another reason (the stream, the destination).
 #[no_mangle]
 pub extern "C" fn livemig_ram_mark_dirty(idstr: *const c_char, offset: u64, length: u64, errp: *mut *mut Error) -> bool {
     guard_err("livemig_ram_mark_dirty", errp, false, || {

@@ -109,28 +109,35 @@ static SERIAL: Mutex<()> = Mutex::new(());
 static mut RAM: Option<GuestRam> = None;
 static SETUP: Once = Once::new();
 
+type LockFn = unsafe extern "C" fn(*mut c_void);
+
+/// This host's table, with `lock`/`unlock` as its lock (a test may count
+/// or watch the lock calls); the run state is [`STATE`].
+pub fn host_ops(lock: LockFn, unlock: LockFn) -> LivemigHostOps {
+    LivemigHostOps {
+        version: 1,
+        size: std::mem::size_of::<LivemigHostOps>() as u32,
+        iothread_lock: Some(lock),
+        iothread_unlock: Some(unlock),
+        vm_stop_force_state: Some(stop),
+        vm_start: Some(start),
+        runstate_is_running: Some(is_running),
+        runstate_set: Some(set),
+        runstate_get: None,
+        system_wakeup_request: None,
+        announce_self: None,
+        dirty_log_start: None,
+        dirty_log_sync: None,
+        dirty_log_stop: None,
+        autostart: true,
+    }
+}
+
 /// Sets the host up once and returns the RAM and a guard serialising tests.
 pub fn host() -> (MutexGuard<'static, ()>, &'static GuestRam) {
     let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     SETUP.call_once(|| {
-        let ops = LivemigHostOps {
-            version: 1,
-            size: std::mem::size_of::<LivemigHostOps>() as u32,
-            iothread_lock: Some(lock),
-            iothread_unlock: Some(unlock),
-            vm_stop_force_state: Some(stop),
-            vm_start: Some(start),
-            runstate_is_running: Some(is_running),
-            runstate_set: Some(set),
-            runstate_get: None,
-            system_wakeup_request: None,
-            announce_self: None,
-            dirty_log_start: None,
-            dirty_log_sync: None,
-            dirty_log_stop: None,
-            autostart: true,
-        };
-        livemig::host::set(ops, std::ptr::null_mut()).unwrap();
+        livemig::host::set(host_ops(lock, unlock), std::ptr::null_mut()).unwrap();
         let len = RAM_SIZE + 2 * PAGE;
         // SAFETY: anonymous mapping with no access; the middle is then made
         // read-write, leaving a guard page on each side.
