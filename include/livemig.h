@@ -204,6 +204,8 @@ typedef enum MigrationCapability {
   /*
    The destination confirms the load on the same socket before the
    source completes (QEMU's return path; tcp, unix and socket fds).
+   The source's setting decides: it asks the destination to answer,
+   whatever the destination's own setting, as in QEMU.
    */
   MIGRATION_CAPABILITY_RETURN_PATH = 10,
   /*
@@ -307,7 +309,10 @@ typedef struct LivemigHostOps {
    */
   void (*iothread_unlock)(void *opaque);
   /*
-   Required: stops the vCPUs and sets `state`; returns 0 or a negative errno.
+   Required: stops the vCPUs and sets `state`; returns 0 or a negative
+   errno. Called with the host lock held: vCPUs that need that lock to
+   pause must get it released while the host waits for them (QEMU's
+   `pause_all_vcpus`).
    */
   int (*vm_stop_force_state)(void *opaque, enum RunState state);
   /*
@@ -341,10 +346,13 @@ typedef struct LivemigHostOps {
    */
   int (*dirty_log_start)(void *opaque);
   /*
-   Optional: ORs the pages of block `idstr` (at `host`, `length` bytes)
-   written since the last sync into `bitmap` (bit i of word i/64 = page
-   i, as KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
-   errno. Without it, only `livemig_ram_mark_dirty` marks pages.
+   Optional: ORs the pages of block `idstr` (at `host`, `length` bytes:
+   the used length of a resizable block) written since the last sync
+   into `bitmap` (4 KiB pages; bit i of word i/64 = page i, as
+   KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
+   errno. `bitmap` is livemig's and holds pages still to send: OR into
+   it, never clear it. Without this callback, only
+   `livemig_ram_mark_dirty` marks pages.
    */
   int (*dirty_log_sync)(void *opaque, const char *idstr, void *host, uint64_t length, uint64_t *bitmap);
   /*
@@ -651,7 +659,9 @@ typedef struct SaveVMHandlers {
    */
   int (*save_live_complete)(struct QEMUFile *f, void *opaque);
   /*
-   Bytes still to send (called with a NULL `QEMUFile *`).
+   Bytes still to send (called with a NULL `QEMUFile *`); counted into
+   the switchover's estimate. `max_size` is the bytes the link moves
+   within the downtime limit, as in QEMU.
    */
   uint64_t (*save_live_pending)(struct QEMUFile *f, void *opaque, uint64_t max_size);
   /*
@@ -659,7 +669,8 @@ typedef struct SaveVMHandlers {
    */
   void (*cancel)(void *opaque);
   /*
-   Reads a START, PART, END or FULL payload.
+   Reads a START, PART, END or FULL payload (which of them is not
+   passed: as in QEMU, a payload must tell what it holds).
    */
   LoadStateHandler load_state;
   /*
@@ -1051,7 +1062,8 @@ bool livemig_incoming_cancel(void);
  pages, e.g. `MADV_DONTNEED` or punching holes in its file, is fine): the
  source learns at setup which memory backs the block, and sends pages it
  knows read as zero (untouched anonymous memory, holes of a mapped file)
- without reading them. Refused while a migration runs.
+ without reading them. Refused while a migration runs, and for memory
+ that overlaps a registered block's.
  */
 bool livemig_ram_block_add(const char *idstr, void *host, uint64_t length, struct Error **errp);
 

@@ -770,6 +770,11 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
     // The handlers' cancel and cleanup, and the dirty log's stop, run under
     // the host lock, as the switchover's do (QEMU: under the BQL).
     let _l = host.lock();
+    if cancelled {
+        // Before the handlers are cancelled, so that a notifier sees it
+        // first.
+        notify(S::Cancelling, false);
+    }
     if let Some(save) = p.save.as_mut() {
         // A handler that panics here still lets the migration end (logged).
         let _ = crate::contain_panic("migration", || {
@@ -779,9 +784,6 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
         });
     }
     crate::ram::end_final_pass(&crate::ram::blocks());
-    if cancelled {
-        notify(S::Cancelling, false);
-    }
     match p.stopped_from {
         // Unless the host's stop failed before it stopped anything.
         Some(RunState::Running) if !host.runstate_is_running() => {

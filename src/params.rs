@@ -36,6 +36,8 @@ pub enum MigrationCapability {
     Block = 9,
     /// The destination confirms the load on the same socket before the
     /// source completes (QEMU's return path; tcp, unix and socket fds).
+    /// The source's setting decides: it asks the destination to answer,
+    /// whatever the destination's own setting, as in QEMU.
     ReturnPath = 10,
     /// Not supported.
     PauseBeforeSwitchover = 11,

@@ -181,6 +181,9 @@ pub fn register(
     if instance_id > u32::MAX as i64 || instance_id < -1 {
         return Err(MigError::new(format!("savevm: instance id {instance_id} of '{idstr}' is out of range")));
     }
+    if BUILTIN_SECTIONS.contains(&idstr) && owner != builtin_owner() {
+        return Err(MigError::new(format!("savevm: '{idstr}' is livemig's own section; a host cannot register it")));
+    }
     let mut r = REGISTRY.lock();
     let instance_id = if instance_id < 0 {
         r.entries.iter().filter(|e| e.idstr == idstr).map(|e| e.instance_id + 1).max().unwrap_or(0)
@@ -212,6 +215,10 @@ pub fn register(
     );
     Ok(section_id)
 }
+
+/// The names of livemig's own sections, which only livemig registers
+/// (some of them at a migration's first use).
+const BUILTIN_SECTIONS: [&str; 2] = ["ram", "globalstate"];
 
 /// The owner of livemig's own sections ("ram", "globalstate"): the address
 /// of a private static, which no host's opaque pointer can equal, so that

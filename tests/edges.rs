@@ -351,6 +351,14 @@ fn an_incoming_cancel_wakes_process_incoming_migration() {
     drop(peer);
 }
 
+/// What the handlers below and `record_state` saw, in order.
+static EVENTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+unsafe extern "C" fn record_state(_n: *mut livemig::ffi::types::Notifier, s: *mut c_void) {
+    let st = api::livemig_migration_status(s.cast());
+    EVENTS.lock().unwrap().push(st.name().to_string());
+}
+
 /// Counts of the handlers below.
 static SETUP_FAILS: AtomicBool = AtomicBool::new(false);
 static CANCELS: AtomicU32 = AtomicU32::new(0);
@@ -366,6 +374,7 @@ impl SaveVmHandler for Counted {
     fn cancel(&mut self) {
         note_lock_held();
         CANCELS.fetch_add(1, Ordering::SeqCst);
+        EVENTS.lock().unwrap().push("handler cancel".into());
     }
     fn cleanup(&mut self) {
         note_lock_held();
@@ -431,6 +440,30 @@ fn a_failed_setup_cancels_and_cleans_up_every_handler_and_cleanup_runs_once() {
     }
     livemig::savevm::unregister("counted", OWNER);
     livemig::savevm::unregister("failing-setup", OWNER);
+}
+
+#[test]
+fn notifiers_see_cancelling_before_the_handlers_are_cancelled() {
+    let _g = host();
+    livemig::savevm::register("counted", 0, 1, Box::new(Counted), OWNER, Priority::Default).unwrap();
+    let mut n = livemig::ffi::types::Notifier { notify: Some(record_state), le_next: null_mut(), le_prev: null_mut() };
+    api::add_migration_state_change_notifier(&mut n);
+    EVENTS.lock().unwrap().clear();
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mode = CString::new("wb").unwrap();
+    let mut err = null_mut();
+    // The peer never reads: the migration blocks until the cancel.
+    api::migrate_fd_connect(null_mut(), qemu_fdopen(ours.into_raw_fd(), mode.as_ptr()), &mut err);
+    assert_eq!(take_err(&mut err), "");
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    cancel();
+    assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
+    api::remove_migration_state_change_notifier(&mut n);
+    livemig::savevm::unregister("counted", OWNER);
+    drop(peer);
+    let events = EVENTS.lock().unwrap().clone();
+    assert_eq!(events[events.len() - 3..], ["cancelling", "handler cancel", "cancelled"], "{events:?}");
+    assert_eq!(state(), RunState::Running);
 }
 
 #[test]
@@ -610,6 +643,11 @@ fn livemig_s_own_sections_cannot_be_unregistered_by_a_host() {
     livemig::ffi::savevm::unregister_savevm(null_mut(), gs.as_ptr(), null_mut());
     let names: Vec<String> = livemig::savevm::entries().into_iter().map(|e| e.idstr).collect();
     assert!(names.iter().any(|n| n == "ram") && names.iter().any(|n| n == "globalstate"), "{names:?}");
+    // Nor registered by one: a host's "ram" would fail every migration.
+    for name in ["ram", "globalstate"] {
+        let e = livemig::savevm::register(name, 0, 4, Box::new(Counted), OWNER, Priority::Default).expect_err(name).to_string();
+        assert_eq!(e, format!("savevm: '{name}' is livemig's own section; a host cannot register it"));
+    }
     // And the RAM still migrates: a stream of 16 MiB of non-zero pages.
     let dir = tmp("builtin");
     let stream = stream_file(&dir);

@@ -39,7 +39,10 @@ pub struct LivemigHostOps {
     pub iothread_lock: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Required: releases it.
     pub iothread_unlock: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
-    /// Required: stops the vCPUs and sets `state`; returns 0 or a negative errno.
+    /// Required: stops the vCPUs and sets `state`; returns 0 or a negative
+    /// errno. Called with the host lock held: vCPUs that need that lock to
+    /// pause must get it released while the host waits for them (QEMU's
+    /// `pause_all_vcpus`).
     pub vm_stop_force_state: Option<unsafe extern "C" fn(opaque: *mut c_void, state: RunState) -> c_int>,
     /// Required: starts (resumes) the VM; returns 0 or a negative errno.
     pub vm_start: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
@@ -57,10 +60,13 @@ pub struct LivemigHostOps {
     pub announce_self: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Optional: starts dirty logging of guest RAM; 0 or a negative errno.
     pub dirty_log_start: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
-    /// Optional: ORs the pages of block `idstr` (at `host`, `length` bytes)
-    /// written since the last sync into `bitmap` (bit i of word i/64 = page
-    /// i, as KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
-    /// errno. Without it, only `livemig_ram_mark_dirty` marks pages.
+    /// Optional: ORs the pages of block `idstr` (at `host`, `length` bytes:
+    /// the used length of a resizable block) written since the last sync
+    /// into `bitmap` (4 KiB pages; bit i of word i/64 = page i, as
+    /// KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
+    /// errno. `bitmap` is livemig's and holds pages still to send: OR into
+    /// it, never clear it. Without this callback, only
+    /// `livemig_ram_mark_dirty` marks pages.
     pub dirty_log_sync:
         Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, host: *mut c_void, length: u64, bitmap: *mut u64) -> c_int>,
     /// Optional: stops dirty logging.
@@ -112,11 +118,14 @@ pub struct SaveVMHandlers {
     pub save_live_iterate: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
     /// Writes the END payload.
     pub save_live_complete: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void) -> c_int>,
-    /// Bytes still to send (called with a NULL `QEMUFile *`).
+    /// Bytes still to send (called with a NULL `QEMUFile *`); counted into
+    /// the switchover's estimate. `max_size` is the bytes the link moves
+    /// within the downtime limit, as in QEMU.
     pub save_live_pending: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void, max_size: u64) -> u64>,
     /// Optional: the migration failed or was cancelled.
     pub cancel: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
-    /// Reads a START, PART, END or FULL payload.
+    /// Reads a START, PART, END or FULL payload (which of them is not
+    /// passed: as in QEMU, a payload must tell what it holds).
     pub load_state: LoadStateHandler,
     /// Optional: false leaves the handler out of a migration.
     pub is_active: Option<unsafe extern "C" fn(opaque: *mut c_void) -> bool>,

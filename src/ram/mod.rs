@@ -254,6 +254,12 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
     if b.iter().any(|x| x.idstr == idstr) {
         return Err(MigError::new(format!("ram block '{idstr}' is already registered")));
     }
+    // Two blocks over the same memory would load one's pages into the
+    // other's (the checks above keep `host + max_length` from overflowing).
+    let (start, end) = (host as u64, host as u64 + max_length);
+    if let Some(x) = b.iter().find(|x| start < x.host as u64 + x.max_length && (x.host as u64) < end) {
+        return Err(MigError::new(format!("ram block '{idstr}': its memory overlaps that of block '{}'", x.idstr)));
+    }
     let pages = (max_length / TARGET_PAGE_SIZE) as usize;
     b.push(Arc::new(RamBlock {
         idstr: idstr.to_string(),
@@ -511,6 +517,14 @@ mod tests {
         assert!(block_add("t.x", base, 4095).unwrap_err().to_string().contains("multiple of 4096"));
         block_add("t.blk", base, 4 * 4096).unwrap();
         assert!(block_add("t.blk", base, 4096).unwrap_err().to_string().contains("already registered"));
+        // SAFETY: both addresses lie inside `mem`; nothing is accessed.
+        let (inside, last) = unsafe { (base.add(3 * PAGE), base.add(4 * PAGE)) };
+        let e = block_add_resizable("t.over", inside, 4096, 8192, None).unwrap_err().to_string();
+        assert_eq!(e, "ram block 't.over': its memory overlaps that of block 't.blk'");
+        let e = block_add("t.over", base, 4096).unwrap_err().to_string();
+        assert_eq!(e, "ram block 't.over': its memory overlaps that of block 't.blk'");
+        block_add("t.next", last, 4096).unwrap();
+        block_remove("t.next").unwrap();
         mark_dirty("t.blk", 4095, 2).unwrap();
         let e = mark_dirty("t.blk", 3 * 4096, 4097).unwrap_err().to_string();
         assert_eq!(e, "ram block 't.blk': range 0x3000+0x1001 exceeds its length 0x4000");
