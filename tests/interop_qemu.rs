@@ -348,7 +348,10 @@ fn livemig_to_qemu_xbzrle_dirtying() {
     let i = out.find("xbzrle: pages ").expect("xbzrle stats");
     let pages: i64 = out[i + 14..].split_whitespace().next().unwrap().parse().unwrap();
     assert!(pages > 0, "no XBZRLE pages were sent: {out}");
-    assert!(stat(&out, "dirty-sync-count") >= 8, "{out}");
+    // Usually 8 or more (the downtime limit stays 0 until then), but on a
+    // loaded machine the guest thread may not run between two syncs, and a
+    // pass that finds nothing dirty converges even at a 0 ms limit.
+    assert!(stat(&out, "dirty-sync-count") >= 3, "{out}");
 }
 
 /// 64 MiB, zero but for 769 patterned pages (1 MiB at 0, 2 MiB at 20 MiB,
