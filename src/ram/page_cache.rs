@@ -81,9 +81,19 @@ impl PageCache {
         let mut items = Vec::new();
         items.try_reserve_exact(slots).map_err(|_| alloc_err())?;
         items.resize(slots, Item { addr: EMPTY, age: 0 });
-        let mut data = Vec::new();
-        data.try_reserve_exact(slots * PAGE_SIZE).map_err(|_| alloc_err())?;
-        data.resize(slots * PAGE_SIZE, 0);
+        // Zeroed by the allocator, not by a pass over it: a large cache is
+        // fresh zero pages from the kernel, touched only as slots fill (a
+        // pass over 64 MiB took about 70 ms of the migration's setup).
+        let len = slots * PAGE_SIZE;
+        let layout = std::alloc::Layout::array::<u8>(len).map_err(|_| alloc_err())?;
+        // SAFETY: `len` > 0 (at least one slot).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(alloc_err());
+        }
+        // SAFETY: `ptr` comes from the global allocator with the layout of
+        // `len` bytes, all of them initialised (zero); the Vec owns it.
+        let data = unsafe { Vec::from_raw_parts(ptr, len, len) };
         log::debug!(target: "livemig::ram", "xbzrle cache: {slots} pages");
         Ok(PageCache { items, data })
     }
@@ -196,6 +206,20 @@ impl PageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resident_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    }
+
+    #[test]
+    fn a_new_cache_is_not_touched() {
+        let before = resident_bytes();
+        let c = PageCache::new(256 << 20).unwrap();
+        let grown = resident_bytes().saturating_sub(before);
+        assert!(grown < 32 << 20, "a 256 MiB cache made {grown} bytes resident");
+        assert!(c.data.iter().step_by(4096).all(|&b| b == 0));
+    }
 
     const P: u64 = PAGE_SIZE as u64;
 
