@@ -29,7 +29,11 @@ impl MigError {
 
     /// An I/O error, with what livemig was doing as context.
     pub fn io(context: impl Into<String>, err: io::Error) -> MigError {
-        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        let errno = err.raw_os_error().unwrap_or(match err.kind() {
+            // livemig's own stall timeout (no errno behind it).
+            io::ErrorKind::TimedOut => libc::ETIMEDOUT,
+            _ => libc::EIO,
+        });
         MigError { msg: context.into(), errno, source: Some(err) }
     }
 

@@ -713,7 +713,18 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     save.end(f);
     f.flush()?;
     let sent = stop_time.elapsed();
-    save.await_destination(f)?;
+    if let Err(e) = save.await_destination(f) {
+        if e.errno() == libc::ETIMEDOUT {
+            // No answer (a stalled destination or network): it has the whole
+            // stream and may be running the VM (a QEMU destination starts
+            // it whether or not its confirmation gets through), so this one
+            // is not started again; the host decides, as after completion.
+            *stopped_from = None;
+            host.runstate_set(RunState::Postmigrate);
+            return Err(e.context("no confirmation from the destination, which has the whole stream and may be running the VM; this VM stays stopped (postmigrate)"));
+        }
+        return Err(e);
+    }
     if debug {
         let waited = wait0.zip(crate::thread_runqueue_wait()).map(|(a, b)| b.saturating_sub(a));
         log::debug!(

@@ -37,7 +37,9 @@ pub enum MigrationCapability {
     /// The destination confirms the load on the same socket before the
     /// source completes (QEMU's return path; tcp, unix and socket fds).
     /// The source's setting decides: it asks the destination to answer,
-    /// whatever the destination's own setting, as in QEMU.
+    /// whatever the destination's own setting, as in QEMU. A source that
+    /// gets no answer within the io timeout ends FAILED with its VM
+    /// stopped (postmigrate): the destination may be running it.
     ReturnPath = 10,
     /// Not supported.
     PauseBeforeSwitchover = 11,

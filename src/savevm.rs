@@ -441,7 +441,6 @@ impl SaveState {
         }
     }
 
-    /// The migration is over: let every handler release what it holds.
     /// The migration is over: tell every handler, once (a second call
     /// does nothing, so that it cannot reach a later migration's state).
     pub fn cleanup(&mut self) {

@@ -950,8 +950,18 @@ fn the_source_waits_for_the_confirmation_a_bounded_time_and_checks_the_messages(
     let (st, e, took) = migrate_to_chatty(vec![(2, vec![0, 0, 0, 1])]);
     assert_eq!(st, MigrationStatus::Failed);
     assert!(e.contains("did not confirm the load within 1000 ms"), "{e}");
+    assert!(e.contains("may be running the VM; this VM stays stopped (postmigrate)"), "{e}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
-    assert_eq!((STARTS.load(Ordering::SeqCst), state()), (starts + 1, RunState::Running), "the VM runs here again");
+    // The destination has the whole stream and may start the VM: not
+    // started here again.
+    assert_eq!((STARTS.load(Ordering::SeqCst), state()), (starts, RunState::Postmigrate), "the VM stays stopped");
+    set_state(RunState::Running);
+    // A destination that goes silent after the end of the stream: the same.
+    let (st, e, _) = migrate_to_chatty(vec![]);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("no progress on") && e.contains("this VM stays stopped"), "{e}");
+    assert_eq!((STARTS.load(Ordering::SeqCst), state()), (starts, RunState::Postmigrate), "the VM stays stopped");
+    set_state(RunState::Running);
     // A message QEMU's source refuses: an unknown type.
     let (st, e, _) = migrate_to_chatty(vec![(0x7777, vec![])]);
     assert_eq!(st, MigrationStatus::Failed);
@@ -1064,10 +1074,14 @@ fn odd_host_inputs_get_clear_answers() {
     // The incoming port is -1 once the incoming migration has ended.
     set_state(RunState::Inmigrate);
     livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();
-    assert!(api::livemig_incoming_port() > 0);
+    let port = api::livemig_incoming_port();
+    assert!(port > 0);
     assert!(livemig::incoming::cancel());
     assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
     assert_eq!(api::livemig_incoming_port(), -1);
+    // Its error names the port bound, not the 0 asked for.
+    let e = livemig::incoming::error().unwrap_or_default();
+    assert!(e.contains(&format!("tcp:127.0.0.1:{port}: accept")), "{e}");
     set_state(RunState::Running);
     // An error message that is not UTF-8 is kept, its bad bytes replaced.
     let e = error_new(c"disk \xff gone".as_ptr());

@@ -289,7 +289,8 @@ fn listen(net: Net, name: &str) -> (String, Box<dyn FnOnce() -> Conn + Send>) {
 }
 
 /// Migrates this process's VM to a misbehaving peer; checks the source
-/// failed with one of `want`, its VM running, nothing leaked.
+/// failed with one of `want`, its VM running (stopped in postmigrate when
+/// a peer with the whole stream never answered), nothing leaked.
 /// Returns how many times the VM had been stopped (1 when the failure came
 /// during the switchover).
 fn migrate_to(net: Net, peer: Peer, what: &str, want: &[&str]) -> u32 {
@@ -342,9 +343,17 @@ fn migrate_to(net: Net, peer: Peer, what: &str, want: &[&str]) -> u32 {
     let e = outgoing::stats().error.unwrap_or_default();
     assert_eq!(st, MigrationStatus::Failed, "{what}: source {} ({e})", st.name());
     assert!(want.iter().any(|w| e.contains(w)), "{what}: error '{e}' lacks any of {want:?}");
-    assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32, "{what}: source VM not running");
     let stopped = STOPS.load(Ordering::SeqCst) - stops;
-    assert_eq!(STARTS.load(Ordering::SeqCst) - starts, stopped, "{what}: a VM stopped for the switchover is started again");
+    if e.contains("this VM stays stopped") {
+        // A peer with the whole stream that never answered may be running
+        // the VM: it is not started here again.
+        assert_eq!(STATE.load(Ordering::SeqCst), RunState::Postmigrate as u32, "{what}: source VM not left stopped");
+        assert_eq!(STARTS.load(Ordering::SeqCst) - starts, 0, "{what}: the VM was started again");
+        STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    } else {
+        assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32, "{what}: source VM not running");
+        assert_eq!(STARTS.load(Ordering::SeqCst) - starts, stopped, "{what}: a VM stopped for the switchover is started again");
+    }
     assert!(t0.elapsed() < Duration::from_secs(20), "{what}: took {:?}", t0.elapsed());
     assert_no_leak(before, what);
     // A new migration works afterwards (into a file: no return path).
@@ -395,7 +404,8 @@ fn source_peer_closes_at_many_offsets() {
                 &format!("{net:?} return path, peer closes after {off} of {n}"),
                 // (The stream's length varies by a few bytes with the number
                 // of PART sections: a peer still waiting for its last bytes
-                // never answers, and the io timeout ends the wait.)
+                // never answers, and the io timeout ends the wait, leaving
+                // the VM stopped: see migrate_to.)
                 &["Broken pipe", "Connection reset by peer", "without confirming the load", "no progress on"],
             );
         }

@@ -263,7 +263,9 @@ pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<
     let fd = OwnedFd::from(l);
     set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
     log::info!("listening on {text} (port {port})");
-    Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: Some(port), unix_path: None })
+    // Errors name the port bound, not the 0 asked for.
+    let name = text.strip_suffix(":0").map_or_else(|| text.to_string(), |t| format!("{t}:{port}"));
+    Ok(SocketListener { fd, name, abort: abort.clone(), port: Some(port), unix_path: None })
 }
 
 /// Removes a socket at `path`, as QEMU does before it binds: whether a
