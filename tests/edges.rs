@@ -272,17 +272,23 @@ fn a_cancel_wakes_a_migration_blocked_on_a_stream_the_host_opened() {
     drop(peer);
 }
 
+/// A unix listener at `dir/s.sock` with a backlog of 0 and one connection
+/// queued, never accepted: a further connect cannot complete while both
+/// are kept.
+fn full_backlog(dir: &std::path::Path) -> (std::path::PathBuf, std::os::unix::net::UnixListener, std::os::unix::net::UnixStream) {
+    let path = dir.join("s.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) on our own socket.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    (path, l, queued)
+}
+
 #[test]
 fn a_cancel_wakes_a_connect_to_a_unix_listener_with_a_full_backlog() {
     let _g = host();
     let dir = tmp("backlog");
-    let path = dir.join("s.sock");
-    // A listener with a backlog of 0 and one connection queued, never
-    // accepted: the next connect cannot complete.
-    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    // SAFETY: listen(2) on our own socket.
-    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
-    let _queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let (path, _l, _queued) = full_backlog(&dir);
     assert_eq!(migrate(&format!("unix:{}", path.display())), "");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(OUTGOING.status(), MigrationStatus::Setup, "still connecting");
@@ -846,11 +852,7 @@ fn query_migrate_shows_what_qemu_shows_in_each_state() {
     // Setup (connecting to a full backlog): the status alone, not the last
     // migration's figures; then cancelled: the status alone.
     let dir = tmp("query");
-    let path = dir.join("s.sock");
-    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    // SAFETY: listen(2) on our own socket.
-    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
-    let _queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let (path, _l, _queued) = full_backlog(&dir);
     assert_eq!(migrate(&format!("unix:{}", path.display())), "");
     let q = query();
     assert_eq!((q.0, q.1, q.2, q.3), (Setup, false, false, false), "setup");

@@ -179,33 +179,34 @@ impl DirtyBitmap {
 
     /// The first dirty page at or after `from`, or `None`.
     pub fn find_next(&self, from: usize) -> Option<usize> {
-        if from >= self.pages {
-            return None;
-        }
-        let mut w = from / BITS;
-        let mut word = self.words[w] & (!0u64 << (from % BITS));
-        loop {
-            if word != 0 {
-                let page = w * BITS + word.trailing_zeros() as usize;
-                // A host may have set bits past the end in the last word.
-                return (page < self.pages).then_some(page);
-            }
-            w += 1;
-            word = *self.words.get(w)?;
-        }
+        self.find_next_within(from, usize::MAX)
     }
 
     /// [`find_next`](Self::find_next), looking no further than the
     /// 64-page word after `from`'s: a peek that reads at most two words.
     pub fn find_next_near(&self, from: usize) -> Option<usize> {
+        self.find_next_within(from, 2)
+    }
+
+    /// The first dirty page at or after `from` in the `words` bitmap words
+    /// starting with `from`'s.
+    fn find_next_within(&self, from: usize, words: usize) -> Option<usize> {
         if from >= self.pages {
             return None;
         }
-        let w = from / BITS;
-        let word = self.words[w] & (!0u64 << (from % BITS));
-        let (w, word) = if word != 0 { (w, word) } else { (w + 1, *self.words.get(w + 1)?) };
-        let page = w * BITS + word.trailing_zeros() as usize;
-        (word != 0 && page < self.pages).then_some(page)
+        let first = from / BITS;
+        let mut word = self.words[first] & (!0u64 << (from % BITS));
+        for w in first..first.saturating_add(words) {
+            if w > first {
+                word = *self.words.get(w)?;
+            }
+            if word != 0 {
+                let page = w * BITS + word.trailing_zeros() as usize;
+                // A host may have set bits past the end in the last word.
+                return (page < self.pages).then_some(page);
+            }
+        }
+        None
     }
 
     /// The raw words, for hosts that OR their dirty log in. Bits past
