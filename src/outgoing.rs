@@ -13,6 +13,7 @@
 //! handlers and restarts a VM that was running. All cleanup runs on this
 //! thread; the host needs no event loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,8 @@ static OUT: Mutex<Outgoing> = Mutex::new(Outgoing {
 });
 static WAKE: Condvar = Condvar::new();
 static WAKE_LOCK: Mutex<()> = Mutex::new(());
+/// The speed limit changed since the migration thread last read it.
+static SPEED_CHANGED: AtomicBool = AtomicBool::new(false);
 
 const fn empty_stats() -> OutStats {
     OutStats {
@@ -276,13 +279,22 @@ pub fn host_error(msg: String) {
     }
 }
 
-/// Waits up to `d`, returning early on a cancel.
+/// Waits up to `d`, returning early on a cancel or a new speed limit.
 fn sleep_interruptible(d: Duration) {
     let mut g = WAKE_LOCK.lock();
-    if OUTGOING.status() == S::Cancelling {
+    if OUTGOING.status() == S::Cancelling || SPEED_CHANGED.load(Ordering::Acquire) {
         return;
     }
     WAKE.wait_for(&mut g, d);
+}
+
+/// A new speed limit was set: a migration in progress applies it to the
+/// window it is in, as QEMU does, and a thread waiting out a spent window
+/// wakes to send under a raised limit at once.
+pub(crate) fn speed_changed() {
+    SPEED_CHANGED.store(true, Ordering::Release);
+    let _g = WAKE_LOCK.lock();
+    WAKE.notify_all();
 }
 
 /// Where the thread got to, for the unwinding path.
@@ -343,6 +355,7 @@ struct Outcome {
 fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     let f = &mut f;
     let start = Instant::now();
+    SPEED_CHANGED.store(false, Ordering::Relaxed);
     let mut prm = params::get();
     f.set_rate_limit(window_budget(prm.speed));
     // Kept in `p` before any handler's setup runs: on failure, every
@@ -369,6 +382,11 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
         }
         f.check()?;
+        if SPEED_CHANGED.swap(false, Ordering::AcqRel) {
+            // Applied to this window, whose bytes already sent still count.
+            prm.speed = params::get().speed;
+            f.set_rate_limit(window_budget(prm.speed));
+        }
         if !f.rate_limit_exceeded() {
             let pending = save.pending(max_size);
             update(|s| s.remaining = pending);

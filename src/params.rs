@@ -176,6 +176,8 @@ pub fn set_speed(value: i64) -> Result<()> {
         return Err(MigError::new(format!("Parameter 'speed' expects a value from 0 to {} bytes/second, got {value}", i64::MAX)));
     }
     PARAMS.lock().speed = value as u64;
+    // A migration in progress takes it up at once, as in QEMU.
+    crate::outgoing::speed_changed();
     Ok(())
 }
 

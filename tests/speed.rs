@@ -34,3 +34,56 @@ fn a_tiny_speed_limit_still_limits() {
     let most = (windows + 3) * 4200 + 20_000;
     assert!(sent > 0 && sent <= most, "{sent} bytes sent in {windows} windows at 5 bytes/s (at most {most} expected)");
 }
+
+/// A raised limit applies to the window the migration is in: a thread
+/// waiting out its spent window wakes and sends at once, instead of at the
+/// window's end (up to 100 ms later).
+#[test]
+fn a_raised_speed_limit_applies_at_once() {
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    // A page per window.
+    livemig::params::set_speed(40_000).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let uri = format!("fd:{}", theirs.into_raw_fd());
+    outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
+    let mut rx = ours;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read_for = |timeout: Duration| -> usize {
+        rx.set_read_timeout(Some(timeout)).unwrap();
+        match rx.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => 0,
+            Err(e) => panic!("reading the stream: {e}"),
+        }
+    };
+    // Wait for a window's page to arrive after a quiet spell of at least
+    // half a window: the migration thread has just spent a window and
+    // sleeps until its end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no paced page arrived after a quiet spell");
+        if read_for(Duration::from_millis(50)) == 0 && read_for(Duration::from_millis(200)) > 0 {
+            break;
+        }
+    }
+    let t0 = Instant::now();
+    livemig::params::set_speed(0).unwrap();
+    // 8 MiB more: at a page per window that would take 200 s.
+    let mut got = 0;
+    while got < 8 << 20 && t0.elapsed() < Duration::from_secs(10) {
+        got += read_for(Duration::from_millis(100));
+    }
+    let took = t0.elapsed();
+    outgoing::cancel();
+    drop(rx);
+    let end = wait_final(false, 10);
+    assert!(matches!(end, MigrationStatus::Cancelled | MigrationStatus::Failed), "{end:?}");
+    assert!(got >= 8 << 20, "only {got} bytes within 10 s of lifting the limit");
+    // The old behaviour waited out the window: about 100 ms here.
+    assert!(took < Duration::from_millis(60), "8 MiB took {took:?} after lifting the limit");
+}

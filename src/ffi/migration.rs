@@ -170,8 +170,11 @@ pub extern "C" fn qmp_migrate_cancel(errp: *mut *mut Error) {
     })
 }
 
-/// Sets the bandwidth limit in bytes/s (0: unlimited); takes effect within
-/// one 100 ms window, also during a migration. As in QEMU, each window
+/// Sets the bandwidth limit in bytes/s (0: unlimited). The limit is
+/// enforced per 100 ms window (a tenth of it each); during a migration a
+/// new limit applies at once to the window in progress, whose bytes
+/// already sent count against it, and a migration waiting out a spent
+/// window resumes at once under a raised limit. As in QEMU, each window
 /// sends at least one page, so a limit below about 41 KB/s moves a page
 /// per window.
 #[no_mangle]
