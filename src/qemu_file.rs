@@ -13,6 +13,8 @@
 //! borrowed as Rust slices; on the destination pages are read straight into
 //! guest memory ([`QemuFile::get_guest`]).
 
+use std::time::Instant;
+
 use crate::error::{MigError, Result};
 use crate::transport::{Aborter, Channel};
 
@@ -335,23 +337,39 @@ impl QemuFile {
     }
 
     /// Reads one return-path message (source side): `(type, data)`, or
-    /// `None` when the destination closed the connection.
-    pub fn rp_recv(&mut self) -> Result<Option<(u16, Vec<u8>)>> {
+    /// `None` when the destination closed the connection. `check` sees the
+    /// header (type, length) before any of the body is read and refuses
+    /// what is not expected, so that no more than an expected message is
+    /// waited for. No read starts after `deadline`: the error is then
+    /// `late()` (a read started before it may still wait up to the stall
+    /// timeout), so that a destination sending a byte at a time cannot
+    /// extend the wait.
+    pub fn rp_recv(
+        &mut self,
+        deadline: Instant,
+        late: impl Fn() -> MigError,
+        check: impl FnOnce(u16, usize) -> Result<()>,
+    ) -> Result<Option<(u16, Vec<u8>)>> {
         let mut hdr = [0u8; 4];
-        if !self.rp_read_exact(&mut hdr)? {
+        if !self.rp_read_exact(&mut hdr, deadline, &late)? {
             return Ok(None);
         }
+        let msg_type = u16::from_be_bytes([hdr[0], hdr[1]]);
         let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+        check(msg_type, len)?;
         let mut data = vec![0u8; len];
-        if !self.rp_read_exact(&mut data)? {
+        if !self.rp_read_exact(&mut data, deadline, &late)? {
             return Ok(None);
         }
-        Ok(Some((u16::from_be_bytes([hdr[0], hdr[1]]), data)))
+        Ok(Some((msg_type, data)))
     }
 
-    fn rp_read_exact(&mut self, buf: &mut [u8]) -> Result<bool> {
+    fn rp_read_exact(&mut self, buf: &mut [u8], deadline: Instant, late: &impl Fn() -> MigError) -> Result<bool> {
         let mut got = 0;
         while got < buf.len() {
+            if Instant::now() >= deadline {
+                return Err(late());
+            }
             match self.chan.read(&mut buf[got..]) {
                 Ok(0) => return Ok(false),
                 Ok(n) => got += n,

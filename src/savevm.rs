@@ -396,41 +396,42 @@ impl SaveState {
     }
 
     /// With a return path: waits for the destination to confirm it loaded
-    /// the whole stream, for at most the io timeout in all (messages that
-    /// keep arriving do not extend it). Messages are checked as QEMU 7.2's
-    /// source checks them: a known type with its length; only PONG and SHUT
-    /// are expected in pre-copy.
+    /// the whole stream, for about the io timeout in all (no read starts
+    /// after it: neither messages that keep arriving nor the bytes of one
+    /// message arriving slowly extend it). Messages are checked as QEMU
+    /// 7.2's source checks them, on their header, before the body is read:
+    /// a known type with its length; only PONG and SHUT are expected in
+    /// pre-copy.
     pub fn await_destination(&mut self, f: &mut QemuFile) -> Result<()> {
         if !f.return_path {
             return Ok(());
         }
         let limit = crate::transport::stall_timeout();
         let deadline = std::time::Instant::now() + limit;
+        let late =
+            || MigError::with_errno(format!("the destination did not confirm the load within {} ms", limit.as_millis()), libc::ETIMEDOUT);
         loop {
             if std::time::Instant::now() >= deadline {
-                return Err(MigError::with_errno(
-                    format!("the destination did not confirm the load within {} ms", limit.as_millis()),
-                    libc::ETIMEDOUT,
-                ));
+                return Err(late());
             }
             let (t, d) = f
-                .rp_recv()?
-                .ok_or_else(|| MigError::with_errno("the destination closed the return path without confirming the load", libc::EPIPE))?;
-            match (t, d.len()) {
-                (MIG_RP_MSG_SHUT, 4) => {
-                    let status = u32::from_be_bytes(d[..4].try_into().expect("4 bytes"));
-                    if status != 0 {
-                        return Err(MigError::new(format!("the destination failed to load the stream (return path status {status})")));
+                .rp_recv(deadline, late, |t, n| match (t, n) {
+                    (MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG, 4) => Ok(()),
+                    (MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG, n) => {
+                        Err(MigError::new(format!("RP: Received message 0x{t:04x} with incorrect length {n} expecting 4")))
                     }
-                    log::info!("the destination confirmed the load");
-                    return Ok(());
+                    _ => Err(MigError::new(format!("RP: Received invalid message 0x{t:04x} length 0x{n:04x}"))),
+                })?
+                .ok_or_else(|| MigError::with_errno("the destination closed the return path without confirming the load", libc::EPIPE))?;
+            let value = u32::from_be_bytes(d[..4].try_into().expect("the header check admits 4 bytes only"));
+            if t == MIG_RP_MSG_SHUT {
+                if value != 0 {
+                    return Err(MigError::new(format!("the destination failed to load the stream (return path status {value})")));
                 }
-                (MIG_RP_MSG_PONG, 4) => log::debug!("return path: PONG"),
-                (MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG, n) => {
-                    return Err(MigError::new(format!("RP: Received message 0x{t:04x} with incorrect length {n} expecting 4")))
-                }
-                _ => return Err(MigError::new(format!("RP: Received invalid message 0x{t:04x} length 0x{:04x}", d.len()))),
+                log::info!("the destination confirmed the load");
+                return Ok(());
             }
+            log::debug!("return path: PONG {value}");
         }
     }
 

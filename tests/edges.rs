@@ -924,22 +924,103 @@ fn chatty_destination(peer: std::os::unix::net::UnixStream, messages: Vec<(u16, 
     })
 }
 
+/// A destination on the far end of `peer` that reads the whole stream and,
+/// once the vmdesc has come, writes `head` on the return path, then one
+/// zero byte every `gap` until the connection closes: always progress.
+fn trickling_destination(peer: std::os::unix::net::UnixStream, head: Vec<u8>, gap: Duration) -> std::thread::JoinHandle<()> {
+    use std::sync::Arc;
+    let reader = peer.try_clone().unwrap();
+    // 1: the stream ended with the vmdesc's "]}"; 2: it was closed first.
+    let ended = Arc::new(AtomicU32::new(0));
+    let seen = ended.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match std::io::Read::read(&mut &reader, &mut buf) {
+                Ok(n) if n > 0 => {
+                    if buf[..n].ends_with(b"]}") {
+                        seen.store(1, Ordering::SeqCst);
+                    }
+                }
+                _ => {
+                    let _ = seen.compare_exchange(0, 2, Ordering::SeqCst, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while ended.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if ended.load(Ordering::SeqCst) != 1 || std::io::Write::write_all(&mut &peer, &head).is_err() {
+            return;
+        }
+        while std::io::Write::write_all(&mut &peer, &[0]).is_ok() {
+            std::thread::sleep(gap);
+        }
+    })
+}
+
 /// Migrates over a socket pair with the return path on, to `messages`.
 fn migrate_to_chatty(messages: Vec<(u16, Vec<u8>)>) -> (MigrationStatus, String, Duration) {
+    migrate_to(|peer| chatty_destination(peer, messages), 30)
+}
+
+/// Migrates over a socket pair with the return path on, to the destination
+/// `dst` runs on the far end; waits `secs` at most for the outcome.
+fn migrate_to(
+    dst: impl FnOnce(std::os::unix::net::UnixStream) -> std::thread::JoinHandle<()>,
+    secs: u64,
+) -> (MigrationStatus, String, Duration) {
     use livemig::params::MigrationCapability::ReturnPath;
     livemig::params::set_capabilities(&[(ReturnPath, true)]).unwrap();
     let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let dst = chatty_destination(peer, messages);
+    let dst = dst(peer);
     let mode = CString::new("wb").unwrap();
     let mut err = null_mut();
     let t = Instant::now();
     api::migrate_fd_connect(null_mut(), qemu_fdopen(ours.into_raw_fd(), mode.as_ptr()), &mut err);
     assert_eq!(take_err(&mut err), "");
-    let st = wait_final(false, 30);
+    let st = wait_final(false, secs);
     let took = t.elapsed();
     livemig::params::set_capabilities(&[(ReturnPath, false)]).unwrap();
     dst.join().unwrap();
     (st, livemig::outgoing::stats().error.unwrap_or_default(), took)
+}
+
+#[test]
+fn a_destination_cannot_hold_the_source_with_a_trickled_return_path_message() {
+    let _g = host();
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    let gap = Duration::from_millis(300);
+    // A PONG announcing 65535 bytes, sent a byte every 300 ms: every read
+    // makes progress, so only the header can tell (as QEMU's source checks
+    // it) that this is not a message to wait for. Reading the body first
+    // kept the VM stopped and the host lock held for 65535 reads.
+    let (st, e, took) = migrate_to(|peer| trickling_destination(peer, vec![0, 2, 0xff, 0xff], gap), 10);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("RP: Received message 0x0002 with incorrect length 65535 expecting 4"), "{e}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(state(), RunState::Running);
+    // An unknown type, the same.
+    let (st, e, took) = migrate_to(|peer| trickling_destination(peer, vec![0x77, 0x77, 0xff, 0xff], gap), 10);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("RP: Received invalid message 0x7777 length 0xffff"), "{e}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(state(), RunState::Running);
+    // A SHUT whose last byte comes 1.8 s after its header, past the
+    // confirmation's deadline: the wait ends there (it used to end only
+    // with the message, here a confirmation), and (as the destination may
+    // have loaded the stream) the VM stays stopped.
+    let starts = STARTS.load(Ordering::SeqCst);
+    let (st, e, took) = migrate_to(|peer| trickling_destination(peer, vec![0, 1, 0, 4], Duration::from_millis(600)), 10);
+    assert_eq!(st, MigrationStatus::Failed);
+    assert!(e.contains("did not confirm the load within 1000 ms") && e.contains("this VM stays stopped"), "{e}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!((STARTS.load(Ordering::SeqCst), state()), (starts, RunState::Postmigrate), "the VM stays stopped");
+    set_state(RunState::Running);
+    livemig::transport::set_stall_timeout(60_000).unwrap();
 }
 
 #[test]
