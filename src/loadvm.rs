@@ -226,8 +226,10 @@ fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
 }
 
 /// Reads a command; `Ok(true)` when it opens the return path.
-/// QEMU 7.2's commands (`mig_cmd_args`): name and fixed payload length
-/// (None: variable), by number; 0 is INVALID, 11 and above unknown.
+/// QEMU 7.2's commands, indexed by their number in `enum qemu_vm_cmd`,
+/// with the fixed payload length `mig_cmd_args` gives them (None:
+/// variable; ENABLE_COLO has no entry there, so 0); 0 is INVALID, 11 and
+/// above unknown.
 const MIG_CMDS: [(&str, Option<u16>); 11] = [
     ("INVALID", None),
     ("OPEN_RETURN_PATH", Some(0)),
@@ -236,10 +238,10 @@ const MIG_CMDS: [(&str, Option<u16>); 11] = [
     ("POSTCOPY_LISTEN", Some(0)),
     ("POSTCOPY_RUN", Some(0)),
     ("POSTCOPY_RAM_DISCARD", None),
-    ("POSTCOPY_RESUME", Some(0)),
     ("PACKAGED", Some(4)),
-    ("RECV_BITMAP", None),
     ("ENABLE_COLO", Some(0)),
+    ("POSTCOPY_RESUME", Some(0)),
+    ("RECV_BITMAP", None),
 ];
 
 /// One QEMU_VM_COMMAND, checked as QEMU 7.2's `loadvm_process_command`

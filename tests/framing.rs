@@ -186,6 +186,15 @@ fn framing_round_trip_and_refusals() {
         (with(&[0x08, 0, 3, 0, 9]), "CMD_POSTCOPY_ADVISE invalid length (9)"),
         (with(&[0x08, 0, 3, 0, 16]), "RAM postcopy is disabled but have 16 byte advise"),
         (with(&[0x08, 0, 5, 0, 0]), "MIG_CMD 0x5 (POSTCOPY_RUN: postcopy/COLO) is not supported"),
+        // 7.2's numbering: PACKAGED 7, ENABLE_COLO 8, POSTCOPY_RESUME 9,
+        // RECV_BITMAP 10 (stream-format §2.5, `enum qemu_vm_cmd`).
+        (with(&[0x08, 0, 7, 0, 4, 0, 0, 0, 9]), "MIG_CMD 0x7 (PACKAGED: postcopy/COLO) is not supported"),
+        (with(&[0x08, 0, 7, 0, 0]), "PACKAGED received with bad length - expecting 4, got 0"),
+        (with(&[0x08, 0, 8, 0, 0]), "MIG_CMD 0x8 (ENABLE_COLO: postcopy/COLO) is not supported"),
+        (with(&[0x08, 0, 8, 0, 4, 0, 0, 0, 0]), "ENABLE_COLO received with bad length - expecting 0, got 4"),
+        (with(&[0x08, 0, 9, 0, 0]), "MIG_CMD 0x9 (POSTCOPY_RESUME: postcopy/COLO) is not supported"),
+        (with(&[0x08, 0, 9, 0, 4, 0, 0, 0, 0]), "POSTCOPY_RESUME received with bad length - expecting 0, got 4"),
+        (with(&[0x08, 0, 10, 0, 3, 1, 2, 3]), "MIG_CMD 0xa (RECV_BITMAP: postcopy/COLO) is not supported"),
         // An empty POSTCOPY_ADVISE is accepted (postcopy off), then EOF is missing.
         (with(&[0x08, 0, 3, 0, 0]), "unexpected end of migration stream"),
         (with(&[]), "unexpected end of migration stream"),
