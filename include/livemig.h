@@ -1095,9 +1095,10 @@ bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length,
 /*
  Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
  `used_length` bytes now, up to `max_length` mapped at `host`. An
- incoming stream may set any used length up to the maximum; `resized`
- (required) is then called with the new length. Longer lengths are refused with QEMU's
- "Size too large" message.
+ incoming stream may set any used length up to the maximum that is a
+ non-zero multiple of 4096; `resized` (required) is then called with the
+ new length. Longer lengths are refused with QEMU's "Size too large"
+ message, other lengths with "Invalid size".
  */
 bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t used_length, uint64_t max_length, LivemigRamResized resized, void *opaque, struct Error **errp);
 

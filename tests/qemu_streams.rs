@@ -186,6 +186,34 @@ fn loader_reproduces_every_outcome() {
     assert_eq!(checked, 77, "every hand-built stream is checked");
 }
 
+/// A resizable block given a length in MEM_SIZE that is not a whole number
+/// of pages, or 0, is refused for what the length is (it used to be
+/// refused as "Size too large", 0x1800 > 0x200000).
+#[test]
+fn resizable_block_length_refused_for_what_it_is() {
+    let _g = serial();
+    let _machine = Machine::pc();
+    let stream = |len: u64| {
+        let mut s = b"QEVM\0\0\0\x03\x07\0\0\0\x0dpc-i440fx-7.2".to_vec();
+        s.extend([1, 0, 0, 0, 2, 3]);
+        s.extend(b"ram");
+        s.extend([0, 0, 0, 0, 0, 0, 0, 4]);
+        s.extend((0x1000u64 | 4).to_be_bytes());
+        s.push(20);
+        s.extend(b"/rom@etc/acpi/tables");
+        s.extend(len.to_be_bytes());
+        s
+    };
+    for (len, want) in [
+        (0x1800, "Invalid size: /rom@etc/acpi/tables: 0x1800 is not a non-zero multiple of the page size (0x1000)"),
+        (0, "Invalid size: /rom@etc/acpi/tables: 0x0 is not a non-zero multiple of the page size (0x1000)"),
+        (0x400000, "Size too large: /rom@etc/acpi/tables: 0x400000 > 0x200000: Invalid argument"),
+    ] {
+        let e = load(stream(len)).unwrap_err();
+        assert!(e.contains(want), "{len:#x}: '{e}' lacks '{want}'");
+    }
+}
+
 /// A stream cut into its records: header and configuration bytes, START
 /// "ram" payload, the RAM records of every PART and END (EOS removed), the
 /// number of RAM sections, and the FULL payloads by name.

@@ -56,9 +56,10 @@ pub type LivemigRamResized = Option<unsafe extern "C" fn(opaque: *mut c_void, id
 
 /// Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
 /// `used_length` bytes now, up to `max_length` mapped at `host`. An
-/// incoming stream may set any used length up to the maximum; `resized`
-/// (required) is then called with the new length. Longer lengths are refused with QEMU's
-/// "Size too large" message.
+/// incoming stream may set any used length up to the maximum that is a
+/// non-zero multiple of 4096; `resized` (required) is then called with the
+/// new length. Longer lengths are refused with QEMU's "Size too large"
+/// message, other lengths with "Invalid size".
 #[no_mangle]
 pub extern "C" fn livemig_ram_block_add_resizable(
     idstr: *const c_char,

@@ -152,7 +152,8 @@ impl RamBlock {
     }
 
     /// Sets the used length of a resizable block (QEMU's qemu_ram_resize),
-    /// telling the host; refused above the maximum, with QEMU's message.
+    /// telling the host; refused above the maximum, with QEMU's message,
+    /// and when not a non-zero whole number of pages.
     pub fn resize(&self, new_length: u64) -> Result<()> {
         let Some(r) = self.resized else {
             return Err(MigError::new(format!(
@@ -162,10 +163,16 @@ impl RamBlock {
                 self.idstr
             )));
         };
-        if new_length > self.max_length || new_length == 0 || !new_length.is_multiple_of(TARGET_PAGE_SIZE) {
+        if new_length > self.max_length {
             return Err(MigError::new(format!(
                 "Size too large: {}: 0x{new_length:x} > 0x{:x}: Invalid argument",
                 self.idstr, self.max_length
+            )));
+        }
+        if new_length == 0 || !new_length.is_multiple_of(TARGET_PAGE_SIZE) {
+            return Err(MigError::new(format!(
+                "Invalid size: {}: 0x{new_length:x} is not a non-zero multiple of the page size (0x{TARGET_PAGE_SIZE:x})",
+                self.idstr
             )));
         }
         if new_length != self.length() {
