@@ -27,6 +27,13 @@ impl MigError {
         MigError { msg: msg.into(), errno, source: None }
     }
 
+    /// An error from a host callback's negative return value `ret`
+    /// (`-errno`, as QEMU's callbacks return); one with no positive
+    /// counterpart (`INT_MIN`) is EIO.
+    pub fn from_host(msg: impl Into<String>, ret: i32) -> MigError {
+        MigError::with_errno(msg, ret.checked_neg().filter(|e| *e > 0).unwrap_or(libc::EIO))
+    }
+
     /// An I/O error, with what livemig was doing as context.
     pub fn io(context: impl Into<String>, err: io::Error) -> MigError {
         let errno = err.raw_os_error().unwrap_or(match err.kind() {

@@ -179,7 +179,7 @@ impl Host {
         // SAFETY: registered host callback with its own opaque pointer.
         let r = unsafe { f(self.opaque(), state) };
         if r < 0 {
-            return Err(MigError::with_errno(format!("the host failed to stop the VM ({r})"), -r));
+            return Err(MigError::from_host(format!("the host failed to stop the VM ({r})"), r));
         }
         Ok(())
     }
@@ -190,7 +190,7 @@ impl Host {
         // SAFETY: registered host callback with its own opaque pointer.
         let r = unsafe { f(self.opaque()) };
         if r < 0 {
-            return Err(MigError::with_errno(format!("the host failed to start the VM ({r})"), -r));
+            return Err(MigError::from_host(format!("the host failed to start the VM ({r})"), r));
         }
         Ok(())
     }
@@ -252,7 +252,7 @@ impl Host {
             // SAFETY: registered host callback with its own opaque pointer.
             let r = unsafe { f(self.opaque()) };
             if r < 0 {
-                return Err(MigError::with_errno(format!("the host failed to start dirty logging ({r})"), -r));
+                return Err(MigError::from_host(format!("the host failed to start dirty logging ({r})"), r));
             }
         }
         Ok(())
@@ -267,7 +267,7 @@ impl Host {
         // `bitmap` is a live, writable buffer of one bit per page of the block.
         let r = unsafe { f(self.opaque(), name.as_ptr(), host_ptr.cast(), length, bitmap.as_mut_ptr()) };
         if r < 0 {
-            return Err(MigError::with_errno(format!("the host failed to sync the dirty log of '{idstr}' ({r})"), -r));
+            return Err(MigError::from_host(format!("the host failed to sync the dirty log of '{idstr}' ({r})"), r));
         }
         Ok(())
     }

@@ -1123,6 +1123,19 @@ fn stream_calls_in_the_wrong_direction_fail_the_stream() {
 }
 
 #[test]
+fn a_handler_error_without_an_errno_is_eio() {
+    let _g = host();
+    use livemig::ffi::file::{qemu_fclose, qemu_file_get_error, qemu_file_set_error};
+    let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let m = CString::new("rb").unwrap();
+    let f = qemu_fdopen(ours.into_raw_fd(), m.as_ptr());
+    // INT_MIN has no positive counterpart (its negation overflows).
+    qemu_file_set_error(f, i32::MIN);
+    assert_eq!(qemu_file_get_error(f), -libc::EIO);
+    qemu_fclose(f);
+}
+
+#[test]
 fn nothing_is_read_from_a_stream_with_an_error() {
     let _g = host();
     use livemig::ffi::file::{qemu_fclose, qemu_file_get_error, qemu_file_set_error, qemu_get_buffer, qemu_get_byte};

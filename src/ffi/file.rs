@@ -157,7 +157,7 @@ pub extern "C" fn qemu_file_get_error(f: *mut QemuFile) -> c_int {
 pub extern "C" fn qemu_file_set_error(f: *mut QemuFile, ret: c_int) {
     with("qemu_file_set_error", f, (), |f| {
         if ret < 0 {
-            f.set_error(MigError::with_errno(format!("a savevm handler reported error {ret}"), -ret));
+            f.set_error(MigError::from_host(format!("a savevm handler reported error {ret}"), ret));
         }
     })
 }

@@ -35,7 +35,7 @@ impl CHandler {
             return Err(e.clone());
         }
         if ret < 0 {
-            return Err(MigError::with_errno(format!("'{}' {what} handler failed ({ret})", self.idstr), -ret));
+            return Err(MigError::from_host(format!("'{}' {what} handler failed ({ret})", self.idstr), ret));
         }
         Ok(())
     }
