@@ -825,6 +825,8 @@ bool livemig_fd_remove(const char *name, struct Error **errp);
  Sets how long a migration stream may make no progress (a peer that
  stops reading or writing without closing) before it fails: 100 ms to one
  day; 60 s by default. Applies to both directions, from the next wait on.
+ It also bounds the switchover: a source whose VM has been stopped this
+ long without the stream going out fails and runs the VM again.
  */
 bool livemig_set_io_timeout(uint64_t ms, struct Error **errp);
 

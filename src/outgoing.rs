@@ -709,11 +709,20 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     host.vm_stop_force_state(RunState::FinishMigrate)?;
     let stopped = stop_time.elapsed();
     f.set_rate_limit(0);
+    // The VM stays stopped and the host lock held until the stream is out:
+    // a destination taking it slowly (a byte just within each stall
+    // timeout) must not keep them so for longer than the io timeout in all.
+    let limit = transport::stall_timeout();
+    f.set_deadline(Some(stop_time + limit));
+    let too_slow = |e: MigError| match e.errno() {
+        libc::ETIMEDOUT => e.context(format!("the VM was stopped for {} ms (the io timeout) and the stream is not out", limit.as_millis())),
+        _ => e,
+    };
     let before = f.tell();
     // RAM bytes sent with the VM stopped (QEMU's downtime-bytes).
     let ram_before = crate::ram::COUNTERS.transferred.load(std::sync::atomic::Ordering::Relaxed);
-    save.complete(f)?;
-    f.flush()?;
+    save.complete(f).map_err(too_slow)?;
+    f.flush().map_err(too_slow)?;
     // Everything but the end of the stream is out. From here on the
     // destination may load it all and start the VM, so the source must not
     // run it again: a cancel until now is honoured (the destination gets no
@@ -729,7 +738,9 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
         o.committed = true;
     }
     save.end(f);
-    f.flush()?;
+    f.flush().map_err(too_slow)?;
+    // The confirmation has a deadline of its own.
+    f.set_deadline(None);
     let sent = stop_time.elapsed();
     if let Err(e) = save.await_destination(f) {
         if e.errno() == libc::ETIMEDOUT {

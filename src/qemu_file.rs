@@ -135,6 +135,12 @@ impl QemuFile {
         self.pos
     }
 
+    /// Bounds every later wait for the peer by `deadline` (None: only by
+    /// the stall timeout); see [`Channel::set_deadline`].
+    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.chan.set_deadline(deadline);
+    }
+
     // ----- rate limiting (write side) -----
 
     /// Sets the per-window byte budget; 0 lifts the limit.

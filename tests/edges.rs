@@ -1023,6 +1023,68 @@ fn a_destination_cannot_hold_the_source_with_a_trickled_return_path_message() {
     livemig::transport::set_stall_timeout(60_000).unwrap();
 }
 
+/// A device whose state is 16 MiB: more than the sockets hold, so that
+/// the switchover waits for the destination to read it.
+struct Bulky;
+
+impl SaveVmHandler for Bulky {
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
+        f.put_buffer(&vec![0x5a; 16 << 20]);
+        Ok(())
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+#[test]
+fn a_destination_reading_slowly_cannot_keep_the_vm_stopped_past_the_io_timeout() {
+    let _g = host();
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    livemig::savevm::register("bulky", 0, 1, Box::new(Bulky), OWNER, Priority::Default).unwrap();
+    let stops = STOPS.load(Ordering::SeqCst);
+    let starts = STARTS.load(Ordering::SeqCst);
+    // Reads at full speed until the VM stops, then 256 KiB every 300 ms
+    // (the 16 MiB would take 19 s): every write makes progress within the
+    // stall timeout, so only a bound on the whole stop-and-copy ends it.
+    let (st, e, took) = migrate_to(
+        |peer| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while STOPS.load(Ordering::SeqCst) == stops && Instant::now() < deadline {
+                    match std::io::Read::read(&mut &peer, &mut buf) {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                }
+                while OUTGOING.status() == MigrationStatus::Active && Instant::now() < deadline {
+                    let mut chunk = 0;
+                    while chunk < 256 << 10 {
+                        match std::io::Read::read(&mut &peer, &mut buf) {
+                            Ok(n) if n > 0 => chunk += n,
+                            _ => return,
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        },
+        10,
+    );
+    livemig::savevm::unregister("bulky", OWNER);
+    livemig::transport::set_stall_timeout(60_000).unwrap();
+    assert_eq!(st, MigrationStatus::Failed, "{e}");
+    assert!(e.contains("the VM was stopped for 1000 ms (the io timeout) and the stream is not out"), "{e}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The destination lacks the end of the stream: the VM runs here again.
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1);
+    assert_eq!(state(), RunState::Running);
+}
+
 #[test]
 fn the_source_waits_for_the_confirmation_a_bounded_time_and_checks_the_messages() {
     let _g = host();

@@ -16,6 +16,8 @@ pub struct FdChannel {
     is_socket: bool,
     /// The `exec:` command behind a pipe, waited for on close.
     child: Option<Child>,
+    /// No wait for the peer goes past this (see [`Channel::set_deadline`]).
+    deadline: Option<Instant>,
 }
 
 pub(super) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -85,13 +87,32 @@ impl FdChannel {
     pub fn new(fd: OwnedFd, name: String, abort: Aborter) -> Result<FdChannel> {
         set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io(format!("{name}: set non-blocking"), e))?;
         let is_socket = is_socket(fd.as_raw_fd());
-        Ok(FdChannel { fd, name, abort, is_socket, child: None })
+        Ok(FdChannel { fd, name, abort, is_socket, child: None, deadline: None })
     }
 
     /// Attaches the `exec:` child whose pipe this is.
     pub(super) fn with_child(mut self, child: Child) -> FdChannel {
         self.child = Some(child);
         self
+    }
+}
+
+impl FdChannel {
+    /// Waits for `events` on the channel: at most the stall timeout, and
+    /// not past the deadline.
+    fn wait(&self, events: libc::c_short) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return wait_fd(self.fd.as_raw_fd(), events, &self.abort, &self.name);
+        };
+        let stall = super::stall_timeout();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left >= stall {
+            return wait_fd(self.fd.as_raw_fd(), events, &self.abort, &self.name);
+        }
+        wait_ready(self.fd.as_raw_fd(), events, &self.abort, Some(left)).map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => io::Error::new(io::ErrorKind::TimedOut, "deadline passed"),
+            _ => e,
+        })
     }
 }
 
@@ -106,7 +127,7 @@ impl Channel for FdChannel {
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
-                Some(libc::EAGAIN) => wait_fd(self.fd.as_raw_fd(), libc::POLLIN, &self.abort, &self.name)?,
+                Some(libc::EAGAIN) => self.wait(libc::POLLIN)?,
                 Some(libc::EINTR) => {}
                 _ => return Err(e),
             }
@@ -130,7 +151,7 @@ impl Channel for FdChannel {
                 Err(e) => e,
             };
             match e.raw_os_error() {
-                Some(libc::EAGAIN) => wait_fd(fd, libc::POLLOUT, &self.abort, &self.name)?,
+                Some(libc::EAGAIN) => self.wait(libc::POLLOUT)?,
                 Some(libc::EINTR) => {}
                 _ => return Err(e),
             }
@@ -159,7 +180,7 @@ impl Channel for FdChannel {
                 Err(e) => e,
             };
             match e.raw_os_error() {
-                Some(libc::EAGAIN) => wait_fd(fd, libc::POLLOUT, &self.abort, &self.name)?,
+                Some(libc::EAGAIN) => self.wait(libc::POLLOUT)?,
                 Some(libc::EINTR) => {}
                 _ => return Err(e),
             }
@@ -194,6 +215,10 @@ impl Channel for FdChannel {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     fn bidirectional(&self) -> bool {

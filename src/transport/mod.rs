@@ -77,6 +77,9 @@ pub trait Channel: Send {
     fn close(&mut self) -> io::Result<()>;
     /// The URI (or a description) for messages.
     fn describe(&self) -> String;
+    /// Bounds every later wait for the peer by `deadline` (None: only by
+    /// the stall timeout): a wait that reaches it fails with `TimedOut`.
+    fn set_deadline(&mut self, _deadline: Option<std::time::Instant>) {}
     /// True when bytes can flow back on the same channel (sockets).
     fn bidirectional(&self) -> bool {
         false
