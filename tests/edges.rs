@@ -828,19 +828,19 @@ fn query() -> (MigrationStatus, bool, bool, bool, Option<livemig::ffi::types::Mi
     r
 }
 
-/// A device with 1 MiB of state.
-struct Big;
+/// A device with this many bytes of state.
+struct Big(usize);
 
 impl SaveVmHandler for Big {
     fn is_live(&self) -> bool {
         false
     }
     fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
-        f.put_buffer(&vec![0x5a; 1 << 20]);
+        f.put_buffer(&vec![0x5a; self.0]);
         Ok(())
     }
     fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
-        f.skip(1 << 20);
+        f.skip(self.0);
         f.check()
     }
 }
@@ -876,7 +876,7 @@ fn query_migrate_shows_what_qemu_shows_in_each_state() {
     assert_eq!(wait_final(false, 10), Cancelled);
     api::qmp_migrate_set_speed(0, &mut err);
     // Completed, with 1 MiB of device state: downtime-bytes counts RAM only.
-    livemig::savevm::register("big", 0, 1, Box::new(Big), OWNER, Priority::Default).unwrap();
+    livemig::savevm::register("big", 0, 1, Box::new(Big(1 << 20)), OWNER, Priority::Default).unwrap();
     assert_eq!(migrate("exec:cat > /dev/null"), "");
     assert_eq!(wait_final(false, 30), Completed);
     set_state(RunState::Running);
@@ -1023,28 +1023,13 @@ fn a_destination_cannot_hold_the_source_with_a_trickled_return_path_message() {
     livemig::transport::set_stall_timeout(60_000).unwrap();
 }
 
-/// A device whose state is 16 MiB: more than the sockets hold, so that
-/// the switchover waits for the destination to read it.
-struct Bulky;
-
-impl SaveVmHandler for Bulky {
-    fn is_live(&self) -> bool {
-        false
-    }
-    fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
-        f.put_buffer(&vec![0x5a; 16 << 20]);
-        Ok(())
-    }
-    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
-        f.check()
-    }
-}
-
 #[test]
 fn a_destination_reading_slowly_cannot_keep_the_vm_stopped_past_the_io_timeout() {
     let _g = host();
     livemig::transport::set_stall_timeout(1000).unwrap();
-    livemig::savevm::register("bulky", 0, 1, Box::new(Bulky), OWNER, Priority::Default).unwrap();
+    // 16 MiB of device state: more than the sockets hold, so that the
+    // switchover waits for the destination to read it.
+    livemig::savevm::register("bulky", 0, 1, Box::new(Big(16 << 20)), OWNER, Priority::Default).unwrap();
     let stops = STOPS.load(Ordering::SeqCst);
     let starts = STARTS.load(Ordering::SeqCst);
     // Reads at full speed until the VM stops, then 256 KiB every 300 ms

@@ -15,63 +15,13 @@
  *
  * The last lines give each mode's median receiver CPU time.
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sched.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
-#include <sys/socket.h>
+#include "paths.h"
+
 #include <sys/uio.h>
 #include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
-
-#define PAGE 4096
-#define REC (PAGE + 8)
-#define BUF (256 * 1024)
-#define BATCH 64
 
 enum mode { BUFFERED, PER_PAGE, MODES };
 static const char *const mode_name[MODES] = { "buffered", "per-page" };
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static void die(const char *what)
-{
-    perror(what);
-    exit(1);
-}
-
-static void pin(int cpu)
-{
-    cpu_set_t s;
-    CPU_ZERO(&s);
-    CPU_SET(cpu, &s);
-    if (sched_setaffinity(0, sizeof s, &s) != 0)
-        perror("sched_setaffinity (running unpinned)");
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
-
-static double thread_cpu_s(void)
-{
-    struct rusage r;
-    getrusage(RUSAGE_THREAD, &r);
-    return (double)(r.ru_utime.tv_sec + r.ru_stime.tv_sec) + (double)(r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e6;
-}
 
 static void send_records(const struct sockaddr_in *a, size_t pages)
 {
@@ -116,32 +66,7 @@ static size_t receive(int c, char *guest, size_t pages, enum mode m)
         }
         return got;
     }
-    static char buf[BUF];
-    size_t rpos = 0, rlen = 0, page = 0, left = 8;
-    int in_page = 0;
-    while (page < pages) {
-        if (rpos == rlen) {
-            ssize_t r = read(c, buf, sizeof buf);
-            if (r <= 0)
-                return got;
-            rpos = 0;
-            rlen = (size_t)r;
-            got += (size_t)r;
-        }
-        size_t k = rlen - rpos < left ? rlen - rpos : left;
-        if (in_page) {
-            memcpy(guest + page * PAGE + (PAGE - left), buf + rpos, k);
-        }
-        rpos += k;
-        left -= k;
-        if (left == 0) {
-            if (in_page)
-                page++;
-            in_page = !in_page;
-            left = in_page ? PAGE : 8;
-        }
-    }
-    return got;
+    return receive_buffered(c, guest, pages);
 }
 
 int main(int argc, char **argv)
@@ -156,19 +81,12 @@ int main(int argc, char **argv)
         if (!(cpu[m] = calloc((size_t)runs, sizeof(double))))
             die("calloc");
     size_t pages = (1UL << 30) / PAGE;
-    char *guest = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    /* Not shared with the forked senders: a write must not copy the page. */
-    if (guest == MAP_FAILED || madvise(guest, pages * PAGE, MADV_DONTFORK) != 0)
-        die("mmap");
+    char *guest = receiver_guest(pages);
     pin(1);
     for (int run = 0; run < runs; run++)
         for (int m = 0; m < MODES; m++) {
-            int ls = socket(AF_INET, SOCK_STREAM, 0);
-            struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-            socklen_t al = sizeof a;
-            if (ls < 0 || bind(ls, (struct sockaddr *)&a, sizeof a) != 0 || listen(ls, 1) != 0 ||
-                getsockname(ls, (struct sockaddr *)&a, &al) != 0)
-                die("listen");
+            struct sockaddr_in a;
+            int ls = listen_loopback(&a);
             pid_t child = fork();
             if (child < 0)
                 die("fork");
@@ -191,9 +109,9 @@ int main(int argc, char **argv)
             cpu[m][run] = c1 - c0;
         }
     for (int m = 0; m < MODES; m++) {
-        qsort(cpu[m], (size_t)runs, sizeof(double), cmp_double);
-        printf("%-9s median receiver CPU %.3f s (min %.3f, max %.3f) over %d runs\n", mode_name[m],
-               runs % 2 ? cpu[m][runs / 2] : (cpu[m][runs / 2 - 1] + cpu[m][runs / 2]) / 2, cpu[m][0], cpu[m][runs - 1], runs);
+        double med = median(cpu[m], runs);
+        printf("%-9s median receiver CPU %.3f s (min %.3f, max %.3f) over %d runs\n", mode_name[m], med, cpu[m][0],
+               cpu[m][runs - 1], runs);
         free(cpu[m]);
     }
     return 0;
