@@ -435,22 +435,35 @@ impl SaveState {
         }
     }
 
-    /// The migration failed or was cancelled: tell every handler.
+    /// The migration failed or was cancelled: tell every handler (one
+    /// that panics does not keep the others from being told).
     pub fn cancel(&mut self) {
         for e in &self.entries {
-            e.handler.lock().cancel();
+            contained(e, "cancel", |h| h.cancel());
         }
     }
 
     /// The migration is over: tell every handler, once (a second call
     /// does nothing, so that it cannot reach a later migration's state).
+    /// A handler that panics is logged; the others are still cleaned up
+    /// (the "ram" handler stops the dirty log and frees its bitmaps and
+    /// XBZRLE cache here).
     pub fn cleanup(&mut self) {
         if std::mem::replace(&mut self.cleaned_up, true) {
             return;
         }
         for e in &self.entries {
-            e.handler.lock().cleanup();
+            contained(e, "cleanup", |h| h.cleanup());
         }
+    }
+}
+
+/// Runs `f` on the handler of `e`, containing a panic (logged as an error
+/// naming the handler): what every handler must be told, each is told.
+fn contained(e: &Entry, what: &str, f: impl FnOnce(&mut dyn SaveVmHandler)) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut **e.handler.lock())));
+    if let Err(p) = r {
+        log::error!("savevm: {what} of '{}' instance {} panicked: {}", e.idstr, e.instance_id, crate::panic_message(p.as_ref()));
     }
 }
 

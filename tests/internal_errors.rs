@@ -23,14 +23,21 @@ const BEHAVE: u32 = 0;
 const PANIC_ITERATE: u32 = 1;
 const PANIC_SAVE: u32 = 2;
 const PANIC_LOAD: u32 = 3;
+const PANIC_CANCEL: u32 = 4;
+const PANIC_CLEANUP: u32 = 5;
 
 const OWNER: usize = 0xb00;
 
 /// Loads of the device handler that ended (`load_end`).
 static LOAD_ENDS: AtomicU32 = AtomicU32::new(0);
 
+/// Calls of the witness handler's `cancel` and `cleanup`.
+static WITNESS_CANCELS: AtomicU32 = AtomicU32::new(0);
+static WITNESS_CLEANUPS: AtomicU32 = AtomicU32::new(0);
+
 /// A live handler: an empty iterative section, which panics in `iterate`
-/// in PANIC_ITERATE.
+/// in PANIC_ITERATE, in `cancel` in PANIC_CANCEL and in `cleanup` in
+/// PANIC_CLEANUP.
 struct Live;
 
 impl SaveVmHandler for Live {
@@ -42,6 +49,16 @@ impl SaveVmHandler for Live {
             panic!("boom in iterate");
         }
         Ok(true)
+    }
+    fn cancel(&mut self) {
+        if MODE.load(Ordering::SeqCst) == PANIC_CANCEL {
+            panic!("boom in cancel");
+        }
+    }
+    fn cleanup(&mut self) {
+        if MODE.load(Ordering::SeqCst) == PANIC_CLEANUP {
+            panic!("boom in cleanup");
+        }
     }
     fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
         f.check()
@@ -77,14 +94,34 @@ impl SaveVmHandler for Device {
     }
 }
 
+/// A live handler registered after `Live`, counting what it is told.
+struct Witness;
+
+impl SaveVmHandler for Witness {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn cancel(&mut self) {
+        WITNESS_CANCELS.fetch_add(1, Ordering::SeqCst);
+    }
+    fn cleanup(&mut self) {
+        WITNESS_CLEANUPS.fetch_add(1, Ordering::SeqCst);
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
 fn register() {
     livemig::savevm::register("boom-live", 0, 1, Box::new(Live), OWNER, Priority::Default).unwrap();
     livemig::savevm::register("boom-device", 0, 1, Box::new(Device), OWNER, Priority::Default).unwrap();
+    livemig::savevm::register("boom-witness", 0, 1, Box::new(Witness), OWNER, Priority::Default).unwrap();
 }
 
 fn unregister() {
     livemig::savevm::unregister("boom-live", OWNER);
     livemig::savevm::unregister("boom-device", OWNER);
+    livemig::savevm::unregister("boom-witness", OWNER);
 }
 
 /// Migrates into `path` (exec:), returning the final state.
@@ -116,6 +153,50 @@ fn source_panic_fails_the_migration_and_keeps_the_vm() {
         assert_no_leak(before, what);
         // Nothing is wedged: the next migration completes.
         MODE.store(BEHAVE, Ordering::SeqCst);
+        assert_eq!(migrate_to(&dir.join("s.bin")), MigrationStatus::Completed, "{what}: the next migration");
+    }
+    unregister();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A handler that panics in `cancel` or `cleanup` does not keep the others
+/// from being cancelled and cleaned up: RAM's cleanup (dirty log stopped,
+/// bitmaps, XBZRLE cache and /proc/self/pagemap released) runs, nothing is
+/// left open, and a panic in `cleanup` after the stream went out does not
+/// turn a completed migration into a failed one that restarts the VM.
+#[test]
+fn a_panic_in_cancel_or_cleanup_still_cancels_and_cleans_up_every_handler() {
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    register();
+    let dir = tmpdir("panic-cleanup");
+    for (mode, uri, want) in [
+        (PANIC_CANCEL, "exec:false".to_string(), MigrationStatus::Failed),
+        (PANIC_CLEANUP, "exec:false".to_string(), MigrationStatus::Failed),
+        (PANIC_CLEANUP, format!("exec:cat > {}", dir.join("s.bin").display()), MigrationStatus::Completed),
+    ] {
+        let what = format!("mode {mode}, {uri}");
+        STATE.store(RunState::Running as u32, Ordering::SeqCst);
+        let before = counts();
+        let (cancels, cleanups, starts) =
+            (WITNESS_CANCELS.load(Ordering::SeqCst), WITNESS_CLEANUPS.load(Ordering::SeqCst), STARTS.load(Ordering::SeqCst));
+        MODE.store(mode, Ordering::SeqCst);
+        outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
+        let st = wait_final(false, 30);
+        MODE.store(BEHAVE, Ordering::SeqCst);
+        let e = outgoing::stats().error.unwrap_or_default();
+        assert_eq!(st, want, "{what}: source {} ({e})", st.name());
+        let cancelled = u32::from(want == MigrationStatus::Failed);
+        assert_eq!(WITNESS_CANCELS.load(Ordering::SeqCst) - cancels, cancelled, "{what}: the other handler's cancel");
+        assert_eq!(WITNESS_CLEANUPS.load(Ordering::SeqCst) - cleanups, 1, "{what}: the other handler's cleanup");
+        if want == MigrationStatus::Completed {
+            assert_eq!(STATE.load(Ordering::SeqCst), RunState::Postmigrate as u32, "{what}: the VM stays stopped");
+            assert_eq!(STARTS.load(Ordering::SeqCst), starts, "{what}: the VM was started again");
+        } else {
+            assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32, "{what}: the source VM runs");
+        }
+        assert_no_leak(before, &what);
+        STATE.store(RunState::Running as u32, Ordering::SeqCst);
         assert_eq!(migrate_to(&dir.join("s.bin")), MigrationStatus::Completed, "{what}: the next migration");
     }
     unregister();
