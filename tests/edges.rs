@@ -7,7 +7,8 @@
 //!   listener whose backlog is full; an incoming cancel that returned true
 //!   never lets the VM start, and wakes a `process_incoming_migration`;
 //! - a failed setup still cancels and cleans up every handler; cleanup runs
-//!   once per migration; a host whose stop fails after stopping gets its VM
+//!   once per migration; a C handler gets exactly one of `complete` and
+//!   `cancel` per migration, even when it fails after the complete; a host whose stop fails after stopping gets its VM
 //!   started again, and a paused VM gets its run state back;
 //! - a VM in POSTMIGRATE is not migrated again; `fd:N` is taken (and
 //!   closed on refusal) by the call, and a bad one is refused at once;
@@ -31,7 +32,7 @@ use livemig::error::{MigError, Result};
 use livemig::ffi::errors::{error_free, error_get_pretty, error_new, Error};
 use livemig::ffi::file::qemu_fdopen;
 use livemig::ffi::migration as api;
-use livemig::ffi::types::LivemigHostOps;
+use livemig::ffi::types::{LivemigHostOps, SaveVMHandlers};
 use livemig::host::RunState;
 use livemig::qemu_file::{Direction, QemuFile};
 use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
@@ -1237,4 +1238,70 @@ fn odd_host_inputs_get_clear_answers() {
     assert!(e.contains("instance id -7 of 'neg' is out of range"), "{e}");
     livemig::savevm::register("neg", -1, 1, Box::new(Counted), OWNER, Priority::Default).unwrap();
     assert_eq!(livemig::savevm::unregister("neg", OWNER), 1);
+}
+
+static C_COMPLETES: AtomicU32 = AtomicU32::new(0);
+static C_CANCELS: AtomicU32 = AtomicU32::new(0);
+
+unsafe extern "C" fn c_setup(_: *mut QemuFile, _: *mut c_void) -> c_int {
+    0
+}
+unsafe extern "C" fn c_iterate(_: *mut QemuFile, _: *mut c_void) -> c_int {
+    1
+}
+unsafe extern "C" fn c_complete(_: *mut QemuFile, _: *mut c_void) -> c_int {
+    C_COMPLETES.fetch_add(1, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn c_pending(_: *mut QemuFile, _: *mut c_void, _: u64) -> u64 {
+    0
+}
+unsafe extern "C" fn c_cancel(_: *mut c_void) {
+    C_CANCELS.fetch_add(1, Ordering::SeqCst);
+}
+unsafe extern "C" fn c_load(_: *mut QemuFile, _: *mut c_void, _: c_int) -> c_int {
+    0
+}
+
+/// A C handler frees what a migration holds in `complete` or in `cancel`
+/// (the C table has no cleanup): it gets exactly one of them per
+/// migration. A migration that fails after the handler's complete
+/// succeeded (here: the `exec:` command exits non-zero once it has read
+/// the whole stream) does not call its cancel too; the next failure
+/// before the switchover does.
+#[test]
+fn a_c_handler_gets_complete_or_cancel_never_both() {
+    let _g = host();
+    let ops = SaveVMHandlers {
+        save_state: None,
+        save_live_setup: Some(c_setup),
+        save_live_iterate: Some(c_iterate),
+        save_live_complete: Some(c_complete),
+        save_live_pending: Some(c_pending),
+        cancel: Some(c_cancel),
+        load_state: Some(c_load),
+        is_active: None,
+    };
+    let opaque = 0xc0de as *mut c_void;
+    let mut err = null_mut();
+    let id = livemig::ffi::savevm::livemig_register_savevm_live(null_mut(), c"c-dev".as_ptr(), 0, 1, &ops, opaque, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert!(id > 0);
+    for (uri, want, completes, cancels) in [
+        ("exec:cat > /dev/null; exit 3", MigrationStatus::Failed, 1, 0),
+        ("exec:false", MigrationStatus::Failed, 0, 1),
+        ("exec:cat > /dev/null", MigrationStatus::Completed, 1, 0),
+        ("exec:exit 4", MigrationStatus::Failed, 0, 1),
+    ] {
+        set_state(RunState::Running);
+        let (c0, k0) = (C_COMPLETES.load(Ordering::SeqCst), C_CANCELS.load(Ordering::SeqCst));
+        assert_eq!(migrate(uri), "");
+        let st = wait_final(false, 30);
+        assert_eq!(st, want, "{uri}: {:?}", livemig::outgoing::stats().error);
+        let got = (C_COMPLETES.load(Ordering::SeqCst) - c0, C_CANCELS.load(Ordering::SeqCst) - k0);
+        assert_eq!(got, (completes, cancels), "{uri}: (complete, cancel) calls");
+    }
+    set_state(RunState::Running);
+    let name = CString::new("c-dev").unwrap();
+    livemig::ffi::savevm::unregister_savevm(null_mut(), name.as_ptr(), opaque);
 }

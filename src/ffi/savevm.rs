@@ -18,6 +18,11 @@ struct CHandler {
     save_state: SaveStateHandler,
     load_state: LoadStateHandler,
     opaque: usize,
+    /// `save_live_complete` succeeded in the migration under way: the host
+    /// has released what the migration held (as the docs tell it to), so
+    /// a failure after it does not call `cancel` for it again. Reset by
+    /// `cleanup`, which ends every migration.
+    completed: bool,
 }
 
 // SAFETY: the host registers handlers for use from livemig's threads (the
@@ -81,6 +86,7 @@ impl SaveVmHandler for CHandler {
         let cb = self.live.and_then(|t| t.save_live_complete).expect("checked at registration");
         // SAFETY: as in setup.
         let r = unsafe { cb(f, self.opaque()) };
+        self.completed = r >= 0;
         self.check("complete", r, f)
     }
 
@@ -93,10 +99,18 @@ impl SaveVmHandler for CHandler {
     }
 
     fn cancel(&mut self) {
+        if self.completed {
+            // Its complete ran: the migration ended for this handler there.
+            return;
+        }
         if let Some(cb) = self.live.and_then(|t| t.cancel) {
             // SAFETY: host callback registered with this opaque pointer.
             unsafe { cb(self.opaque()) }
         }
+    }
+
+    fn cleanup(&mut self) {
+        self.completed = false;
     }
 
     fn load(&mut self, f: &mut QemuFile, version_id: u32, _kind: SectionKind) -> Result<()> {
@@ -163,7 +177,7 @@ pub extern "C" fn livemig_register_savevm_live(
             if let Some((name, _)) = required.iter().find(|(_, p)| !p) {
                 return Err(MigError::new(format!("register_savevm_live('{idstr}'): required callback '{name}' is NULL")));
             }
-            Ok(CHandler { idstr, live: Some(ops), save_state: None, load_state: ops.load_state, opaque: opaque as usize })
+            Ok(CHandler { idstr, live: Some(ops), save_state: None, load_state: ops.load_state, opaque: opaque as usize, completed: false })
         })?;
         Ok(id as c_int)
     })
@@ -191,7 +205,7 @@ pub extern "C" fn register_savevm(
                 let which = if save_state.is_none() { "save_state" } else { "load_state" };
                 return Err(MigError::new(format!("register_savevm('{idstr}'): required callback '{which}' is NULL")));
             }
-            Ok(CHandler { idstr, live: None, save_state, load_state, opaque: opaque as usize })
+            Ok(CHandler { idstr, live: None, save_state, load_state, opaque: opaque as usize, completed: false })
         })?;
         Ok(id as c_int)
     });

@@ -122,7 +122,12 @@ pub struct SaveVMHandlers {
     /// the switchover's estimate. `max_size` is the bytes the link moves
     /// within the downtime limit, as in QEMU.
     pub save_live_pending: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void, max_size: u64) -> u64>,
-    /// Optional: the migration failed or was cancelled.
+    /// Optional: the migration failed or was cancelled before this
+    /// handler's `save_live_complete` succeeded. Each migration that ran
+    /// `save_live_setup` ends for the handler in exactly one of the two
+    /// (a failure after a successful complete, e.g. a closing `exec:`
+    /// command that exits non-zero, calls no `cancel`), so either may free
+    /// what the migration holds.
     pub cancel: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Reads a START, PART, END or FULL payload (which of them is not
     /// passed: as in QEMU, a payload must tell what it holds).
