@@ -48,15 +48,27 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
     }
 
     let mut loaded: Vec<Loaded> = entries().into_iter().map(|entry| Loaded { entry, load_section_id: None, load_version_id: 0 }).collect();
-    for l in &loaded {
-        l.entry.handler.lock().load_begin();
-    }
-    // Every handler's load ends, even when a handler (or livemig) panics
-    // in the middle: the panic is caught here, so that `load_end` runs
-    // outside the unwinding, and then carried on to the thread's guard.
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_sections(f, host, &mut loaded)));
-    for l in &loaded {
-        l.entry.handler.lock().load_end();
+    // Every handler whose load began ends it, even when a handler (or
+    // livemig) panics in the middle, in a `load_begin` or in another
+    // handler's `load_end`: each panic is caught here, so that every
+    // `load_end` runs outside the unwinding, and the first is then
+    // carried on to the thread's guard.
+    let mut begun = 0;
+    let mut r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for l in &loaded {
+            l.entry.handler.lock().load_begin();
+            begun += 1;
+        }
+        load_sections(f, host, &mut loaded)
+    }));
+    for l in &loaded[..begun] {
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.entry.handler.lock().load_end()));
+        if let Err(p) = ended {
+            log::error!("load_end of '{}' instance {} panicked: {}", l.entry.idstr, l.entry.instance_id, crate::panic_message(p.as_ref()));
+            if r.is_ok() {
+                r = Err(p);
+            }
+        }
     }
     r.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }

@@ -25,6 +25,7 @@ const PANIC_SAVE: u32 = 2;
 const PANIC_LOAD: u32 = 3;
 const PANIC_CANCEL: u32 = 4;
 const PANIC_CLEANUP: u32 = 5;
+const PANIC_LOAD_END: u32 = 6;
 
 const OWNER: usize = 0xb00;
 
@@ -36,8 +37,8 @@ static WITNESS_CANCELS: AtomicU32 = AtomicU32::new(0);
 static WITNESS_CLEANUPS: AtomicU32 = AtomicU32::new(0);
 
 /// A live handler: an empty iterative section, which panics in `iterate`
-/// in PANIC_ITERATE, in `cancel` in PANIC_CANCEL and in `cleanup` in
-/// PANIC_CLEANUP.
+/// in PANIC_ITERATE, in `cancel` in PANIC_CANCEL, in `cleanup` in
+/// PANIC_CLEANUP and in `load_end` in PANIC_LOAD_END.
 struct Live;
 
 impl SaveVmHandler for Live {
@@ -58,6 +59,11 @@ impl SaveVmHandler for Live {
     fn cleanup(&mut self) {
         if MODE.load(Ordering::SeqCst) == PANIC_CLEANUP {
             panic!("boom in cleanup");
+        }
+    }
+    fn load_end(&mut self) {
+        if MODE.load(Ordering::SeqCst) == PANIC_LOAD_END {
+            panic!("boom in load_end");
         }
     }
     fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
@@ -214,7 +220,9 @@ fn destination_panic_fails_the_load_and_leaves_the_vm_stopped() {
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
     assert_eq!(migrate_to(&stream), MigrationStatus::Completed, "the stream is made");
     let src = format!("exec:cat {}", stream.display());
-    for (mode, want) in [(PANIC_LOAD, MigrationStatus::Failed), (BEHAVE, MigrationStatus::Completed)] {
+    for (mode, want) in
+        [(PANIC_LOAD, MigrationStatus::Failed), (PANIC_LOAD_END, MigrationStatus::Failed), (BEHAVE, MigrationStatus::Completed)]
+    {
         STATE.store(RunState::Prelaunch as u32, Ordering::SeqCst);
         let before = counts();
         let (starts, load_ends) = (STARTS.load(Ordering::SeqCst), LOAD_ENDS.load(Ordering::SeqCst));
@@ -222,12 +230,13 @@ fn destination_panic_fails_the_load_and_leaves_the_vm_stopped() {
         livemig::incoming::start_uri(&src).unwrap();
         let st = wait_final(true, 30);
         // The handlers' loads end, panic or not (they release what the
-        // load held).
+        // load held), also when another handler's load_end panics.
         assert_eq!(LOAD_ENDS.load(Ordering::SeqCst), load_ends + 1, "mode {mode}: load_end runs once");
         let e = livemig::incoming::error().unwrap_or_default();
         assert_eq!(st, want, "mode {mode}: destination {} ({e})", st.name());
         if want == MigrationStatus::Failed {
-            assert_eq!(e, "internal error in the incoming migration thread: boom in load");
+            let what = if mode == PANIC_LOAD { "boom in load" } else { "boom in load_end" };
+            assert_eq!(e, format!("internal error in the incoming migration thread: {what}"));
             assert_eq!(STARTS.load(Ordering::SeqCst), starts, "the destination VM is not started");
             assert_ne!(STATE.load(Ordering::SeqCst), RunState::Running as u32, "the destination VM is not running");
         } else {
