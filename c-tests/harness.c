@@ -345,6 +345,15 @@ static void check_bad_input(void)
     CHECK(err && strstr(error_get_pretty(err), "capability 'compress' is not supported") && !migrate_use_xbzrle(),
           "an unsupported capability is refused with its name");
     error_free(err), err = NULL;
+    /* A run state the host reports that is not a RunState (C lets an enum
+     * hold any value) is refused with the value, not trusted. */
+    fake_host.state = (RunState)42;
+    qmp_migrate("exec:cat > /dev/null", false, false, false, false, false, false, &err);
+    fake_host.state = RUN_STATE_RUNNING;
+    CHECK(err && strstr(error_get_pretty(err), "runstate_get returned 42, which is not a RunState"),
+          "a bad run state: %s", err ? error_get_pretty(err) : "accepted");
+    error_free(err), err = NULL;
+    CHECK(query_status(false) == MIGRATION_STATUS_NONE, "a refused migration changed the state");
     CHECK(qemu_get_be32(NULL) == 0 && qemu_file_get_error(NULL) < 0, "NULL QEMUFile");
     CHECK(!migration_is_active(NULL) && !migration_has_finished(NULL), "NULL state");
     /* A stream written on this (host) thread, whose reader is gone: the

@@ -332,7 +332,9 @@ typedef struct LivemigHostOps {
   /*
    Optional: the current run state (sent in "globalstate"); without it
    livemig sends running or paused, and cannot tell a VM in
-   postmigrate, which `qmp_migrate` then does not refuse.
+   postmigrate, which `qmp_migrate` then does not refuse. A value
+   that is not a `RunState` is refused: `qmp_migrate` (or the
+   switchover, which then fails the migration) reports it.
    */
   enum RunState (*runstate_get)(void *opaque);
   /*

@@ -102,6 +102,11 @@ impl RunState {
     pub fn from_name(name: &str) -> Option<RunState> {
         RUNSTATE_NAMES.iter().position(|n| *n == name).map(|i| Self::all()[i])
     }
+
+    /// From the numeric value (as a C host returns it: any integer).
+    pub fn from_u32(v: u32) -> Option<RunState> {
+        Self::all().get(v as usize).copied()
+    }
 }
 
 /// The registered host: a copy of its table and its opaque pointer.
@@ -203,14 +208,25 @@ impl Host {
     }
 
     /// The VM's run state: the host's answer, or running/paused when the
-    /// host has no `runstate_get`.
-    pub fn runstate(&self) -> RunState {
-        match self.ops.runstate_get {
-            // SAFETY: registered host callback with its own opaque pointer.
-            Some(f) => unsafe { f(self.opaque()) },
-            None if self.runstate_is_running() => RunState::Running,
-            None => RunState::Paused,
-        }
+    /// host has no `runstate_get`. An answer that is not a `RunState` is
+    /// refused with an error naming it.
+    pub fn runstate(&self) -> Result<RunState> {
+        let Some(f) = self.ops.runstate_get else {
+            return Ok(if self.runstate_is_running() { RunState::Running } else { RunState::Paused });
+        };
+        // The C callback returns an `enum RunState`, which C lets hold any
+        // value of its integer type; read it as that integer, so that no
+        // Rust `RunState` with an invalid discriminant ever exists.
+        // SAFETY: a `repr(C)` fieldless enum is returned as the C enum's
+        // integer type (unsigned int here: no negative variants), so the
+        // same function called as returning `u32` yields the same bits;
+        // the pointer is not NULL (matched above).
+        let raw: unsafe extern "C" fn(*mut c_void) -> u32 = unsafe { std::mem::transmute(f) };
+        // SAFETY: registered host callback with its own opaque pointer.
+        let v = unsafe { raw(self.opaque()) };
+        RunState::from_u32(v).ok_or_else(|| {
+            MigError::new(format!("the host's runstate_get returned {v}, which is not a RunState (0 to {})", RUNSTATE_NAMES.len() - 1))
+        })
     }
 
     /// Sets the run state without starting or stopping anything.
@@ -293,5 +309,7 @@ mod tests {
         assert_eq!(RunState::Running as u32, 9);
         assert_eq!(RunState::Prelaunch.name(), "prelaunch");
         assert_eq!(RunState::from_name("bogus"), None);
+        assert_eq!(RunState::from_u32(9), Some(RunState::Running));
+        assert_eq!(RunState::from_u32(16), None);
     }
 }

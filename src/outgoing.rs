@@ -163,7 +163,7 @@ pub enum Target {
 pub fn start(target: Target) -> Result<()> {
     // Asked before OUT is taken: the migration thread takes OUT while it
     // holds the host lock, which a host's run-state callback may want.
-    let postmigrate = host::get()?.runstate() == RunState::Postmigrate;
+    let postmigrate = host::get()?.runstate()? == RunState::Postmigrate;
     let mut o = OUT.lock();
     if let Some((_, msg)) = o.blockers.last() {
         // The newest blocker, as QEMU reports it.
@@ -696,7 +696,7 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
     }
     host.system_wakeup_request();
-    let was = host.runstate();
+    let was = host.runstate()?;
     crate::globalstate::store(was);
     let stop_time = Instant::now();
     // For the debug line below: read only when it is printed (the wait
