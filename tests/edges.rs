@@ -14,7 +14,8 @@
 //!   closed on refusal) by the call, and a bad one is refused at once;
 //! - PART/END sections load as the version their START gave; a `unix:`
 //!   listener never replaces a file that is not a socket; an incoming
-//!   migration is refused while the VM runs.
+//!   migration is refused while the VM runs; a RAM block too large for
+//!   its dirty bitmap to be allocated is refused, not an abort.
 //!
 //! The host here is its own (a run state it reports, a stop that can fail,
 //! a lock that counts its waiters, a dirty log that counts its starts and
@@ -1304,4 +1305,36 @@ fn a_c_handler_gets_complete_or_cancel_never_both() {
     set_state(RunState::Running);
     let name = CString::new("c-dev").unwrap();
     livemig::ffi::savevm::unregister_savevm(null_mut(), name.as_ptr(), opaque);
+}
+
+#[test]
+fn a_ram_block_too_large_to_track_is_refused_not_an_abort() {
+    let _g = host();
+    // SAFETY: a fresh private anonymous page, unmapped below.
+    let page = unsafe { libc::mmap(null_mut(), PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(page, libc::MAP_FAILED);
+    // As long as it can be without wrapping: its dirty bitmap alone would
+    // be larger than the address space.
+    let huge = (u64::MAX - page as u64) & !(PAGE as u64 - 1);
+    let mut err = null_mut();
+    assert!(!livemig::ffi::ram::livemig_ram_block_add(c"huge".as_ptr(), page, huge, &mut err));
+    let e = take_err(&mut err);
+    assert!(e.contains("ram block 'huge': cannot allocate a dirty bitmap"), "{e}");
+    unsafe extern "C" fn resized(_: *mut c_void, _: *const std::ffi::c_char, _: u64) {}
+    assert!(!livemig::ffi::ram::livemig_ram_block_add_resizable(
+        c"huge".as_ptr(),
+        page,
+        PAGE as u64,
+        huge,
+        Some(resized),
+        null_mut(),
+        &mut err
+    ));
+    let e = take_err(&mut err);
+    assert!(e.contains("cannot allocate a dirty bitmap"), "{e}");
+    // Nothing was registered: the name and the memory are still free.
+    assert!(livemig::ffi::ram::livemig_ram_block_add(c"huge".as_ptr(), page, PAGE as u64, &mut err), "{}", take_err(&mut err));
+    assert!(livemig::ffi::ram::livemig_ram_block_remove(c"huge".as_ptr(), &mut err), "{}", take_err(&mut err));
+    // SAFETY: the page mapped above, no longer registered.
+    unsafe { libc::munmap(page, PAGE) };
 }

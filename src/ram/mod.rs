@@ -268,13 +268,18 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
         return Err(MigError::new(format!("ram block '{idstr}': its memory overlaps that of block '{}'", x.idstr)));
     }
     let pages = (max_length / TARGET_PAGE_SIZE) as usize;
+    // Allocated fallibly: a length beyond any mapping must be an error,
+    // not an abort of the host process.
+    let marks = DirtyBitmap::try_new(pages).ok_or_else(|| {
+        MigError::new(format!("ram block '{idstr}': cannot allocate a dirty bitmap for its {max_length} bytes ({pages} pages)"))
+    })?;
     b.push(Arc::new(RamBlock {
         idstr: idstr.to_string(),
         host: host as usize,
         used: AtomicU64::new(length),
         max_length,
         resized,
-        marks: Mutex::new(DirtyBitmap::new(pages)),
+        marks: Mutex::new(marks),
         sealed: AtomicBool::new(false),
     }));
     log::info!("ram block '{idstr}' registered: {length} bytes at {host:p}");

@@ -100,6 +100,27 @@ impl DirtyBitmap {
         DirtyBitmap { words: vec![0; pages.div_ceil(BITS)], pages }
     }
 
+    /// A bitmap of `pages` bits, all clear, or None when its memory cannot
+    /// be allocated (a length no host can have mapped).
+    /// Like `new`, the memory is allocated zeroed, and not touched here.
+    pub fn try_new(pages: usize) -> Option<DirtyBitmap> {
+        let n = pages.div_ceil(BITS);
+        if n == 0 {
+            return Some(DirtyBitmap::new(pages));
+        }
+        let layout = std::alloc::Layout::array::<u64>(n).ok()?;
+        // SAFETY: the layout's size is not zero (n > 0).
+        let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<u64>();
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: `p` comes from the global allocator with the layout of
+        // `n` u64s (a Vec's layout for capacity `n`), and all `n` of them
+        // are initialised (zeroed).
+        let words = unsafe { Vec::from_raw_parts(p, n, n) };
+        Some(DirtyBitmap { words, pages })
+    }
+
     /// Number of pages (bits) covered.
     pub fn pages(&self) -> usize {
         self.pages
@@ -271,6 +292,14 @@ mod tests {
                 assert_eq!(raw, pos.is_none());
             }
         }
+    }
+
+    #[test]
+    fn try_new_is_new_or_none() {
+        assert_eq!(DirtyBitmap::try_new(0), Some(DirtyBitmap::new(0)));
+        assert_eq!(DirtyBitmap::try_new(130), Some(DirtyBitmap::new(130)));
+        // More than the address space can hold: refused, not an abort.
+        assert_eq!(DirtyBitmap::try_new(usize::MAX / 2), None);
     }
 
     #[test]
