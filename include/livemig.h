@@ -893,8 +893,10 @@ int64_t migrate_xbzrle_cache_size(void);
 /*
  Starts migrating to `uri` (`tcp:`, `unix:`, `exec:`, `fd:`). Returns at
  once; the connection is made on the migration thread. Refused while a
- migration runs, while a blocker is registered (with its message), for a
- bad URI, and for block migration (`blk`/`inc`). With `fd:N` livemig owns
+ migration runs, while a blocker is registered (with its message), while
+ the VM waits for an incoming migration (its run state is inmigrate, as
+ in QEMU) or is in postmigrate, for a bad URI, and for block migration
+ (`blk`/`inc`). With `fd:N` livemig owns
  descriptor N from the call on, and closes it when it refuses; a
  descriptor that is not open is refused at once. A named fd (`fd:NAME`,
  `livemig_fd_add`) is taken by the call once it is accepted, and stays

@@ -163,7 +163,7 @@ pub enum Target {
 pub fn start(target: Target) -> Result<()> {
     // Asked before OUT is taken: the migration thread takes OUT while it
     // holds the host lock, which a host's run-state callback may want.
-    let postmigrate = host::get()?.runstate()? == RunState::Postmigrate;
+    let runstate = host::get()?.runstate()?;
     let mut o = OUT.lock();
     if let Some((_, msg)) = o.blockers.last() {
         // The newest blocker, as QEMU reports it.
@@ -171,10 +171,13 @@ pub fn start(target: Target) -> Result<()> {
     }
     // Until this side has left idle, the other cannot (see STARTING).
     let starting = crate::state::STARTING.lock();
-    if crate::state::INCOMING.status().is_active() {
+    // As QEMU 7.2, also by the run state: a VM in inmigrate (waiting for
+    // an incoming migration, or left there by one that failed) holds no
+    // state worth sending.
+    if crate::state::INCOMING.status().is_active() || runstate == RunState::Inmigrate {
         return Err(MigError::new("Guest is waiting for an incoming migration"));
     }
-    if postmigrate {
+    if runstate == RunState::Postmigrate {
         // As QEMU: this VM's state went to a destination already.
         return Err(MigError::new("Can't migrate the vm that was paused due to previous migration"));
     }

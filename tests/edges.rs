@@ -10,7 +10,8 @@
 //!   once per migration; a C handler gets exactly one of `complete` and
 //!   `cancel` per migration, even when it fails after the complete; a host whose stop fails after stopping gets its VM
 //!   started again, and a paused VM gets its run state back;
-//! - a VM in POSTMIGRATE is not migrated again; `fd:N` is taken (and
+//! - a VM in POSTMIGRATE is not migrated again, nor one left in
+//!   INMIGRATE by a failed incoming migration; `fd:N` is taken (and
 //!   closed on refusal) by the call, and a bad one is refused at once;
 //! - PART/END sections load as the version their START gave; a `unix:`
 //!   listener never replaces a file that is not a socket; an incoming
@@ -516,6 +517,22 @@ fn a_vm_in_postmigrate_is_not_migrated_again() {
     set_state(RunState::Running);
     assert_eq!(migrate("exec:cat > /dev/null"), "", "once running again");
     assert_eq!(wait_final(false, 30), MigrationStatus::Completed);
+}
+
+#[test]
+fn a_vm_left_in_inmigrate_by_a_failed_incoming_migration_is_not_migrated() {
+    let _g = host();
+    set_state(RunState::Inmigrate);
+    livemig::incoming::start_uri("exec:printf garbage").unwrap();
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(state(), RunState::Inmigrate, "a failed load leaves the VM waiting");
+    let before = OUTGOING.status();
+    assert_eq!(migrate("exec:cat > /dev/null"), "Guest is waiting for an incoming migration");
+    assert_eq!(OUTGOING.status(), before, "the refusal changes nothing");
+    set_state(RunState::Running);
+    assert_eq!(migrate("exec:cat > /dev/null"), "", "once running");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed);
+    set_state(RunState::Running);
 }
 
 #[test]
