@@ -354,7 +354,9 @@ impl SaveState {
 
     /// Bytes the live handlers still have to send.
     pub fn pending(&mut self, max_size: u64) -> u64 {
-        self.entries.iter().filter(|e| e.live).map(|e| e.handler.lock().pending(max_size)).sum()
+        // Saturating: a handler may answer any u64, and a sum that wrapped
+        // around would look small enough to switch over on.
+        self.entries.iter().filter(|e| e.live).fold(0u64, |sum, e| sum.saturating_add(e.handler.lock().pending(max_size)))
     }
 
     /// Completion (VM stopped, host lock held): END for live handlers,

@@ -16,7 +16,9 @@
 //! - PART/END sections load as the version their START gave; a `unix:`
 //!   listener never replaces a file that is not a socket; an incoming
 //!   migration is refused while the VM runs; a RAM block too large for
-//!   its dirty bitmap to be allocated is refused, not an abort.
+//!   its dirty bitmap to be allocated is refused, not an abort; any
+//!   negative code from the host (INT_MIN too) is an error; handlers'
+//!   pending amounts do not wrap around to a small sum.
 //!
 //! The host here is its own (a run state it reports, a stop that can fail,
 //! a lock that counts its waiters, a dirty log that counts its starts and
@@ -1354,4 +1356,38 @@ fn a_ram_block_too_large_to_track_is_refused_not_an_abort() {
     assert!(livemig::ffi::ram::livemig_ram_block_remove(c"huge".as_ptr(), &mut err), "{}", take_err(&mut err));
     // SAFETY: the page mapped above, no longer registered.
     unsafe { libc::munmap(page, PAGE) };
+}
+
+/// A live device with more to send than any link moves in a lifetime.
+struct Endless;
+
+impl SaveVmHandler for Endless {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn pending(&mut self, _max_size: u64) -> u64 {
+        1 << 63
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+#[test]
+fn handlers_pending_amounts_do_not_wrap_around_to_a_small_sum() {
+    let _g = host();
+    // Each alone keeps the migration from converging; the two together
+    // summed to 2^64, which wrapped to 0, and the migration completed.
+    livemig::savevm::register("endless", 0, 1, Box::new(Endless), OWNER, Priority::Default).unwrap();
+    livemig::savevm::register("endless", 1, 1, Box::new(Endless), OWNER, Priority::Default).unwrap();
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    // The RAM alone goes in well under a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = OUTGOING.status();
+    cancel();
+    let end = wait_final(false, 30);
+    assert_eq!(livemig::savevm::unregister("endless", OWNER), 2);
+    set_state(RunState::Running);
+    assert_eq!(st, MigrationStatus::Active, "ended {end:?}");
+    assert_eq!(end, MigrationStatus::Cancelled);
 }
