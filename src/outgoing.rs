@@ -279,6 +279,10 @@ pub fn host_error(msg: String) {
         if let Some(a) = &o.aborter {
             a.abort();
         }
+        drop(o);
+        // Wakes a thread sleeping out a window under a speed limit.
+        let _g = WAKE_LOCK.lock();
+        WAKE.notify_all();
     }
 }
 
@@ -320,7 +324,7 @@ fn run(host: Host, target: Target, aborter: Aborter) {
             Target::File(f) => Ok(f),
             Target::Uri(uri, text) => transport::connect(&uri, &text, &aborter).map(|c| QemuFile::new(c, Direction::Write)),
         };
-        file.and_then(|f| migrate(&host, f, &mut p))
+        file.and_then(|f| migrate(&host, f, &mut p, &aborter))
     });
     if result.is_err() && OUTGOING.status() == S::Completed {
         // A panic after the switchover completed (the error is logged): the
@@ -355,7 +359,7 @@ struct Outcome {
 
 /// Runs the migration; on success the stream is closed and the state is
 /// COMPLETED. On error `f` is dropped (closing the channel).
-fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
+fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) -> Result<()> {
     let f = &mut f;
     let start = Instant::now();
     SPEED_CHANGED.store(false, Ordering::Relaxed);
@@ -383,6 +387,12 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress) -> Result<()> {
     loop {
         if OUTGOING.status() != S::Active {
             return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+        }
+        // The host reported an error (`migrate_fd_error`): fail now, not at
+        // the next write to the channel, which a low speed limit may put
+        // off for seconds (the message reported is the host's).
+        if aborter.is_aborted() {
+            return Err(MigError::with_errno("migration aborted", libc::ECANCELED));
         }
         f.check()?;
         if SPEED_CHANGED.swap(false, Ordering::AcqRel) {

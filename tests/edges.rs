@@ -18,7 +18,9 @@
 //!   migration is refused while the VM runs; a RAM block too large for
 //!   its dirty bitmap to be allocated is refused, not an abort; any
 //!   negative code from the host (INT_MIN too) is an error; handlers'
-//!   pending amounts do not wrap around to a small sum.
+//!   pending amounts do not wrap around to a small sum;
+//!   `migrate_fd_error` fails a migration at once, even under a low speed
+//!   limit.
 //!
 //! The host here is its own (a run state it reports, a stop that can fail,
 //! a lock that counts its waiters, a dirty log that counts its starts and
@@ -1390,4 +1392,28 @@ fn handlers_pending_amounts_do_not_wrap_around_to_a_small_sum() {
     set_state(RunState::Running);
     assert_eq!(st, MigrationStatus::Active, "ended {end:?}");
     assert_eq!(end, MigrationStatus::Cancelled);
+}
+
+#[test]
+fn migrate_fd_error_fails_a_slow_migration_at_once() {
+    let _g = host();
+    let mut err = null_mut();
+    // Under this limit the stream's buffer goes out every few seconds.
+    api::qmp_migrate_set_speed(10_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
+    std::thread::sleep(Duration::from_millis(300));
+    let e = error_new(c"disk gone".as_ptr());
+    let t = Instant::now();
+    api::migrate_fd_error(api::migrate_get_current(), e);
+    error_free(e);
+    let end = wait_final(false, 30);
+    let took = t.elapsed();
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(end, MigrationStatus::Failed);
+    assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
+    assert!(took < Duration::from_secs(1), "FAILED {took:?} after migrate_fd_error");
+    assert_eq!(state(), RunState::Running);
 }
