@@ -286,10 +286,13 @@ pub fn host_error(msg: String) {
     }
 }
 
-/// Waits up to `d`, returning early on a cancel or a new speed limit.
-fn sleep_interruptible(d: Duration) {
+/// Waits up to `d`, returning early on a cancel, a host error (`aborter`
+/// fired) or a new speed limit. Each is checked under WAKE_LOCK, which
+/// whoever makes one takes (after making it) to wake this wait: one made
+/// before the wait starts is seen here, one made later wakes it.
+fn sleep_interruptible(d: Duration, aborter: &Aborter) {
     let mut g = WAKE_LOCK.lock();
-    if OUTGOING.status() == S::Cancelling || SPEED_CHANGED.load(Ordering::Acquire) {
+    if OUTGOING.status() == S::Cancelling || aborter.is_aborted() || SPEED_CHANGED.load(Ordering::Acquire) {
         return;
     }
     WAKE.wait_for(&mut g, d);
@@ -481,7 +484,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
             sample = WindowSample::default();
         } else if f.rate_limit_exceeded() {
             f.check()?;
-            sleep_interruptible(WINDOW - elapsed);
+            sleep_interruptible(WINDOW - elapsed, aborter);
         }
     }
 }

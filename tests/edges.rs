@@ -20,7 +20,7 @@
 //!   negative code from the host (INT_MIN too) is an error; handlers'
 //!   pending amounts do not wrap around to a small sum;
 //!   `migrate_fd_error` fails a migration at once, even under a low speed
-//!   limit.
+//!   limit, and even when made just before the thread waits out a window.
 //!
 //! The host here is its own (a run state it reports, a stop that can fail,
 //! a lock that counts its waiters, a dirty log that counts its starts and
@@ -1416,4 +1416,68 @@ fn migrate_fd_error_fails_a_slow_migration_at_once() {
     assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
     assert!(took < Duration::from_secs(1), "FAILED {took:?} after migrate_fd_error");
     assert_eq!(state(), RunState::Running);
+}
+
+/// When the live handler below reported the host's error (see its
+/// `pending`); None until then.
+static REPORTED_AT: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// A live handler that reports a host error (`migrate_fd_error`) from the
+/// migration thread, in the `pending` call that starts an iteration: the
+/// second of two calls made back to back (the first ends a window).
+struct ReportsInPending {
+    last: Option<Instant>,
+}
+
+impl SaveVmHandler for ReportsInPending {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn pending(&mut self, _max_size: u64) -> u64 {
+        let now = Instant::now();
+        let back_to_back = self.last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(20));
+        self.last = Some(now);
+        let mut at = REPORTED_AT.lock().unwrap_or_else(|e| e.into_inner());
+        if back_to_back && at.is_none() {
+            let e = error_new(c"disk gone".as_ptr());
+            *at = Some(Instant::now());
+            api::migrate_fd_error(api::migrate_get_current(), e);
+            error_free(e);
+        }
+        0
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+/// A host error reported just before the migration thread waits out a
+/// spent window (here from the thread itself, between its check of the
+/// error and its wait) ends that wait: the error is not left for the next
+/// window.
+#[test]
+fn migrate_fd_error_just_before_the_window_wait_is_not_missed() {
+    let _g = host();
+    *REPORTED_AT.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    livemig::savevm::register("reporter", 0, 1, Box::new(ReportsInPending { last: None }), OWNER, Priority::Default).unwrap();
+    let mut err = null_mut();
+    // A page per window: every iteration spends its window's budget.
+    api::qmp_migrate_set_speed(10_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    wait_until(10, "a final state", || {
+        matches!(OUTGOING.status(), MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
+    });
+    let ended = Instant::now();
+    let end = OUTGOING.status();
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(livemig::savevm::unregister("reporter", OWNER), 1);
+    let reported = REPORTED_AT.lock().unwrap_or_else(|e| e.into_inner()).take().expect("the error was reported");
+    assert_eq!(end, MigrationStatus::Failed);
+    assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
+    assert_eq!(state(), RunState::Running);
+    // Waiting out the window took the rest of it: about 100 ms.
+    let took = ended.duration_since(reported);
+    assert!(took < Duration::from_millis(50), "FAILED {took:?} after migrate_fd_error");
 }
