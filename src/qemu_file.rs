@@ -346,25 +346,38 @@ impl QemuFile {
     /// `None` when the destination closed the connection. `check` sees the
     /// header (type, length) before any of the body is read and refuses
     /// what is not expected, so that no more than an expected message is
-    /// waited for. No read starts after `deadline`: the error is then
-    /// `late()` (a read started before it may still wait up to the stall
-    /// timeout), so that a destination sending a byte at a time cannot
-    /// extend the wait.
+    /// waited for. No read starts after `deadline`, and no wait for the
+    /// destination goes past it (the channel's deadline is set to it for
+    /// the call, and to none after it: the return path is read once the
+    /// stream is out): the error is then `late()`, so that a destination
+    /// sending a byte at a time cannot extend the wait.
     pub fn rp_recv(
         &mut self,
         deadline: Instant,
         late: impl Fn() -> MigError,
         check: impl FnOnce(u16, usize) -> Result<()>,
     ) -> Result<Option<(u16, Vec<u8>)>> {
+        self.chan.set_deadline(Some(deadline));
+        let r = self.rp_recv_by(deadline, &late, check);
+        self.chan.set_deadline(None);
+        r
+    }
+
+    fn rp_recv_by(
+        &mut self,
+        deadline: Instant,
+        late: &impl Fn() -> MigError,
+        check: impl FnOnce(u16, usize) -> Result<()>,
+    ) -> Result<Option<(u16, Vec<u8>)>> {
         let mut hdr = [0u8; 4];
-        if !self.rp_read_exact(&mut hdr, deadline, &late)? {
+        if !self.rp_read_exact(&mut hdr, deadline, late)? {
             return Ok(None);
         }
         let msg_type = u16::from_be_bytes([hdr[0], hdr[1]]);
         let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
         check(msg_type, len)?;
         let mut data = vec![0u8; len];
-        if !self.rp_read_exact(&mut data, deadline, &late)? {
+        if !self.rp_read_exact(&mut data, deadline, late)? {
             return Ok(None);
         }
         Ok(Some((msg_type, data)))
@@ -380,6 +393,8 @@ impl QemuFile {
                 Ok(0) => return Ok(false),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The wait ended at the deadline.
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && Instant::now() >= deadline => return Err(late()),
                 Err(e) => return Err(MigError::io(format!("return path from {}", self.chan.describe()), e)),
             }
         }

@@ -398,8 +398,8 @@ impl SaveState {
     }
 
     /// With a return path: waits for the destination to confirm it loaded
-    /// the whole stream, for about the io timeout in all (no read starts
-    /// after it: neither messages that keep arriving nor the bytes of one
+    /// the whole stream, for the io timeout in all (no wait goes past
+    /// it: neither messages that keep arriving nor the bytes of one
     /// message arriving slowly extend it). Messages are checked as QEMU
     /// 7.2's source checks them, on their header, before the body is read:
     /// a known type with its length; only PONG and SHUT are expected in

@@ -1112,7 +1112,7 @@ fn the_source_waits_for_the_confirmation_a_bounded_time_and_checks_the_messages(
     // A destination that goes silent after the end of the stream: the same.
     let (st, e, _) = migrate_to_chatty(vec![]);
     assert_eq!(st, MigrationStatus::Failed);
-    assert!(e.contains("no progress on") && e.contains("this VM stays stopped"), "{e}");
+    assert!(e.contains("did not confirm the load within 1000 ms") && e.contains("this VM stays stopped"), "{e}");
     assert_eq!((STARTS.load(Ordering::SeqCst), state()), (starts, RunState::Postmigrate), "the VM stays stopped");
     set_state(RunState::Running);
     // A message QEMU's source refuses: an unknown type.
@@ -1480,4 +1480,53 @@ fn migrate_fd_error_just_before_the_window_wait_is_not_missed() {
     // Waiting out the window took the rest of it: about 100 ms.
     let took = ended.duration_since(reported);
     assert!(took < Duration::from_millis(50), "FAILED {took:?} after migrate_fd_error");
+}
+
+/// A destination on the far end of `peer` that reads the whole stream and,
+/// once the vmdesc has come, writes each of `parts` on the return path at
+/// its time after that.
+fn timed_destination(peer: std::os::unix::net::UnixStream, parts: Vec<(Duration, Vec<u8>)>) -> std::thread::JoinHandle<()> {
+    let reader = peer.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut &reader, &mut buf) {
+            if buf[..n].ends_with(b"]}") {
+                let _ = tx.send(Instant::now());
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let Ok(ended) = rx.recv() else { return };
+        for (at, bytes) in parts {
+            std::thread::sleep((ended + at).saturating_duration_since(Instant::now()));
+            if std::io::Write::write_all(&mut &peer, &bytes).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The confirmation is awaited for the io timeout and no longer: a SHUT
+/// whose header and most of its body come before it, and whose last byte
+/// comes after it, counts as none (the VM stopped and the host lock held
+/// meanwhile): the source fails, keeping its VM stopped.
+#[test]
+fn a_confirmation_completed_after_the_io_timeout_counts_as_none() {
+    let _g = host();
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    let starts = STARTS.load(Ordering::SeqCst);
+    let (st, e, took) = migrate_to(
+        |peer| {
+            timed_destination(peer, vec![(Duration::from_millis(700), vec![0, 1, 0, 4, 0, 0, 0]), (Duration::from_millis(1600), vec![0])])
+        },
+        10,
+    );
+    livemig::transport::set_stall_timeout(60_000).unwrap();
+    let stays_stopped = (STARTS.load(Ordering::SeqCst), state());
+    set_state(RunState::Running);
+    assert_eq!(st, MigrationStatus::Failed, "{e}");
+    assert!(e.contains("did not confirm the load within 1000 ms") && e.contains("this VM stays stopped"), "{e}");
+    assert_eq!(stays_stopped, (starts, RunState::Postmigrate), "the VM stays stopped");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
 }

@@ -406,7 +406,13 @@ fn source_peer_closes_at_many_offsets() {
                 // of PART sections: a peer still waiting for its last bytes
                 // never answers, and the io timeout ends the wait, leaving
                 // the VM stopped: see migrate_to.)
-                &["Broken pipe", "Connection reset by peer", "without confirming the load", "no progress on"],
+                &[
+                    "Broken pipe",
+                    "Connection reset by peer",
+                    "without confirming the load",
+                    "did not confirm the load within",
+                    "no progress on",
+                ],
             );
         }
     }
