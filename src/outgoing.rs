@@ -731,7 +731,10 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     let limit = transport::stall_timeout();
     f.set_deadline(Some(stop_time + limit));
     let too_slow = |e: MigError| match e.errno() {
-        libc::ETIMEDOUT => e.context(format!("the VM was stopped for {} ms (the io timeout) and the stream is not out", limit.as_millis())),
+        // (A handler's own ETIMEDOUT before then is its own.)
+        libc::ETIMEDOUT if stop_time.elapsed() >= limit => {
+            e.context(format!("the VM was stopped for {} ms (the io timeout) and the stream is not out", limit.as_millis()))
+        }
         _ => e,
     };
     let before = f.tell();
