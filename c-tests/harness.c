@@ -345,6 +345,14 @@ static void check_bad_input(void)
     CHECK(err && strstr(error_get_pretty(err), "capability 'compress' is not supported") && !migrate_use_xbzrle(),
           "an unsupported capability is refused with its name");
     error_free(err), err = NULL;
+    /* A list that loops back on itself ends, refused. */
+    caps[1].capability = MIGRATION_CAPABILITY_XBZRLE;
+    l2.next = &l1;
+    qmp_migrate_set_capabilities(&l1, &err);
+    l2.next = NULL;
+    CHECK(err && strstr(error_get_pretty(err), "capability list longer than 4096 nodes") && !migrate_use_xbzrle(),
+          "a looping capability list: %s", err ? error_get_pretty(err) : "accepted");
+    error_free(err), err = NULL;
     /* A run state the host reports that is not a RunState (C lets an enum
      * hold any value) is refused with the value, not trusted. */
     fake_host.state = (RunState)42;

@@ -963,7 +963,8 @@ struct MigrationCapabilityStatusList *qmp_query_migrate_capabilities(struct Erro
 
 /*
  Applies a list of capability states, all or none. Refused while a
- migration runs and for capabilities livemig does not implement.
+ migration runs, for capabilities livemig does not implement, and for a
+ list of more than 4096 nodes.
  */
 void qmp_migrate_set_capabilities(struct MigrationCapabilityStatusList *params, struct Error **errp);
 

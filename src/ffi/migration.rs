@@ -222,8 +222,14 @@ pub extern "C" fn qmp_query_migrate_capabilities(errp: *mut *mut Error) -> *mut 
     })
 }
 
+/// Longest capability list taken: far more than the capabilities there
+/// are (a list may name one several times), and an end to a list that
+/// loops back on itself.
+const MAX_CAPABILITY_NODES: usize = 4096;
+
 /// Applies a list of capability states, all or none. Refused while a
-/// migration runs and for capabilities livemig does not implement.
+/// migration runs, for capabilities livemig does not implement, and for a
+/// list of more than 4096 nodes.
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_capabilities(params: *mut MigrationCapabilityStatusList, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_capabilities", errp, (), || {
@@ -232,6 +238,9 @@ pub extern "C" fn qmp_migrate_set_capabilities(params: *mut MigrationCapabilityS
         // SAFETY: the caller passes a well-formed, NULL-terminated list
         // that stays alive during the call; NULL values are refused.
         while let Some(n) = unsafe { node.as_ref() } {
+            if list.len() == MAX_CAPABILITY_NODES {
+                return Err(MigError::new(format!("capability list longer than {MAX_CAPABILITY_NODES} nodes (does it loop?)")));
+            }
             let v = n.value;
             if v.is_null() {
                 return Err(MigError::new("capability list node with a NULL value"));

@@ -78,9 +78,8 @@ impl PageCache {
     pub fn new(cache_size_bytes: u64) -> Result<PageCache, String> {
         let slots = slots_for(cache_size_bytes)?;
         let alloc_err = || format!("cannot allocate an xbzrle cache of {cache_size_bytes} bytes");
-        let mut items = Vec::new();
-        items.try_reserve_exact(slots).map_err(|_| alloc_err())?;
-        items.resize(slots, Item { addr: EMPTY, age: 0 });
+        // The pages first: a size the host cannot back fails here, before
+        // the slot table (a 16th of it) is filled for nothing.
         // Zeroed by the allocator, not by a pass over it: a large cache is
         // fresh zero pages from the kernel, touched only as slots fill (a
         // pass over 64 MiB took about 70 ms of the migration's setup).
@@ -94,6 +93,9 @@ impl PageCache {
         // SAFETY: `ptr` comes from the global allocator with the layout of
         // `len` bytes, all of them initialised (zero); the Vec owns it.
         let data = unsafe { Vec::from_raw_parts(ptr, len, len) };
+        let mut items = Vec::new();
+        items.try_reserve_exact(slots).map_err(|_| alloc_err())?;
+        items.resize(slots, Item { addr: EMPTY, age: 0 });
         log::debug!(target: "livemig::ram", "xbzrle cache: {slots} pages");
         Ok(PageCache { items, data })
     }
@@ -210,6 +212,24 @@ mod tests {
     fn resident_bytes() -> u64 {
         let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
         statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    }
+
+    fn peak_resident_bytes() -> u64 {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+        ru.ru_maxrss as u64 * 1024
+    }
+
+    #[test]
+    fn a_cache_too_large_to_back_fails_before_filling_its_slot_table() {
+        let before = peak_resident_bytes();
+        // 1 TiB: its slot table alone would be 4 GiB.
+        let Err(e) = PageCache::new(1 << 40) else { panic!("a 1 TiB cache on this host") };
+        assert_eq!(e, "cannot allocate an xbzrle cache of 1099511627776 bytes");
+        let grown = peak_resident_bytes().saturating_sub(before);
+        assert!(grown < 1 << 30, "the failed setup touched {grown} bytes");
     }
 
     #[test]
