@@ -1079,8 +1079,9 @@ bool livemig_incoming_cancel(void);
  pages, e.g. `MADV_DONTNEED` or punching holes in its file, is fine): the
  source learns at setup which memory backs the block, and sends pages it
  knows read as zero (untouched anonymous memory, holes of a mapped file)
- without reading them. Refused while a migration runs, and for memory
- that overlaps a registered block's.
+ without reading them. Refused while a migration runs, for memory that
+ overlaps a registered block's, and for memory this process has not
+ mapped readable and writable (checked in /proc/self/maps at the call).
  */
 bool livemig_ram_block_add(const char *idstr, void *host, uint64_t length, struct Error **errp);
 

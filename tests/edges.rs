@@ -15,10 +15,10 @@
 //!   closed on refusal) by the call, and a bad one is refused at once;
 //! - PART/END sections load as the version their START gave; a `unix:`
 //!   listener never replaces a file that is not a socket; an incoming
-//!   migration is refused while the VM runs; a RAM block too large for
-//!   its dirty bitmap to be allocated is refused, not an abort; any
-//!   negative code from the host (INT_MIN too) is an error; handlers'
-//!   pending amounts do not wrap around to a small sum;
+//!   migration is refused while the VM runs; a RAM block over memory not
+//!   mapped readable and writable is refused, not a fault; any negative
+//!   code from the host (INT_MIN too) is an error; handlers' pending
+//!   amounts do not wrap around to a small sum;
 //!   `migrate_fd_error` fails a migration at once, even under a low speed
 //!   limit, and even when made just before the thread waits out a window.
 //!
@@ -1329,35 +1329,48 @@ fn a_c_handler_gets_complete_or_cancel_never_both() {
 }
 
 #[test]
-fn a_ram_block_too_large_to_track_is_refused_not_an_abort() {
+fn a_ram_block_over_memory_not_mapped_is_refused_not_a_fault() {
     let _g = host();
-    // SAFETY: a fresh private anonymous page, unmapped below.
-    let page = unsafe { libc::mmap(null_mut(), PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-    assert_ne!(page, libc::MAP_FAILED);
-    // As long as it can be without wrapping: its dirty bitmap alone would
-    // be larger than the address space.
-    let huge = (u64::MAX - page as u64) & !(PAGE as u64 - 1);
+    // SAFETY: three fresh private anonymous pages, unmapped below.
+    let base =
+        unsafe { libc::mmap(null_mut(), 3 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(base, libc::MAP_FAILED);
+    let (page, mid) = (base as usize, base as usize + PAGE);
+    // The middle page inaccessible, the last one gone.
+    // SAFETY: pages of the mapping made above.
+    unsafe {
+        assert_eq!(libc::mprotect(mid as *mut c_void, PAGE, libc::PROT_NONE), 0);
+        assert_eq!(libc::munmap((page + 2 * PAGE) as *mut c_void, PAGE), 0);
+    }
     let mut err = null_mut();
-    assert!(!livemig::ffi::ram::livemig_ram_block_add(c"huge".as_ptr(), page, huge, &mut err));
-    let e = take_err(&mut err);
-    assert!(e.contains("ram block 'huge': cannot allocate a dirty bitmap"), "{e}");
+    let add = |len: u64, err: &mut *mut Error| livemig::ffi::ram::livemig_ram_block_add(c"holey".as_ptr(), base, len, err);
+    assert!(!add(2 * PAGE as u64, &mut err));
+    assert_eq!(
+        take_err(&mut err),
+        format!("ram block 'holey': its memory at 0x{mid:x}..0x{:x} is not mapped readable and writable in this process", mid + PAGE)
+    );
+    // As long as it can be without wrapping: past every mapping.
+    let huge = (u64::MAX - page as u64) & !(PAGE as u64 - 1);
+    assert!(!add(huge, &mut err));
+    assert!(take_err(&mut err).contains("is not mapped readable and writable"));
+    // A resizable block's memory is all of its maximum length.
     unsafe extern "C" fn resized(_: *mut c_void, _: *const std::ffi::c_char, _: u64) {}
     assert!(!livemig::ffi::ram::livemig_ram_block_add_resizable(
-        c"huge".as_ptr(),
-        page,
+        c"holey".as_ptr(),
+        base,
         PAGE as u64,
-        huge,
+        2 * PAGE as u64,
         Some(resized),
         null_mut(),
         &mut err
     ));
-    let e = take_err(&mut err);
-    assert!(e.contains("cannot allocate a dirty bitmap"), "{e}");
-    // Nothing was registered: the name and the memory are still free.
-    assert!(livemig::ffi::ram::livemig_ram_block_add(c"huge".as_ptr(), page, PAGE as u64, &mut err), "{}", take_err(&mut err));
-    assert!(livemig::ffi::ram::livemig_ram_block_remove(c"huge".as_ptr(), &mut err), "{}", take_err(&mut err));
-    // SAFETY: the page mapped above, no longer registered.
-    unsafe { libc::munmap(page, PAGE) };
+    assert!(take_err(&mut err).contains(&format!("its memory at 0x{mid:x}..")));
+    // Nothing was registered: the name and the memory are still free, and
+    // the page that is mapped registers.
+    assert!(add(PAGE as u64, &mut err), "{}", take_err(&mut err));
+    assert!(livemig::ffi::ram::livemig_ram_block_remove(c"holey".as_ptr(), &mut err), "{}", take_err(&mut err));
+    // SAFETY: the two pages still mapped, no longer registered.
+    unsafe { libc::munmap(base, 2 * PAGE) };
 }
 
 /// A live device with more to send than any link moves in a lifetime.

@@ -137,6 +137,31 @@ fn mappings(smaps: bool) -> Vec<Mapping> {
     std::fs::read_to_string(path).ok().and_then(|t| parse_smaps(&t)).unwrap_or_default()
 }
 
+/// The first range within `[start, end)` that this process has not mapped
+/// readable and writable, or None when it all is. None too when the
+/// mappings cannot be read: nothing is known then, and nothing refused.
+pub fn not_mapped_rw(start: usize, end: usize) -> Option<(usize, usize)> {
+    let maps = mappings(false);
+    if maps.is_empty() {
+        return None;
+    }
+    let mut at = start;
+    // /proc/self/maps lists the mappings in address order.
+    for m in maps.iter().filter(|m| m.hi > start && m.lo < end) {
+        if m.lo > at {
+            return Some((at, m.lo));
+        }
+        if !m.perms.starts_with("rw") {
+            return Some((at, m.hi.min(end)));
+        }
+        at = m.hi;
+        if at >= end {
+            return None;
+        }
+    }
+    (at < end).then_some((at, end))
+}
+
 impl Backing {
     /// The backing of `[start, start + len)`; the files it maps are opened
     /// (and held until the `Backing` is dropped).

@@ -256,6 +256,13 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
             "ram block '{idstr}': maximum length {max_length} must be a multiple of {TARGET_PAGE_SIZE} and at least {length}"
         )));
     }
+    // Memory that is not there would be a fault of the migration thread
+    // (source) or of the loader (destination), not an error.
+    if let Some((lo, hi)) = backing::not_mapped_rw(host as usize, host as usize + max_length as usize) {
+        return Err(MigError::new(format!(
+            "ram block '{idstr}': its memory at 0x{lo:x}..0x{hi:x} is not mapped readable and writable in this process"
+        )));
+    }
     let mut b = BLOCKS.lock();
     busy_check()?;
     if b.iter().any(|x| x.idstr == idstr) {
