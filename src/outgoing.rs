@@ -165,12 +165,15 @@ pub fn start(target: Target) -> Result<()> {
     // holds the host lock, which a host's run-state callback may want.
     let runstate = host::get()?.runstate()?;
     let mut o = OUT.lock();
-    if let Some((_, msg)) = o.blockers.last() {
-        // The newest blocker, as QEMU reports it.
-        return Err(MigError::new(msg.clone()));
-    }
     // Until this side has left idle, the other cannot (see STARTING).
     let starting = crate::state::STARTING.lock();
+    // The refusals in QEMU 7.2's order (migrate_prepare): a migration in
+    // progress, the run state, then the blockers.
+    const IN_PROGRESS: &str = "There's a migration process in progress";
+    let prev = OUTGOING.status();
+    if !prev.is_idle() {
+        return Err(MigError::new(IN_PROGRESS));
+    }
     // As QEMU 7.2, also by the run state: a VM in inmigrate (waiting for
     // an incoming migration, or left there by one that failed) holds no
     // state worth sending.
@@ -181,9 +184,12 @@ pub fn start(target: Target) -> Result<()> {
         // As QEMU: this VM's state went to a destination already.
         return Err(MigError::new("Can't migrate the vm that was paused due to previous migration"));
     }
-    let prev = OUTGOING.status();
-    if !prev.is_idle() || !OUTGOING.cas(prev, S::Setup) {
-        return Err(MigError::new("There's a migration process in progress"));
+    if let Some((_, msg)) = o.blockers.last() {
+        // The newest blocker, as QEMU reports it.
+        return Err(MigError::new(msg.clone()));
+    }
+    if !OUTGOING.cas(prev, S::Setup) {
+        return Err(MigError::new(IN_PROGRESS));
     }
     drop(starting);
     if let Some(t) = o.thread.take() {

@@ -1543,3 +1543,22 @@ fn a_confirmation_completed_after_the_io_timeout_counts_as_none() {
     assert_eq!(stays_stopped, (starts, RunState::Postmigrate), "the VM stays stopped");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+#[test]
+fn qmp_migrate_checks_the_run_state_before_the_blockers() {
+    let _g = host();
+    // QEMU 7.2's migrate_prepare: a migration in progress, then the run
+    // state (inmigrate, postmigrate), then the blockers.
+    let reason = CString::new("device 'x' cannot migrate").unwrap();
+    let reason = error_new(reason.as_ptr());
+    let mut err = null_mut();
+    assert_eq!(api::migrate_add_blocker(reason, &mut err), 0);
+    set_state(RunState::Inmigrate);
+    assert_eq!(migrate("exec:cat > /dev/null"), "Guest is waiting for an incoming migration");
+    set_state(RunState::Postmigrate);
+    assert_eq!(migrate("exec:cat > /dev/null"), "Can't migrate the vm that was paused due to previous migration");
+    set_state(RunState::Running);
+    assert_eq!(migrate("exec:cat > /dev/null"), "device 'x' cannot migrate");
+    api::migrate_del_blocker(reason);
+    error_free(reason);
+}
