@@ -410,7 +410,7 @@ typedef struct MigrationStats {
    */
   int64_t transferred;
   /*
-   Dirty bytes left.
+   Dirty bytes left (0 once completed).
    */
   int64_t remaining;
   /*
@@ -430,7 +430,7 @@ typedef struct MigrationStats {
    */
   int64_t normal_bytes;
   /*
-   Pages dirtied per second.
+   Pages dirtied per second (0 once completed, as in QEMU 7.2).
    */
   int64_t dirty_pages_rate;
   /*

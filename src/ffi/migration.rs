@@ -306,7 +306,13 @@ fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
         // cancelling, and once completed. In setup and once cancelled only
         // the status, once failed the status and the error.
         if matches!(status, MigrationStatus::Active | MigrationStatus::Cancelling | MigrationStatus::Completed) {
-            let (ram, xbz) = crate::ram::query_stats(&st);
+            let (mut ram, xbz) = crate::ram::query_stats(&st);
+            if status == MigrationStatus::Completed {
+                // As QEMU 7.2 (populate_ram_info): nothing is left to send
+                // once completed, and no dirty rate is reported.
+                ram.remaining = 0;
+                ram.dirty_pages_rate = 0;
+            }
             info.has_ram = true;
             info.ram = Box::into_raw(Box::new(ram));
             if let Some(x) = xbz {

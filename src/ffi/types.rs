@@ -146,7 +146,7 @@ pub struct SaveVMHandlers {
 pub struct MigrationStats {
     /// RAM bytes sent.
     pub transferred: i64,
-    /// Dirty bytes left.
+    /// Dirty bytes left (0 once completed).
     pub remaining: i64,
     /// Total RAM bytes.
     pub total: i64,
@@ -156,7 +156,7 @@ pub struct MigrationStats {
     pub normal: i64,
     /// Bytes of full pages sent.
     pub normal_bytes: i64,
-    /// Pages dirtied per second.
+    /// Pages dirtied per second (0 once completed, as in QEMU 7.2).
     pub dirty_pages_rate: i64,
     /// Throughput, megabits per second.
     pub mbps: f64,
