@@ -975,8 +975,9 @@ void qapi_free_MigrationCapabilityStatusList(struct MigrationCapabilityStatusLis
 
 /*
  The state and figures of the outgoing migration or, if none has run in
- this process, of the incoming one (as QEMU 7.2). Free with
- `qapi_free_MigrationInfo`.
+ this process, of the incoming one (as QEMU 7.2, whose destination has
+ no status while it waits for the stream: `livemig_query_incoming`
+ reports that as SETUP). Free with `qapi_free_MigrationInfo`.
  */
 struct MigrationInfo *qmp_query_migrate(struct Error **errp);
 

@@ -343,17 +343,20 @@ fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
 }
 
 /// The state and figures of the outgoing migration or, if none has run in
-/// this process, of the incoming one (as QEMU 7.2). Free with
-/// `qapi_free_MigrationInfo`.
+/// this process, of the incoming one (as QEMU 7.2, whose destination has
+/// no status while it waits for the stream: `livemig_query_incoming`
+/// reports that as SETUP). Free with `qapi_free_MigrationInfo`.
 #[no_mangle]
 pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo {
     guard_err("qmp_query_migrate", errp, null_mut(), || {
         let out = OUTGOING.status();
-        let info = if out == MigrationStatus::None && INCOMING.status() != MigrationStatus::None {
-            info_for(INCOMING.status(), true)
-        } else {
-            info_for(out, false)
+        // A destination that listens is NONE to QEMU 7.2 until the stream
+        // arrives (it goes from NONE to ACTIVE): no status, as QEMU shows.
+        let inc = match INCOMING.status() {
+            MigrationStatus::Setup => MigrationStatus::None,
+            s => s,
         };
+        let info = if out == MigrationStatus::None && inc != MigrationStatus::None { info_for(inc, true) } else { info_for(out, false) };
         Ok(Box::into_raw(Box::new(info)))
     })
 }

@@ -1,0 +1,43 @@
+//! qmp_query_migrate on a destination, where no outgoing migration has run
+//! in the process: what QEMU 7.2 shows (fill_destination_migration_info).
+
+mod common;
+
+use std::ffi::CString;
+use std::ptr::null_mut;
+use std::sync::atomic::Ordering;
+
+use common::*;
+use livemig::ffi::migration as api;
+use livemig::host::RunState;
+use livemig::state::MigrationStatus;
+
+/// (has_status, status) of qmp_query_migrate, or of livemig_query_incoming.
+fn status(incoming_api: bool) -> (bool, MigrationStatus) {
+    let mut err = null_mut();
+    let i = if incoming_api { api::livemig_query_incoming(&mut err) } else { api::qmp_query_migrate(&mut err) };
+    assert!(!i.is_null());
+    // SAFETY: a MigrationInfo from livemig, freed right after.
+    let r = unsafe { ((*i).has_status, (*i).status) };
+    api::qapi_free_MigrationInfo(i);
+    r
+}
+
+#[test]
+fn a_listening_destination_shows_no_status_until_the_stream_arrives() {
+    let _g = host();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let uri = CString::new("tcp:127.0.0.1:0").unwrap();
+    let mut err = null_mut();
+    api::qemu_start_incoming_migration(uri.as_ptr(), &mut err);
+    assert!(err.is_null());
+    // QEMU 7.2 leaves the incoming state NONE until a connection arrives
+    // (process_incoming_migration_co goes from NONE to ACTIVE): no status.
+    let (has_status, st) = status(false);
+    assert!(!has_status, "qmp_query_migrate while listening: {st:?}");
+    // livemig's own query tells the listener apart.
+    assert_eq!(status(true), (true, MigrationStatus::Setup));
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(status(false), (true, MigrationStatus::Failed));
+}
