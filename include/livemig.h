@@ -924,7 +924,9 @@ void migrate_fd_error(struct MigrationState *s, const struct Error *error);
  the end of the stream: from then on the destination may load it and
  start the VM, so the source must not run it again (the cancel is
  logged and ignored; the migration ends COMPLETED, or FAILED if the
- stream itself fails).
+ stream itself fails). Ignored too once the migration has failed, or
+ the host has reported an error (`migrate_fd_error`): it ends FAILED
+ with that error.
  */
 void qmp_migrate_cancel(struct Error **errp);
 

@@ -250,13 +250,17 @@ pub fn start(target: Target) -> Result<()> {
 }
 
 /// Requests a cancel; the migration thread carries it out. Ignored once
-/// the end of the stream is being sent (see `Outgoing::committed`), or
-/// once a failed migration's end is decided (`Outgoing::settled`).
+/// the end of the stream is being sent (see `Outgoing::committed`), once
+/// a failed migration's end is decided (`Outgoing::settled`), and once
+/// the host has reported an error (`migrate_fd_error`): the migration
+/// fails with it.
 pub fn cancel() {
     let o = OUT.lock();
-    if o.committed || o.settled {
+    if o.committed || o.settled || o.host_error.is_some() {
         if o.committed && OUTGOING.status() == S::Active {
             log::warn!("cancel ignored: the switchover is sending the end of the stream");
+        } else if o.host_error.is_some() {
+            log::info!("cancel ignored: the migration fails with the host's error");
         }
         return;
     }

@@ -1437,6 +1437,29 @@ fn migrate_fd_error_fails_a_slow_migration_at_once() {
     assert_eq!(state(), RunState::Running);
 }
 
+#[test]
+fn a_cancel_after_migrate_fd_error_leaves_the_hosts_error() {
+    let _g = host();
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(10_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
+    // The host reports its error and then cancels, before the migration
+    // thread has acted on the error: the migration fails with it.
+    let e = error_new(c"disk gone".as_ptr());
+    api::migrate_fd_error(api::migrate_get_current(), e);
+    error_free(e);
+    api::qmp_migrate_cancel(&mut err);
+    assert_eq!(take_err(&mut err), "");
+    let end = wait_final(false, 30);
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(end, MigrationStatus::Failed);
+    assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
+    assert_eq!(state(), RunState::Running);
+}
+
 /// When the live handler below reported the host's error (see its
 /// `pending`); None until then.
 static REPORTED_AT: Mutex<Option<Instant>> = Mutex::new(None);

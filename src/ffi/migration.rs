@@ -163,7 +163,9 @@ pub extern "C" fn migrate_fd_error(s: *mut MigrationState, error: *const Error) 
 /// the end of the stream: from then on the destination may load it and
 /// start the VM, so the source must not run it again (the cancel is
 /// logged and ignored; the migration ends COMPLETED, or FAILED if the
-/// stream itself fails).
+/// stream itself fails). Ignored too once the migration has failed, or
+/// the host has reported an error (`migrate_fd_error`): it ends FAILED
+/// with that error.
 #[no_mangle]
 pub extern "C" fn qmp_migrate_cancel(errp: *mut *mut Error) {
     guard_err("qmp_migrate_cancel", errp, (), || {
