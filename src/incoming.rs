@@ -175,12 +175,26 @@ fn run(host: Host, source: Source) {
     };
     let (mut result, mut file) = match file {
         Ok(mut f) => {
-            if INCOMING.cas(S::Setup, S::Active) {
+            // The VM was checked stopped when the migration started, but
+            // the source may come much later: the host may have started
+            // its VM meanwhile (its run state stays what it was until
+            // here). Checked again under the host lock, where the run
+            // state becomes inmigrate: nothing is loaded under running
+            // vCPUs, and a running VM is never started again.
+            let running = {
                 let _l = host.lock();
-                host.runstate_set(RunState::Inmigrate);
-                notify(S::Active, true);
-            }
-            let r = crate::contain_panic("incoming migration", || crate::loadvm::load_stream(&mut f, Some(&host)));
+                let running = host.runstate_is_running();
+                if !running && INCOMING.cas(S::Setup, S::Active) {
+                    host.runstate_set(RunState::Inmigrate);
+                    notify(S::Active, true);
+                }
+                running
+            };
+            let r = if running {
+                Err(MigError::new("the VM was started while waiting for the incoming migration: the stream is not loaded"))
+            } else {
+                crate::contain_panic("incoming migration", || crate::loadvm::load_stream(&mut f, Some(&host)))
+            };
             (settle_cancel(r), Some(f))
         }
         Err(e) => (Err(e), None),

@@ -15,7 +15,8 @@
 //!   closed on refusal) by the call, and a bad one is refused at once;
 //! - PART/END sections load as the version their START gave; a `unix:`
 //!   listener never replaces a file that is not a socket; an incoming
-//!   migration is refused while the VM runs; a RAM block over memory not
+//!   migration is refused while the VM runs, and fails unloaded if the
+//!   host starts its VM before the source connects; a RAM block over memory not
 //!   mapped readable and writable is refused, not a fault; any negative
 //!   code from the host (INT_MIN too) is an error; handlers' pending
 //!   amounts do not wrap around to a small sum;
@@ -647,6 +648,30 @@ fn an_incoming_migration_is_refused_while_the_vm_runs() {
     // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
     assert_eq!(unsafe { libc::fcntl(n, libc::F_GETFD) }, -1, "fd:{n} is closed");
     assert_eq!(INCOMING.status(), before, "nothing started");
+}
+
+#[test]
+fn a_vm_started_while_the_destination_waits_for_the_source_is_not_loaded_into() {
+    let _g = host();
+    let dir = tmp("started-while-listening");
+    let stream = std::fs::read(stream_file(&dir)).unwrap();
+    set_state(RunState::Prelaunch);
+    livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();
+    let port = livemig::incoming::local_port().unwrap();
+    // The host starts its VM while the destination listens (a `cont` from
+    // prelaunch): the stream must not be loaded under running vCPUs, nor
+    // the running VM started again.
+    set_state(RunState::Running);
+    let starts = STARTS.load(Ordering::SeqCst);
+    let mut src = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _ = std::io::Write::write_all(&mut src, &stream);
+    drop(src);
+    assert_eq!(wait_final(true, 30), MigrationStatus::Failed);
+    let e = livemig::incoming::error().unwrap_or_default();
+    assert!(e.contains("the VM was started while waiting for the incoming migration"), "{e}");
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts, "vm_start is not called on a running VM");
+    assert_eq!(state(), RunState::Running, "the host's run state is left alone");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

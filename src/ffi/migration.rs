@@ -480,7 +480,8 @@ pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
 /// free port, `unix:PATH`, `exec:CMD`, `fd:N`/`fd:NAME`). Listens (or spawns)
 /// and returns; a livemig thread loads the stream, then starts the VM or
 /// sets its run state. Errors in the URI or binding are reported here, and
-/// so is a VM that is running (loading would write under its vCPUs);
+/// so is a VM that is running (loading would write under its vCPUs; a VM
+/// started before the source connects fails the migration, unloaded);
 /// errors in the stream end in FAILED (see `livemig_query_incoming`). A
 /// socket at a `unix:` path is replaced, as QEMU replaces it, even if
 /// another listener still uses it; anything else there is refused. `fd:N`
