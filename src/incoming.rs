@@ -173,6 +173,9 @@ fn run(host: Host, source: Source) {
         Source::File(f) => Ok(f),
         Source::Listener(l) => l.accept().map(|c| QemuFile::new(c, Direction::Read)),
     };
+    // The listener is closed once the source is accepted (or the wait for
+    // it failed): no port is listened on any more.
+    IN.lock().port = None;
     let (mut result, mut file) = match file {
         Ok(mut f) => {
             // The VM was checked stopped when the migration started, but

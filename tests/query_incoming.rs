@@ -41,3 +41,29 @@ fn a_listening_destination_shows_no_status_until_the_stream_arrives() {
     assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
     assert_eq!(status(false), (true, MigrationStatus::Failed));
 }
+
+#[test]
+fn the_incoming_port_is_gone_once_the_source_is_accepted() {
+    let _g = host();
+    // The load waits for the source for as long as this test needs.
+    livemig::transport::set_stall_timeout(60_000).unwrap();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let uri = CString::new("tcp:127.0.0.1:0").unwrap();
+    let mut err = null_mut();
+    api::qemu_start_incoming_migration(uri.as_ptr(), &mut err);
+    assert!(err.is_null());
+    let port = api::livemig_incoming_port();
+    assert!(port > 0, "listening: {port}");
+    // The header, then nothing: the load waits for the rest.
+    let mut src = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+    std::io::Write::write_all(&mut src, &[0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]).unwrap();
+    wait_until(10, "the incoming ACTIVE", || livemig::state::INCOMING.status() == MigrationStatus::Active);
+    // The listener was closed when the source was accepted.
+    assert_eq!(api::livemig_incoming_port(), -1, "no listener once the source is accepted");
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(api::livemig_incoming_port(), -1);
+    drop(src);
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}
