@@ -913,7 +913,11 @@ void migrate_fd_connect(struct MigrationState *s, struct QEMUFile *f, struct Err
 
 /*
  Fails the current migration with `error`'s message (or a generic one):
- the source VM is restarted and the state becomes FAILED.
+ the source VM is restarted and the state becomes FAILED. The migration
+ thread stops at once, also while it waits out a spent window under the
+ speed limit, and a later `qmp_migrate_cancel` does not turn it into
+ CANCELLED. No effect when no migration runs, nor, as for a cancel,
+ once the switchover is sending the end of the stream.
  */
 void migrate_fd_error(struct MigrationState *s, const struct Error *error);
 
@@ -1063,7 +1067,8 @@ void process_incoming_migration(struct QEMUFile *f);
 
 /*
  The TCP port of the incoming listener (useful with port 0), or -1 (no
- listener, or the incoming migration has ended).
+ listener: none was started, the source has been accepted, or the
+ incoming migration has ended).
  */
 int32_t livemig_incoming_port(void);
 
@@ -1115,7 +1120,8 @@ bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length,
  incoming stream may set any used length up to the maximum that is a
  non-zero multiple of 4096; `resized` (required) is then called with the
  new length. Longer lengths are refused with QEMU's "Size too large"
- message, other lengths with "Invalid size".
+ message, other lengths with "Invalid size". Refused as
+ `livemig_ram_block_add` refuses, over all `max_length` bytes.
  */
 bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t used_length, uint64_t max_length, LivemigRamResized resized, void *opaque, struct Error **errp);
 

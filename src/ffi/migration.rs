@@ -145,7 +145,11 @@ pub extern "C" fn migrate_fd_connect(s: *mut MigrationState, f: *mut crate::qemu
 }
 
 /// Fails the current migration with `error`'s message (or a generic one):
-/// the source VM is restarted and the state becomes FAILED.
+/// the source VM is restarted and the state becomes FAILED. The migration
+/// thread stops at once, also while it waits out a spent window under the
+/// speed limit, and a later `qmp_migrate_cancel` does not turn it into
+/// CANCELLED. No effect when no migration runs, nor, as for a cancel,
+/// once the switchover is sending the end of the stream.
 #[no_mangle]
 pub extern "C" fn migrate_fd_error(s: *mut MigrationState, error: *const Error) {
     guard("migrate_fd_error", (), || {
@@ -517,7 +521,8 @@ pub extern "C" fn process_incoming_migration(f: *mut crate::qemu_file::QemuFile)
 }
 
 /// The TCP port of the incoming listener (useful with port 0), or -1 (no
-/// listener, or the incoming migration has ended).
+/// listener: none was started, the source has been accepted, or the
+/// incoming migration has ended).
 #[no_mangle]
 pub extern "C" fn livemig_incoming_port() -> i32 {
     guard("livemig_incoming_port", -1, || incoming::local_port().map_or(-1, i32::from))

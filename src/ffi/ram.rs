@@ -60,7 +60,8 @@ pub type LivemigRamResized = Option<unsafe extern "C" fn(opaque: *mut c_void, id
 /// incoming stream may set any used length up to the maximum that is a
 /// non-zero multiple of 4096; `resized` (required) is then called with the
 /// new length. Longer lengths are refused with QEMU's "Size too large"
-/// message, other lengths with "Invalid size".
+/// message, other lengths with "Invalid size". Refused as
+/// `livemig_ram_block_add` refuses, over all `max_length` bytes.
 #[no_mangle]
 pub extern "C" fn livemig_ram_block_add_resizable(
     idstr: *const c_char,
