@@ -6,7 +6,9 @@
 //! registered handlers and then, per the received globalstate and the
 //! host's autostart choice, starts the VM or sets its run state. A stream
 //! that cannot be loaded ends in FAILED with the reason; the VM is not
-//! started and nothing exits.
+//! started and nothing exits. The VM, checked stopped at the start, is
+//! checked again when the source connects: one the host started meanwhile
+//! fails the migration before anything is loaded, and is left running.
 
 use std::thread::JoinHandle;
 

@@ -9,7 +9,10 @@
 //! see [`should_iterate`] and [`Rates`]); once the rest
 //! fits in the downtime limit it switches over under the host lock: wake the
 //! guest, stop the VM (FINISH_MIGRATE), lift the rate limit, write END and
-//! FULL sections, EOF. A failure or cancel at any point cancels the
+//! FULL sections, EOF (no wait for the destination goes past the io
+//! timeout counted from stopping the VM). A new
+//! speed limit applies at once to the window in progress. A failure, a
+//! host error (`migrate_fd_error`) or a cancel at any point cancels the
 //! handlers and restarts a VM that was running. All cleanup runs on this
 //! thread; the host needs no event loop.
 

@@ -105,15 +105,20 @@ pub trait SaveVmHandler: Send {
     fn save_state(&mut self, _f: &mut QemuFile) -> Result<()> {
         Ok(())
     }
-    /// The migration failed or was cancelled after setup.
+    /// The migration failed or was cancelled after setup. A panic here is
+    /// logged and keeps no other handler from being cancelled.
     fn cancel(&mut self) {}
-    /// The migration is over, whatever its outcome (after `cancel`).
+    /// The migration is over, whatever its outcome (after `cancel`). A
+    /// panic here is logged and keeps no other handler from being cleaned
+    /// up.
     fn cleanup(&mut self) {}
     /// Reads one section's payload.
     fn load(&mut self, f: &mut QemuFile, version_id: u32, kind: SectionKind) -> Result<()>;
     /// A load is starting (reset per-stream state).
     fn load_begin(&mut self) {}
-    /// The load is over, whatever its outcome (release per-stream state).
+    /// The load is over, whatever its outcome (release per-stream state):
+    /// called for every handler whose `load_begin` returned, also when
+    /// another handler's `load_begin` or `load_end` panicked.
     fn load_end(&mut self) {}
     /// True when `load` may run without the host lock (RAM).
     fn load_without_host_lock(&self) -> bool {
