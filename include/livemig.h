@@ -332,7 +332,9 @@ typedef struct LivemigHostOps {
   /*
    Optional: the current run state (sent in "globalstate"); without it
    livemig sends running or paused, and cannot tell a VM in
-   postmigrate, which `qmp_migrate` then does not refuse. A value
+   postmigrate or inmigrate (left there by a failed incoming
+   migration), which `qmp_migrate` then does not refuse (it refuses
+   while an incoming migration runs all the same). A value
    that is not a `RunState` is refused: `qmp_migrate` (or the
    switchover, which then fails the migration) reports it.
    */
