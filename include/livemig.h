@@ -672,7 +672,8 @@ typedef struct SaveVMHandlers {
   uint64_t (*save_live_pending)(struct QEMUFile *f, void *opaque, uint64_t max_size);
   /*
    Optional: the migration failed or was cancelled before this
-   handler's `save_live_complete` succeeded. Each migration that ran
+   handler's `save_live_complete` succeeded (returned 0 or more, even
+   if the stream failed during it). Each migration that ran
    `save_live_setup` ends for the handler in exactly one of the two
    (a failure after a successful complete, e.g. a closing `exec:`
    command that exits non-zero, calls no `cancel`), so either may free

@@ -127,7 +127,8 @@ pub struct SaveVMHandlers {
     /// within the downtime limit, as in QEMU.
     pub save_live_pending: Option<unsafe extern "C" fn(f: *mut QemuFile, opaque: *mut c_void, max_size: u64) -> u64>,
     /// Optional: the migration failed or was cancelled before this
-    /// handler's `save_live_complete` succeeded. Each migration that ran
+    /// handler's `save_live_complete` succeeded (returned 0 or more, even
+    /// if the stream failed during it). Each migration that ran
     /// `save_live_setup` ends for the handler in exactly one of the two
     /// (a failure after a successful complete, e.g. a closing `exec:`
     /// command that exits non-zero, calls no `cancel`), so either may free
