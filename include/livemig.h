@@ -621,8 +621,9 @@ typedef struct Notifier {
 } Notifier;
 
 /*
- Called when an incoming stream changes the used length of a resizable
- block (on the incoming thread, without the host lock).
+ Called when an incoming stream changes the length of a resizable block,
+ with the length as the stream gives it, which need not be whole pages
+ (on the incoming thread, without the host lock).
  */
 typedef void (*LivemigRamResized)(void *opaque, const char *idstr, uint64_t new_length);
 
@@ -1120,11 +1121,13 @@ bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length,
 /*
  Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
  `used_length` bytes now, up to `max_length` mapped at `host`. An
- incoming stream may set any used length up to the maximum that is a
- non-zero multiple of 4096; `resized` (required) is then called with the
- new length. Longer lengths are refused with QEMU's "Size too large"
- message, other lengths with "Invalid size". Refused as
- `livemig_ram_block_add` refuses, over all `max_length` bytes.
+ incoming stream may give it any non-zero length that, rounded up to
+ 4096, is at most the maximum, as QEMU 7.2 takes it: the used length
+ becomes the rounded one, and `resized` (required) is called with the
+ length as given (which need not be whole pages) whenever that changes.
+ Longer lengths are refused with QEMU's "Size too large" message, 0 with
+ "Invalid size". Refused as `livemig_ram_block_add` refuses, over all
+ `max_length` bytes.
  */
 bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t used_length, uint64_t max_length, LivemigRamResized resized, void *opaque, struct Error **errp);
 

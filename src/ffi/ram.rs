@@ -51,17 +51,20 @@ pub extern "C" fn livemig_ram_mark_dirty(idstr: *const c_char, offset: u64, leng
     })
 }
 
-/// Called when an incoming stream changes the used length of a resizable
-/// block (on the incoming thread, without the host lock).
+/// Called when an incoming stream changes the length of a resizable block,
+/// with the length as the stream gives it, which need not be whole pages
+/// (on the incoming thread, without the host lock).
 pub type LivemigRamResized = Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, new_length: u64)>;
 
 /// Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
 /// `used_length` bytes now, up to `max_length` mapped at `host`. An
-/// incoming stream may set any used length up to the maximum that is a
-/// non-zero multiple of 4096; `resized` (required) is then called with the
-/// new length. Longer lengths are refused with QEMU's "Size too large"
-/// message, other lengths with "Invalid size". Refused as
-/// `livemig_ram_block_add` refuses, over all `max_length` bytes.
+/// incoming stream may give it any non-zero length that, rounded up to
+/// 4096, is at most the maximum, as QEMU 7.2 takes it: the used length
+/// becomes the rounded one, and `resized` (required) is called with the
+/// length as given (which need not be whole pages) whenever that changes.
+/// Longer lengths are refused with QEMU's "Size too large" message, 0 with
+/// "Invalid size". Refused as `livemig_ram_block_add` refuses, over all
+/// `max_length` bytes.
 #[no_mangle]
 pub extern "C" fn livemig_ram_block_add_resizable(
     idstr: *const c_char,

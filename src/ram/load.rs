@@ -121,16 +121,7 @@ impl Loader {
             f.check()?;
             let name_s = String::from_utf8_lossy(&name).into_owned();
             let b = self.find(&name).ok_or_else(|| MigError::new(format!("Unknown ramblock \"{name_s}\", cannot accept migration")))?;
-            if len != b.length() {
-                if !b.resizable() {
-                    return Err(MigError::new(format!(
-                        "Size mismatch: {name_s}: 0x{len:x} != 0x{:x}: Invalid argument (ram block '{name_s}': stream says {len} bytes, host registered {})",
-                        b.length(),
-                        b.length()
-                    )));
-                }
-                b.resize(len)?;
-            }
+            b.resize(len)?;
             left = left
                 .checked_sub(len)
                 .ok_or_else(|| MigError::new(format!("ram: MEM_SIZE total 0x{total:x} is less than the listed blocks")))?;

@@ -71,6 +71,9 @@ pub struct RamBlock {
     host: usize,
     /// Used length in bytes (a multiple of the page size).
     used: AtomicU64,
+    /// The length last given for it, which a stream may give in bytes
+    /// (QEMU's memory region size): `used` is it rounded up to a page.
+    size: AtomicU64,
     /// Largest length a resizable block may take (= used for the others).
     max_length: u64,
     /// Told when an incoming stream resizes the block.
@@ -151,38 +154,53 @@ impl RamBlock {
         self.max_length
     }
 
-    /// Sets the used length of a resizable block (QEMU's qemu_ram_resize),
-    /// telling the host; refused above the maximum, with QEMU's message,
-    /// and when not a non-zero whole number of pages.
+    /// Takes the length an incoming stream gives the block, as QEMU 7.2's
+    /// `qemu_ram_resize` does: the used length becomes it rounded up to a
+    /// page; a fixed block accepts only a length that rounds to its own, a
+    /// resizable one any up to its maximum (QEMU's messages otherwise).
+    /// The host of a resizable block is told the length as given (which
+    /// need not be whole pages, e.g. ACPI tables) whenever it changes.
+    /// A length of 0 is refused (QEMU would empty the block).
     pub fn resize(&self, new_length: u64) -> Result<()> {
-        let Some(r) = self.resized else {
+        // Past u64::MAX when rounded: larger than any maximum.
+        let aligned = new_length.checked_next_multiple_of(TARGET_PAGE_SIZE).unwrap_or(u64::MAX);
+        if aligned == self.length() {
+            if new_length != self.size.swap(new_length, Ordering::AcqRel) {
+                self.tell_resized(new_length);
+            }
+            return Ok(());
+        }
+        if self.resized.is_none() {
             return Err(MigError::new(format!(
-                "Size mismatch: {}: 0x{new_length:x} != 0x{:x}: Invalid argument (ram block '{}' is not resizable)",
+                "Size mismatch: {}: 0x{aligned:x} != 0x{:x}: Invalid argument (ram block '{}': stream says {new_length} bytes, host registered {})",
                 self.idstr,
                 self.length(),
-                self.idstr
+                self.idstr,
+                self.length()
             )));
-        };
-        if new_length > self.max_length {
+        }
+        if aligned > self.max_length {
             return Err(MigError::new(format!(
-                "Size too large: {}: 0x{new_length:x} > 0x{:x}: Invalid argument",
+                "Size too large: {}: 0x{aligned:x} > 0x{:x}: Invalid argument",
                 self.idstr, self.max_length
             )));
         }
-        if new_length == 0 || !new_length.is_multiple_of(TARGET_PAGE_SIZE) {
-            return Err(MigError::new(format!(
-                "Invalid size: {}: 0x{new_length:x} is not a non-zero multiple of the page size (0x{TARGET_PAGE_SIZE:x})",
-                self.idstr
-            )));
+        if aligned == 0 {
+            return Err(MigError::new(format!("Invalid size: {}: 0x0: a block cannot be emptied", self.idstr)));
         }
-        if new_length != self.length() {
-            self.used.store(new_length, Ordering::Release);
-            let name = std::ffi::CString::new(self.idstr.as_str()).expect("no NUL in block names");
-            // SAFETY: the host registered this callback and opaque pointer
-            // with the block; the name lives across the call.
-            unsafe { (r.f)(r.opaque as *mut std::ffi::c_void, name.as_ptr(), new_length) };
-        }
+        self.used.store(aligned, Ordering::Release);
+        self.size.store(new_length, Ordering::Release);
+        self.tell_resized(new_length);
         Ok(())
+    }
+
+    /// Tells the host of a resizable block its new length.
+    fn tell_resized(&self, length: u64) {
+        let Some(r) = self.resized else { return };
+        let name = std::ffi::CString::new(self.idstr.as_str()).expect("no NUL in block names");
+        // SAFETY: the host registered this callback and opaque pointer
+        // with the block; the name lives across the call.
+        unsafe { (r.f)(r.opaque as *mut std::ffi::c_void, name.as_ptr(), length) };
     }
 
     /// An unregistered block over `len` bytes at `host`, for unit tests.
@@ -192,6 +210,7 @@ impl RamBlock {
             idstr: idstr.to_string(),
             host: host as usize,
             used: AtomicU64::new(len),
+            size: AtomicU64::new(len),
             max_length: len,
             resized: None,
             marks: Mutex::new(DirtyBitmap::new((len / TARGET_PAGE_SIZE) as usize)),
@@ -284,6 +303,7 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
         idstr: idstr.to_string(),
         host: host as usize,
         used: AtomicU64::new(length),
+        size: AtomicU64::new(length),
         max_length,
         resized,
         marks: Mutex::new(marks),
