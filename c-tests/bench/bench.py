@@ -85,6 +85,9 @@ class Qmp:
                 if time.time() > end:
                     raise
                 time.sleep(0.02)
+        # Every reply within two minutes: a QEMU that stops answering
+        # fails the run instead of hanging it.
+        self.s.settimeout(120)
         self.f = self.s.makefile("rw")
         self.f.readline()
         self.cmd("qmp_capabilities")
