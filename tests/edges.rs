@@ -1438,51 +1438,50 @@ fn handlers_pending_amounts_do_not_wrap_around_to_a_small_sum() {
     assert_eq!(end, MigrationStatus::Cancelled);
 }
 
-#[test]
-fn migrate_fd_error_fails_a_slow_migration_at_once() {
-    let _g = host();
+/// A migration under a 10 kB/s limit (the stream's buffer goes out every
+/// few seconds) to which the host reports "disk gone" once ACTIVE, after
+/// `settle`, then cancels if `cancel_after`: its end, and how long after
+/// the report it came. The VM must run again.
+fn slow_migration_with_host_error(settle: Duration, cancel_after: bool) -> (MigrationStatus, Duration) {
     let mut err = null_mut();
-    // Under this limit the stream's buffer goes out every few seconds.
     api::qmp_migrate_set_speed(10_000, &mut err);
     assert_eq!(take_err(&mut err), "");
     assert_eq!(migrate("exec:cat > /dev/null"), "");
     wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(settle);
     let e = error_new(c"disk gone".as_ptr());
     let t = Instant::now();
     api::migrate_fd_error(api::migrate_get_current(), e);
     error_free(e);
+    if cancel_after {
+        api::qmp_migrate_cancel(&mut err);
+        assert_eq!(take_err(&mut err), "");
+    }
     let end = wait_final(false, 30);
     let took = t.elapsed();
     api::qmp_migrate_set_speed(128 << 20, &mut err);
     assert_eq!(take_err(&mut err), "");
+    assert_eq!(state(), RunState::Running);
+    (end, took)
+}
+
+#[test]
+fn migrate_fd_error_fails_a_slow_migration_at_once() {
+    let _g = host();
+    let (end, took) = slow_migration_with_host_error(Duration::from_millis(300), false);
     assert_eq!(end, MigrationStatus::Failed);
     assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
     assert!(took < Duration::from_secs(1), "FAILED {took:?} after migrate_fd_error");
-    assert_eq!(state(), RunState::Running);
 }
 
 #[test]
 fn a_cancel_after_migrate_fd_error_leaves_the_hosts_error() {
     let _g = host();
-    let mut err = null_mut();
-    api::qmp_migrate_set_speed(10_000, &mut err);
-    assert_eq!(take_err(&mut err), "");
-    assert_eq!(migrate("exec:cat > /dev/null"), "");
-    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
     // The host reports its error and then cancels, before the migration
     // thread has acted on the error: the migration fails with it.
-    let e = error_new(c"disk gone".as_ptr());
-    api::migrate_fd_error(api::migrate_get_current(), e);
-    error_free(e);
-    api::qmp_migrate_cancel(&mut err);
-    assert_eq!(take_err(&mut err), "");
-    let end = wait_final(false, 30);
-    api::qmp_migrate_set_speed(128 << 20, &mut err);
-    assert_eq!(take_err(&mut err), "");
+    let (end, _) = slow_migration_with_host_error(Duration::ZERO, true);
     assert_eq!(end, MigrationStatus::Failed);
     assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
-    assert_eq!(state(), RunState::Running);
 }
 
 /// When the live handler below reported the host's error (see its
