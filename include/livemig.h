@@ -291,7 +291,12 @@ typedef struct QEMUFile QEMUFile;
  calling thread, with whatever the caller holds (as QEMU reads its run
  state there): they must not take the host lock. `dirty_log_start` and
  the syncs are called without it (the last sync of a migration runs
- with it held, the VM stopped); `dirty_log_stop` with it held.
+ with it held, the VM stopped); `dirty_log_stop` with it held. A
+ device's `load_state` runs with the host lock held, but a read in it
+ that must wait for the source releases the lock while it waits and
+ takes it again before it returns (as QEMU's incoming coroutine yields
+ the BQL): other threads may take the lock between a load's reads,
+ while the VM stays stopped in inmigrate.
  */
 typedef struct LivemigHostOps {
   /*
@@ -646,7 +651,8 @@ typedef int (*LoadStateHandler)(struct QEMUFile *f, void *opaque, int version_id
  Setup/iterate/pending run without the host lock; complete with it (VM
  stopped); cancel with it too, the VM possibly running (a cancel or
  failure before the switchover); `load_state` with it on the
- destination. `save_live_pending` gets a NULL `QEMUFile *`.
+ destination (released while a read waits for the source; see
+ `LivemigHostOps`). `save_live_pending` gets a NULL `QEMUFile *`.
  */
 typedef struct SaveVMHandlers {
   /*
@@ -1148,7 +1154,8 @@ int livemig_register_savevm_live(struct DeviceState *dev, const char *idstr, int
 /*
  Registers a non-live device: `save_state` writes its FULL section at the
  switchover (VM stopped, host lock held), `load_state` reads it on the
- destination (host lock held). Both required. Returns the section id or a
+ destination (host lock held, released while a read waits for the
+ source; see `LivemigHostOps`). Both required. Returns the section id or a
  negative errno.
  */
 int register_savevm(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, SaveStateHandler save_state, LoadStateHandler load_state, void *opaque);

@@ -5,6 +5,7 @@
 //! passed back unchanged to every call. Which thread calls what, and under
 //! which lock, is documented on `LivemigHostOps` in the header.
 
+use std::cell::Cell;
 use std::ffi::{c_void, CString};
 
 use parking_lot::RwLock;
@@ -158,16 +159,82 @@ pub struct HostLockGuard<'a>(&'a Host);
 
 impl Drop for HostLockGuard<'_> {
     fn drop(&mut self) {
-        let f = self.0.ops.iothread_unlock.expect("checked at registration");
-        // SAFETY: the host registered this function for its opaque pointer;
-        // we hold the lock we are releasing.
-        unsafe { f(self.0.opaque()) }
+        // SAFETY: the guard holds the lock it releases.
+        unsafe { self.0.unlock() }
     }
+}
+
+thread_local! {
+    /// The host whose lock this thread holds for loading a device section
+    /// ([`Host::lock_for_load`]): a wait for the source releases it.
+    static LOADING_UNDER: Cell<Option<Host>> = const { Cell::new(None) };
+}
+
+/// Holds the host lock for a device section's load until dropped; while
+/// the section waits for bytes from the source, the lock is released
+/// ([`unlocked_while_waiting`]).
+pub struct LoadLockGuard<'a> {
+    _lock: HostLockGuard<'a>,
+}
+
+impl Drop for LoadLockGuard<'_> {
+    fn drop(&mut self) {
+        // Before the lock is released (the field is dropped after this).
+        LOADING_UNDER.with(|c| c.set(None));
+    }
+}
+
+/// Runs `wait`, a wait for the peer, with the host lock released if this
+/// thread holds it for a device section's load, and takes the lock again
+/// afterwards, before the section goes on. As QEMU 7.2's destination,
+/// whose incoming coroutine yields the BQL to the main loop while the
+/// channel has no data: a source that stalls within a section does not
+/// keep the host's other threads out for the io timeout. Elsewhere (the
+/// source's switchover) the lock stays held.
+pub fn unlocked_while_waiting<T>(wait: impl FnOnce() -> T) -> T {
+    let Some(host) = LOADING_UNDER.with(|c| c.take()) else {
+        return wait();
+    };
+    /// Takes the lock again however `wait` ends, so that the load's guard
+    /// releases a lock it holds.
+    struct Relock(Host);
+    impl Drop for Relock {
+        fn drop(&mut self) {
+            std::mem::forget(self.0.lock());
+            LOADING_UNDER.with(|c| c.set(Some(self.0)));
+        }
+    }
+    // SAFETY: this thread holds the lock (LOADING_UNDER is set only
+    // while a LoadLockGuard holds it), and Relock takes it again.
+    unsafe { host.unlock() };
+    let _relock = Relock(host);
+    wait()
 }
 
 impl Host {
     fn opaque(&self) -> *mut c_void {
         self.opaque as *mut c_void
+    }
+
+    /// Releases the host lock.
+    ///
+    /// # Safety
+    ///
+    /// This thread must hold it, taken by [`Host::lock`].
+    unsafe fn unlock(&self) {
+        let f = self.ops.iothread_unlock.expect("checked at registration");
+        // SAFETY: the host registered this function for its opaque pointer;
+        // this thread holds the lock (our caller's promise).
+        unsafe { f(self.opaque()) }
+    }
+
+    /// Takes the host lock for loading a device section: as [`Host::lock`],
+    /// except that waits for the source release it meanwhile
+    /// ([`unlocked_while_waiting`]).
+    pub fn lock_for_load(&self) -> LoadLockGuard<'_> {
+        let lock = self.lock();
+        LOADING_UNDER.with(|c| c.set(Some(*self)));
+        LoadLockGuard { _lock: lock }
     }
 
     /// Takes the host lock (QEMU's iothread lock / BQL).

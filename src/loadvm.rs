@@ -152,7 +152,9 @@ fn load_section(f: &mut QemuFile, host: Option<&Host>, e: &Entry, version_id: u3
     let r = if h.load_without_host_lock() {
         h.load(f, version_id, kind)
     } else {
-        let _guard = host.map(|h| h.lock());
+        // Released while the section waits for the source (as QEMU's
+        // destination yields its lock), taken again before it goes on.
+        let _guard = host.map(|h| h.lock_for_load());
         h.load(f, version_id, kind)
     };
     r?;

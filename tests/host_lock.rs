@@ -5,6 +5,9 @@
 //! notifier may release the host lock and wait for a thread that removes
 //! another notifier.
 //!
+//! A device section that waits for the source does so without the
+//! destination's host lock.
+//!
 //! The host here counts its lock calls; the tests run one at a time.
 mod common;
 
@@ -21,6 +24,7 @@ use livemig::outgoing::{self, Target};
 use livemig::state::{MigrationStatus, OUTGOING};
 use livemig::transport::Uri;
 use parking_lot::lock_api::RawMutex as _;
+use parking_lot::lock_api::RawMutexTimed as _;
 
 static MYLOCK: parking_lot::RawMutex = parking_lot::RawMutex::INIT;
 static COMPLETED_SEEN: AtomicBool = AtomicBool::new(false);
@@ -163,4 +167,93 @@ fn a_notifier_may_release_the_host_lock_for_a_thread_that_removes_another() {
     api::remove_migration_state_change_notifier(a);
     assert_eq!(st, MigrationStatus::Completed);
     assert!(!TIMED_OUT.load(SeqCst), "the worker's remove waited for the notifier that waited for it (would deadlock)");
+}
+
+/// What [`StallCheck`]'s load saw: whether the host lock was held when it
+/// began and when it had read its bytes, and the bytes.
+static STALL_LOADED: parking_lot::Mutex<Vec<(bool, bool, [u8; 16])>> = parking_lot::Mutex::new(Vec::new());
+
+static STALL_LOAD_BEGUN: AtomicBool = AtomicBool::new(false);
+
+/// A device whose 16-byte section the test's source sends in two halves.
+struct StallCheck;
+
+impl livemig::savevm::SaveVmHandler for StallCheck {
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn load(&mut self, f: &mut livemig::qemu_file::QemuFile, _v: u32, _k: livemig::savevm::SectionKind) -> livemig::error::Result<()> {
+        let at_start = MYLOCK.is_locked();
+        STALL_LOAD_BEGUN.store(true, SeqCst);
+        let mut b = [0u8; 16];
+        f.get_buffer(&mut b);
+        f.check()?;
+        STALL_LOADED.lock().push((at_start, MYLOCK.is_locked(), b));
+        Ok(())
+    }
+}
+
+/// A source that stalls in the middle of a device section must not keep
+/// the destination's host lock (and so its main loop) for the io timeout:
+/// the lock is released while the section waits for bytes (as QEMU's
+/// incoming coroutine yields the BQL), and held again when it goes on.
+#[test]
+fn a_device_section_waits_for_the_source_without_the_host_lock() {
+    use std::io::Write;
+    let (_g, _ram) = host();
+    my_host();
+    const OWNER: usize = 0x5a11;
+    livemig::savevm::register("stallcheck", 0, 1, Box::new(StallCheck), OWNER, livemig::savevm::Priority::Default).unwrap();
+    STALL_LOADED.lock().clear();
+    STALL_LOAD_BEGUN.store(false, SeqCst);
+    livemig::transport::set_stall_timeout(20_000).unwrap();
+    STATE.store(RunState::Inmigrate as u32, SeqCst);
+    let dir = tmpdir("stalled-section");
+    let sock = dir.join("in.sock");
+    livemig::incoming::start_uri(&format!("unix:{}", sock.display())).unwrap();
+    let mut src = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) => assert!(std::time::Instant::now() < deadline, "connect: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // Header, configuration "none", and a FULL section for stallcheck
+    // with the first half of its body.
+    let mut head = Vec::new();
+    head.extend_from_slice(b"QEVM\0\0\0\x03\x07\0\0\0\x04none");
+    head.extend_from_slice(b"\x04\0\0\0\x09\x0astallcheck\0\0\0\0\0\0\0\x01");
+    let body: [u8; 16] = std::array::from_fn(|i| 0xa0 + i as u8);
+    head.extend_from_slice(&body[..8]);
+    src.write_all(&head).unwrap();
+    // Once the section waits for the rest, the lock is free for the
+    // host's other threads, long before the 20 s io timeout.
+    wait_until(10, "the section's load to begin", || STALL_LOAD_BEGUN.load(SeqCst));
+    let t0 = std::time::Instant::now();
+    let mut got = false;
+    while !got && t0.elapsed() < Duration::from_secs(5) {
+        got = MYLOCK.try_lock_for(Duration::from_millis(100));
+    }
+    let waited = t0.elapsed();
+    if got {
+        // SAFETY: taken just above by this thread.
+        unsafe { MYLOCK.unlock() };
+    }
+    let mut tail = body[8..].to_vec();
+    tail.extend_from_slice(b"\x7e\0\0\0\x09\x00");
+    src.write_all(&tail).unwrap();
+    // Closed: the end of the stream (no vmdesc follows).
+    drop(src);
+    let st = wait_final(true, 30);
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    let loaded = STALL_LOADED.lock().clone();
+    let err = livemig::incoming::error();
+    livemig::savevm::unregister("stallcheck", OWNER);
+    STATE.store(RunState::Running as u32, SeqCst);
+    assert!(got, "the host lock stayed held for {waited:?} while the device section waited for the source");
+    assert_eq!(st, MigrationStatus::Completed, "incoming: {err:?}");
+    assert_eq!(loaded, vec![(true, true, body)], "the load ran with the host lock held, and got its bytes");
 }

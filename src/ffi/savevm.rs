@@ -185,7 +185,8 @@ pub extern "C" fn livemig_register_savevm_live(
 
 /// Registers a non-live device: `save_state` writes its FULL section at the
 /// switchover (VM stopped, host lock held), `load_state` reads it on the
-/// destination (host lock held). Both required. Returns the section id or a
+/// destination (host lock held, released while a read waits for the
+/// source; see `LivemigHostOps`). Both required. Returns the section id or a
 /// negative errno.
 #[no_mangle]
 pub extern "C" fn register_savevm(

@@ -27,7 +27,12 @@ pub const LIVEMIG_HOST_OPS_VERSION: u32 = 1;
 /// calling thread, with whatever the caller holds (as QEMU reads its run
 /// state there): they must not take the host lock. `dirty_log_start` and
 /// the syncs are called without it (the last sync of a migration runs
-/// with it held, the VM stopped); `dirty_log_stop` with it held.
+/// with it held, the VM stopped); `dirty_log_stop` with it held. A
+/// device's `load_state` runs with the host lock held, but a read in it
+/// that must wait for the source releases the lock while it waits and
+/// takes it again before it returns (as QEMU's incoming coroutine yields
+/// the BQL): other threads may take the lock between a load's reads,
+/// while the VM stays stopped in inmigrate.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LivemigHostOps {
@@ -110,7 +115,8 @@ pub type LoadStateHandler = Option<unsafe extern "C" fn(f: *mut QemuFile, opaque
 /// Setup/iterate/pending run without the host lock; complete with it (VM
 /// stopped); cancel with it too, the VM possibly running (a cancel or
 /// failure before the switchover); `load_state` with it on the
-/// destination. `save_live_pending` gets a NULL `QEMUFile *`.
+/// destination (released while a read waits for the source; see
+/// `LivemigHostOps`). `save_live_pending` gets a NULL `QEMUFile *`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SaveVMHandlers {

@@ -101,6 +101,12 @@ impl FdChannel {
     /// Waits for `events` on the channel: at most the stall timeout, and
     /// not past the deadline.
     fn wait(&self, events: libc::c_short) -> io::Result<()> {
+        // A device section's load waits without the host lock.
+        crate::host::unlocked_while_waiting(|| self.poll_ready(events))
+    }
+
+    /// [`FdChannel::wait`] itself.
+    fn poll_ready(&self, events: libc::c_short) -> io::Result<()> {
         let Some(deadline) = self.deadline else {
             return wait_fd(self.fd.as_raw_fd(), events, &self.abort, &self.name);
         };
