@@ -575,7 +575,9 @@ typedef struct MigrationInfo {
    */
   bool has_expected_downtime;
   /*
-   Expected downtime in ms.
+   Expected downtime in ms: the downtime limit until the link has
+   been measured (as QEMU 7.2), then the estimate for the pending
+   bytes.
    */
   int64_t expected_downtime;
   /*

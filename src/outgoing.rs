@@ -228,7 +228,9 @@ pub fn start(target: Target) -> Result<()> {
             return Err(e);
         }
     };
-    o.stats = empty_stats();
+    // As QEMU 7.2 (migrate_fd_connect): the downtime limit is the
+    // expected downtime until the first estimate.
+    o.stats = OutStats { expected_downtime_ms: params::get().downtime_ns / 1_000_000, ..empty_stats() };
     crate::ram::reset_counters();
     o.start = Some(Instant::now());
     o.aborter = Some(aborter.clone());
@@ -480,7 +482,11 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
             update(|s| {
                 s.transferred = f.tell();
                 s.mbps = w.mbps;
-                s.expected_downtime_ms = expected;
+                // Until the link has been measured, the limit stays (QEMU
+                // 7.2 keeps its last figure without a bandwidth).
+                if rates.link > 0.0 {
+                    s.expected_downtime_ms = expected;
+                }
             });
             log::debug!(
                 "window: {} bytes in {elapsed:?}, link {:.0}{} / first round {:.0} bytes/ms, pending {pending} ({fresh} first round), max_size {max_size}, expected downtime {expected} ms",

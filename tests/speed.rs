@@ -1,6 +1,7 @@
 //! The speed limit at its low end: a limit of a few bytes per second is a
 //! limit (one page per 100 ms window, as in QEMU), never "unlimited" by
-//! rounding.
+//! rounding. Before a rate is measured, the expected downtime is the
+//! downtime limit (as QEMU 7.2).
 
 mod common;
 
@@ -87,3 +88,30 @@ fn a_raised_speed_limit_applies_at_once() {
     // The old behaviour waited out the window: about 100 ms here.
     assert!(took < Duration::from_millis(60), "8 MiB took {took:?} after lifting the limit");
 }
+
+/// query-migrate's expected-downtime is the downtime limit until the
+/// migration has measured the link (QEMU 7.2's migrate_fd_connect), not
+/// 0, which would read as "no downtime".
+#[test]
+fn the_expected_downtime_is_the_limit_until_measured() {
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    livemig::params::set_speed(0).unwrap();
+    livemig::params::set_downtime(0.25).unwrap();
+    // A destination that never reads: the first window never ends.
+    let uri = "exec:sleep 5";
+    outgoing::start(Target::Uri(Uri::parse(uri).unwrap(), uri.to_string())).unwrap();
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    let mut err = std::ptr::null_mut();
+    let i = livemig::ffi::migration::qmp_query_migrate(&mut err);
+    assert!(!i.is_null());
+    // SAFETY: a MigrationInfo from livemig, freed right after.
+    let (status, has, expected) = unsafe { ((*i).status, (*i).has_expected_downtime, (*i).expected_downtime) };
+    livemig::ffi::migration::qapi_free_MigrationInfo(i);
+    outgoing::cancel();
+    let end = wait_final(false, 10);
+    livemig::params::set_downtime(0.3).unwrap();
+    assert_eq!(end, MigrationStatus::Cancelled);
+    assert_eq!((status, has, expected), (MigrationStatus::Active, true, 250), "query-migrate before the first window");
+}
+

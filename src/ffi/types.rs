@@ -242,7 +242,9 @@ pub struct MigrationInfo {
     /// once completed: then it is the estimate the switchover was decided
     /// on).
     pub has_expected_downtime: bool,
-    /// Expected downtime in ms.
+    /// Expected downtime in ms: the downtime limit until the link has
+    /// been measured (as QEMU 7.2), then the estimate for the pending
+    /// bytes.
     pub expected_downtime: i64,
     /// Whether `downtime` is set (once completed).
     pub has_downtime: bool,
