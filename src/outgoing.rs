@@ -443,6 +443,10 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
                     crate::thread_runqueue_wait(),
                 );
                 save.iterate(f)?;
+                // On its way before the thread waits out a window or syncs
+                // (as QEMU's RAM iterate ends with a flush): a limited
+                // stream goes out window by window, not in 256 KiB bursts.
+                f.flush()?;
                 let (wire, retired) = (f.tell() - b, crate::ram::dirty_bytes_done() - done);
                 let waited = wait.zip(crate::thread_runqueue_wait()).map_or(Duration::ZERO, |(a, b)| b.saturating_sub(a));
                 let bucket = if (crate::ram::resent_bytes() - resent) * 10 >= retired * 9 { &mut sample.resend } else { &mut sample.first };

@@ -1,6 +1,7 @@
 //! The speed limit at its low end: a limit of a few bytes per second is a
 //! limit (one page per 100 ms window, as in QEMU), never "unlimited" by
-//! rounding. Before a rate is measured, the expected downtime is the
+//! rounding; each window's bytes go out in that window. Before a rate is
+//! measured, the expected downtime is the
 //! downtime limit (as QEMU 7.2).
 
 mod common;
@@ -115,3 +116,39 @@ fn the_expected_downtime_is_the_limit_until_measured() {
     assert_eq!((status, has, expected), (MigrationStatus::Active, true, 250), "query-migrate before the first window");
 }
 
+/// Under a speed limit each window's page goes out in its window, not
+/// once the stream's buffer is full (64 pages: 6.4 s at a page per
+/// window), as QEMU's RAM iterate flushes at its end.
+#[test]
+fn a_limited_stream_goes_out_window_by_window() {
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    // A page per window.
+    livemig::params::set_speed(40_000).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let uri = format!("fd:{}", theirs.into_raw_fd());
+    outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
+    let mut rx = ours;
+    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let (t0, mut got) = (Instant::now(), 0);
+    while t0.elapsed() < Duration::from_millis(1500) {
+        match rx.read(&mut buf) {
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading the stream: {e}"),
+        }
+    }
+    let sent = outgoing::stats().transferred;
+    outgoing::cancel();
+    drop(rx);
+    let end = wait_final(false, 10);
+    livemig::params::set_speed(0).unwrap();
+    assert!(matches!(end, MigrationStatus::Cancelled | MigrationStatus::Failed), "{end:?}");
+    // About 15 windows' pages (60 KB); 5 pages at the least.
+    assert!(got >= 5 * 4096, "{got} bytes arrived in 1.5 s at 40 kB/s ({sent} counted as sent)");
+}
