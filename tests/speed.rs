@@ -13,6 +13,29 @@ use livemig::outgoing::{self, Target};
 use livemig::state::{MigrationStatus, OUTGOING};
 use livemig::transport::Uri;
 
+/// Starts a migration of the RAM at a page per window (40 kB/s) to a
+/// socket; returns its reader: the bytes one read got within `timeout`
+/// (0 if none). Dropping the reader closes the socket.
+fn paced_migration() -> impl FnMut(Duration) -> usize {
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+
+    livemig::params::set_speed(40_000).unwrap();
+    let (mut rx, theirs) = UnixStream::pair().unwrap();
+    let uri = format!("fd:{}", theirs.into_raw_fd());
+    outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    move |timeout: Duration| -> usize {
+        rx.set_read_timeout(Some(timeout)).unwrap();
+        match rx.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => 0,
+            Err(e) => panic!("reading the stream: {e}"),
+        }
+    }
+}
+
 #[test]
 fn a_tiny_speed_limit_still_limits() {
     let (_g, ram) = host();
@@ -42,27 +65,9 @@ fn a_tiny_speed_limit_still_limits() {
 /// window's end (up to 100 ms later).
 #[test]
 fn a_raised_speed_limit_applies_at_once() {
-    use std::io::Read;
-    use std::os::fd::IntoRawFd;
-    use std::os::unix::net::UnixStream;
-
     let (_g, ram) = host();
     ram.fill_pattern();
-    // A page per window.
-    livemig::params::set_speed(40_000).unwrap();
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let uri = format!("fd:{}", theirs.into_raw_fd());
-    outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
-    let mut rx = ours;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read_for = |timeout: Duration| -> usize {
-        rx.set_read_timeout(Some(timeout)).unwrap();
-        match rx.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => 0,
-            Err(e) => panic!("reading the stream: {e}"),
-        }
-    };
+    let mut read_for = paced_migration();
     // Wait for a window's page to arrive after a quiet spell of at least
     // half a window: the migration thread has just spent a window and
     // sleeps until its end.
@@ -82,7 +87,7 @@ fn a_raised_speed_limit_applies_at_once() {
     }
     let took = t0.elapsed();
     outgoing::cancel();
-    drop(rx);
+    drop(read_for);
     let end = wait_final(false, 10);
     assert!(matches!(end, MigrationStatus::Cancelled | MigrationStatus::Failed), "{end:?}");
     assert!(got >= 8 << 20, "only {got} bytes within 10 s of lifting the limit");
@@ -121,31 +126,16 @@ fn the_expected_downtime_is_the_limit_until_measured() {
 /// window), as QEMU's RAM iterate flushes at its end.
 #[test]
 fn a_limited_stream_goes_out_window_by_window() {
-    use std::io::Read;
-    use std::os::fd::IntoRawFd;
-    use std::os::unix::net::UnixStream;
-
     let (_g, ram) = host();
     ram.fill_pattern();
-    // A page per window.
-    livemig::params::set_speed(40_000).unwrap();
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let uri = format!("fd:{}", theirs.into_raw_fd());
-    outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
-    let mut rx = ours;
-    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut read_for = paced_migration();
     let (t0, mut got) = (Instant::now(), 0);
     while t0.elapsed() < Duration::from_millis(1500) {
-        match rx.read(&mut buf) {
-            Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => panic!("reading the stream: {e}"),
-        }
+        got += read_for(Duration::from_millis(50));
     }
     let sent = outgoing::stats().transferred;
     outgoing::cancel();
-    drop(rx);
+    drop(read_for);
     let end = wait_final(false, 10);
     livemig::params::set_speed(0).unwrap();
     assert!(matches!(end, MigrationStatus::Cancelled | MigrationStatus::Failed), "{end:?}");
