@@ -91,6 +91,9 @@ pub struct Saver {
     rounds: u64,
     /// Dirty-log syncs of this migration (what a zero probe is valid for).
     syncs: u64,
+    /// A sync in `pending` failed: the writes the host's log held may be
+    /// lost, so the next iterate or complete fails the migration.
+    sync_error: Option<MigError>,
 }
 
 impl Saver {
@@ -144,6 +147,7 @@ impl Saver {
             rate_sent: 0,
             rounds: 0,
             syncs: 0,
+            sync_error: None,
         })
     }
 
@@ -370,6 +374,9 @@ impl Saver {
 
     /// One PART payload; true when no dirty page is left.
     pub fn iterate(&mut self, f: &mut QemuFile) -> Result<bool> {
+        if let Some(e) = self.sync_error.take() {
+            return Err(e);
+        }
         if super::take_cache_resized() {
             if let Some(x) = &mut self.xbzrle {
                 if let Err(e) = x.cache.resize(params::get().xbzrle_cache_size) {
@@ -426,11 +433,23 @@ impl Saver {
     /// Dirty bytes left; syncs the dirty log first when they fit in
     /// `max_size` (also when both are 0, so a zero downtime limit keeps
     /// syncing rather than switching over on a momentarily clean bitmap).
+    ///
+    /// A failed sync may have lost the pages the host's log held (a host
+    /// can consume its log and then fail, as KVM's GET_DIRTY_LOG does when
+    /// it cannot copy the bitmap out): the error is kept for the next
+    /// iterate (or complete) to fail the migration with, and all is
+    /// reported pending, so that the migration iterates into that failure
+    /// rather than stopping the VM for a switchover first.
     pub fn pending(&mut self, max_size: u64) -> u64 {
+        if self.sync_error.is_some() {
+            return u64::MAX;
+        }
         let mut remaining = self.dirty_pages * PAGE as u64;
         if remaining <= max_size {
             if let Err(e) = self.sync() {
                 log::error!("ram: dirty log sync failed: {e}");
+                self.sync_error = Some(e);
+                return u64::MAX;
             }
             remaining = self.dirty_pages * PAGE as u64;
         }
@@ -446,6 +465,9 @@ impl Saver {
 
     /// The END payload: a last sync with the VM stopped, every dirty page, EOS.
     pub fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
+        if let Some(e) = self.sync_error.take() {
+            return Err(e);
+        }
         self.last_stage = true;
         self.sync()?;
         while let Some((bi, page)) = self.next_dirty() {
