@@ -40,6 +40,38 @@ use scan::DirtyBitmap;
 /// Page size of the stream.
 pub const PAGE: usize = TARGET_PAGE_SIZE as usize;
 
+/// Types whose all-zero bit pattern is a valid value.
+///
+/// # Safety
+///
+/// Only for such types: [`try_zeroed_vec`] hands out zeroed memory as
+/// initialised values of the type.
+unsafe trait ZeroIsValid: Copy {}
+// SAFETY: every bit pattern is a valid integer.
+unsafe impl ZeroIsValid for u8 {}
+// SAFETY: as above.
+unsafe impl ZeroIsValid for u64 {}
+
+/// `n` zeros, or None when the memory cannot be allocated. Unlike
+/// `vec![0; n]`, a failure is an error, not an abort; like it, the memory
+/// comes zeroed from the allocator and is not touched here: a large one
+/// is fresh zero pages from the kernel, faulted in only as it is used.
+fn try_zeroed_vec<T: ZeroIsValid>(n: usize) -> Option<Vec<T>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    // SAFETY: the layout's size is not zero (n > 0, and T is u8 or u64).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `n`
+    // T's (a Vec's layout for capacity `n`), and all `n` of them are
+    // initialised: zero is a valid T (ZeroIsValid).
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
+}
+
 /// RAM record flags.
 pub mod flags {
     /// Obsolete; refused.

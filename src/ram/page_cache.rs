@@ -83,16 +83,7 @@ impl PageCache {
         // Zeroed by the allocator, not by a pass over it: a large cache is
         // fresh zero pages from the kernel, touched only as slots fill (a
         // pass over 64 MiB took about 70 ms of the migration's setup).
-        let len = slots * PAGE_SIZE;
-        let layout = std::alloc::Layout::array::<u8>(len).map_err(|_| alloc_err())?;
-        // SAFETY: `len` > 0 (at least one slot).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(alloc_err());
-        }
-        // SAFETY: `ptr` comes from the global allocator with the layout of
-        // `len` bytes, all of them initialised (zero); the Vec owns it.
-        let data = unsafe { Vec::from_raw_parts(ptr, len, len) };
+        let data = super::try_zeroed_vec(slots * PAGE_SIZE).ok_or_else(alloc_err)?;
         let mut items = Vec::new();
         items.try_reserve_exact(slots).map_err(|_| alloc_err())?;
         items.resize(slots, Item { addr: EMPTY, age: 0 });

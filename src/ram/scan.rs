@@ -104,21 +104,7 @@ impl DirtyBitmap {
     /// be allocated (a length no host can have mapped).
     /// Like `new`, the memory is allocated zeroed, and not touched here.
     pub fn try_new(pages: usize) -> Option<DirtyBitmap> {
-        let n = pages.div_ceil(BITS);
-        if n == 0 {
-            return Some(DirtyBitmap::new(pages));
-        }
-        let layout = std::alloc::Layout::array::<u64>(n).ok()?;
-        // SAFETY: the layout's size is not zero (n > 0).
-        let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<u64>();
-        if p.is_null() {
-            return None;
-        }
-        // SAFETY: `p` comes from the global allocator with the layout of
-        // `n` u64s (a Vec's layout for capacity `n`), and all `n` of them
-        // are initialised (zeroed).
-        let words = unsafe { Vec::from_raw_parts(p, n, n) };
-        Some(DirtyBitmap { words, pages })
+        Some(DirtyBitmap { words: super::try_zeroed_vec(pages.div_ceil(BITS))?, pages })
     }
 
     /// Number of pages (bits) covered.
