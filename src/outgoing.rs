@@ -120,14 +120,25 @@ const fn empty_stats() -> OutStats {
 
 /// A copy of the current figures (total time updated while running).
 pub fn stats() -> OutStats {
+    with_stats(|_, s| s.clone())
+}
+
+/// Runs `f` on the status and the figures of one migration: both are read
+/// under OUT, where `start` leaves idle and resets the figures (and the RAM
+/// counters) for the next one, so a query racing that start sees either
+/// the last migration whole or the next one, never the last one's status
+/// with the next one's figures. `f` must take no host lock (nor OUT).
+pub fn with_stats<T>(f: impl FnOnce(MigrationStatus, &OutStats) -> T) -> T {
     let o = OUT.lock();
-    let mut s = o.stats.clone();
-    if OUTGOING.status().is_active() {
+    let status = OUTGOING.status();
+    if status.is_active() {
         if let Some(start) = o.start {
+            let mut s = o.stats.clone();
             s.total_time_ms = start.elapsed().as_millis() as u64;
+            return f(status, &s);
         }
     }
-    s
+    f(status, &o.stats)
 }
 
 fn update<F: FnOnce(&mut OutStats)>(f: F) {

@@ -181,3 +181,50 @@ fn a_notifier_removed_from_another_thread_is_not_running_after_removal() {
     STATE.store(RunState::Running as u32, SeqCst);
     assert_eq!(me.calls_after_removal.load(SeqCst), 0, "the notifier ran on after its removal returned");
 }
+
+/// `qmp_query_migrate` shows the figures of the migration whose status it
+/// reports: a query racing the start of the next migration (from another
+/// thread) must not show the last one's FAILED with the next one's reset
+/// figures (no error description).
+#[test]
+fn a_query_never_shows_a_status_with_the_next_migration_s_figures() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Running as u32, SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (queries, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let querier = {
+        let (stop, queries, torn) = (stop.clone(), queries.clone(), torn.clone());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                let i = api::qmp_query_migrate(null_mut());
+                assert!(!i.is_null());
+                // SAFETY: a MigrationInfo made by livemig, freed right after.
+                let (st, has_err) = unsafe { ((*i).status, (*i).has_error_desc) };
+                api::qapi_free_MigrationInfo(i);
+                queries.fetch_add(1, SeqCst);
+                if st == MigrationStatus::Failed && !has_err {
+                    torn.fetch_add(1, SeqCst);
+                }
+            }
+        })
+    };
+    // Migrations that fail at once (the destination exits): many starts,
+    // each right after a FAILED that carries its error.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut runs = 0;
+    while runs < 300 && torn.load(SeqCst) == 0 && Instant::now() < deadline {
+        STATE.store(RunState::Running as u32, SeqCst);
+        migrate("exec:exit 0").unwrap();
+        assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+        runs += 1;
+    }
+    stop.store(true, SeqCst);
+    querier.join().unwrap();
+    STATE.store(RunState::Running as u32, SeqCst);
+    assert_eq!(
+        torn.load(SeqCst),
+        0,
+        "after {runs} migrations and {} queries: FAILED reported without its error (the next migration's figures)",
+        queries.load(SeqCst)
+    );
+}

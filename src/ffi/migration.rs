@@ -7,6 +7,7 @@ use super::errors::Error;
 use super::types::*;
 use super::{cstr, guard, guard_err};
 use crate::error::MigError;
+use crate::outgoing::OutStats;
 use crate::params::{self, MigrationCapability};
 use crate::qemu_file::{Direction, QemuFile};
 use crate::state::{self, MigrationState, MigrationStatus, NotifierRef, INCOMING, OUTGOING};
@@ -283,8 +284,15 @@ pub extern "C" fn qapi_free_MigrationCapabilityStatusList(list: *mut MigrationCa
     }
 }
 
-fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
-    let mut info = MigrationInfo {
+/// The incoming side's info: its status and, once failed, the reason.
+fn incoming_info(status: MigrationStatus) -> MigrationInfo {
+    let mut info = empty_info(status);
+    set_error(&mut info, status, incoming::error());
+    info
+}
+
+fn empty_info(status: MigrationStatus) -> MigrationInfo {
+    MigrationInfo {
         has_status: status != MigrationStatus::None,
         status,
         has_ram: false,
@@ -303,48 +311,52 @@ fn info_for(status: MigrationStatus, incoming_side: bool) -> MigrationInfo {
         setup_time: 0,
         has_error_desc: false,
         error_desc: null_mut(),
-    };
-    let error = if incoming_side {
-        incoming::error()
-    } else {
-        let st = outgoing::stats();
-        // The figures where QEMU 7.2 shows them: while active or
-        // cancelling, and once completed. In setup and once cancelled only
-        // the status, once failed the status and the error.
-        if matches!(status, MigrationStatus::Active | MigrationStatus::Cancelling | MigrationStatus::Completed) {
-            let (mut ram, xbz) = crate::ram::query_stats(&st);
-            if status == MigrationStatus::Completed {
-                // As QEMU 7.2 (populate_ram_info): nothing is left to send
-                // once completed, and no dirty rate is reported.
-                ram.remaining = 0;
-                ram.dirty_pages_rate = 0;
-            }
-            info.has_ram = true;
-            info.ram = Box::into_raw(Box::new(ram));
-            if let Some(x) = xbz {
-                info.has_xbzrle_cache = true;
-                info.xbzrle_cache = Box::into_raw(Box::new(x));
-            }
-            info.has_total_time = true;
-            info.total_time = st.total_time_ms as i64;
-            info.has_setup_time = true;
-            info.setup_time = st.setup_time_ms as i64;
-            // While active or cancelling, and (unlike QEMU) once completed:
-            // then the estimate the switchover was decided on, to compare
-            // with `downtime`.
-            info.has_expected_downtime = true;
-            info.expected_downtime = st.expected_downtime_ms as i64;
-        }
-        if let (MigrationStatus::Completed, Some(d)) = (status, st.downtime_ms) {
-            info.has_downtime = true;
-            info.downtime = d as i64;
-        }
-        st.error
-    };
+    }
+}
+
+fn set_error(info: &mut MigrationInfo, status: MigrationStatus, error: Option<String>) {
     if let (MigrationStatus::Failed, Some(e)) = (status, error) {
         info.has_error_desc = true;
         info.error_desc = CString::new(e.replace('\0', " ")).expect("NULs replaced").into_raw();
     }
+}
+
+/// The outgoing side's info for `status`, with `st`, its figures (read
+/// with it under one lock: see `outgoing::with_stats`).
+fn outgoing_info(status: MigrationStatus, st: &OutStats) -> MigrationInfo {
+    let mut info = empty_info(status);
+    // The figures where QEMU 7.2 shows them: while active or
+    // cancelling, and once completed. In setup and once cancelled only
+    // the status, once failed the status and the error.
+    if matches!(status, MigrationStatus::Active | MigrationStatus::Cancelling | MigrationStatus::Completed) {
+        let (mut ram, xbz) = crate::ram::query_stats(st);
+        if status == MigrationStatus::Completed {
+            // As QEMU 7.2 (populate_ram_info): nothing is left to send
+            // once completed, and no dirty rate is reported.
+            ram.remaining = 0;
+            ram.dirty_pages_rate = 0;
+        }
+        info.has_ram = true;
+        info.ram = Box::into_raw(Box::new(ram));
+        if let Some(x) = xbz {
+            info.has_xbzrle_cache = true;
+            info.xbzrle_cache = Box::into_raw(Box::new(x));
+        }
+        info.has_total_time = true;
+        info.total_time = st.total_time_ms as i64;
+        info.has_setup_time = true;
+        info.setup_time = st.setup_time_ms as i64;
+        // While active or cancelling, and (unlike QEMU) once completed:
+        // then the estimate the switchover was decided on, to compare
+        // with `downtime`.
+        info.has_expected_downtime = true;
+        info.expected_downtime = st.expected_downtime_ms as i64;
+    }
+    if let (MigrationStatus::Completed, Some(d)) = (status, st.downtime_ms) {
+        info.has_downtime = true;
+        info.downtime = d as i64;
+    }
+    set_error(&mut info, status, st.error.clone());
     info
 }
 
@@ -362,7 +374,11 @@ pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo
             MigrationStatus::Setup => MigrationStatus::None,
             s => s,
         };
-        let info = if out == MigrationStatus::None && inc != MigrationStatus::None { info_for(inc, true) } else { info_for(out, false) };
+        let info = if out == MigrationStatus::None && inc != MigrationStatus::None {
+            incoming_info(inc)
+        } else {
+            outgoing::with_stats(outgoing_info)
+        };
         Ok(Box::into_raw(Box::new(info)))
     })
 }
@@ -371,7 +387,7 @@ pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo
 /// `qapi_free_MigrationInfo`.
 #[no_mangle]
 pub extern "C" fn livemig_query_incoming(errp: *mut *mut Error) -> *mut MigrationInfo {
-    guard_err("livemig_query_incoming", errp, null_mut(), || Ok(Box::into_raw(Box::new(info_for(INCOMING.status(), true)))))
+    guard_err("livemig_query_incoming", errp, null_mut(), || Ok(Box::into_raw(Box::new(incoming_info(INCOMING.status())))))
 }
 
 /// Frees a `MigrationInfo` made by livemig (NULL is ignored).
