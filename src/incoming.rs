@@ -136,6 +136,15 @@ pub fn error() -> Option<String> {
     IN.lock().error.clone()
 }
 
+/// The incoming status and the reason it failed, read together under IN,
+/// where `start` leaves idle and clears the reason for the next migration:
+/// a query racing that start sees a FAILED with its reason, or the next
+/// migration, never a FAILED without one.
+pub fn status_and_error() -> (crate::state::MigrationStatus, Option<String>) {
+    let g = IN.lock();
+    (INCOMING.status(), g.error.clone())
+}
+
 /// The run state the host was put in after the last successful load.
 pub fn final_runstate() -> Option<RunState> {
     IN.lock().final_runstate

@@ -228,3 +228,47 @@ fn a_query_never_shows_a_status_with_the_next_migration_s_figures() {
         queries.load(SeqCst)
     );
 }
+
+/// The same on the destination: `livemig_query_incoming` racing the start
+/// of the next incoming migration must not show the last one's FAILED
+/// without its reason (the next one's cleared error).
+#[test]
+fn an_incoming_query_never_shows_a_status_with_the_next_migration_s_error() {
+    let (_g, _ram) = host();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (queries, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let querier = {
+        let (stop, queries, torn) = (stop.clone(), queries.clone(), torn.clone());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                let i = api::livemig_query_incoming(null_mut());
+                assert!(!i.is_null());
+                // SAFETY: a MigrationInfo made by livemig, freed right after.
+                let (st, has_err) = unsafe { ((*i).status, (*i).has_error_desc) };
+                api::qapi_free_MigrationInfo(i);
+                queries.fetch_add(1, SeqCst);
+                if st == MigrationStatus::Failed && !has_err {
+                    torn.fetch_add(1, SeqCst);
+                }
+            }
+        })
+    };
+    // Sources that end at once (an empty stream): each load fails.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut runs = 0;
+    while runs < 300 && torn.load(SeqCst) == 0 && Instant::now() < deadline {
+        STATE.store(RunState::Inmigrate as u32, SeqCst);
+        livemig::incoming::start_uri("exec:exit 0").unwrap();
+        assert_eq!(wait_final(true, 30), MigrationStatus::Failed);
+        runs += 1;
+    }
+    stop.store(true, SeqCst);
+    querier.join().unwrap();
+    STATE.store(RunState::Running as u32, SeqCst);
+    assert_eq!(
+        torn.load(SeqCst),
+        0,
+        "after {runs} incoming migrations and {} queries: FAILED reported without its reason",
+        queries.load(SeqCst)
+    );
+}

@@ -284,10 +284,19 @@ pub extern "C" fn qapi_free_MigrationCapabilityStatusList(list: *mut MigrationCa
     }
 }
 
-/// The incoming side's info: its status and, once failed, the reason.
-fn incoming_info(status: MigrationStatus) -> MigrationInfo {
+/// The incoming side's info: its status and, once failed, the reason,
+/// read together (see `incoming::status_and_error`). For query-migrate
+/// (`listening_is_none`), a destination that listens has no status.
+fn incoming_info(listening_is_none: bool) -> MigrationInfo {
+    let (status, error) = incoming::status_and_error();
+    let status = match status {
+        // A destination that listens is NONE to QEMU 7.2 until the stream
+        // arrives (it goes from NONE to ACTIVE): no status, as QEMU shows.
+        MigrationStatus::Setup if listening_is_none => MigrationStatus::None,
+        s => s,
+    };
     let mut info = empty_info(status);
-    set_error(&mut info, status, incoming::error());
+    set_error(&mut info, status, error);
     info
 }
 
@@ -368,14 +377,9 @@ fn outgoing_info(status: MigrationStatus, st: &OutStats) -> MigrationInfo {
 pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo {
     guard_err("qmp_query_migrate", errp, null_mut(), || {
         let out = OUTGOING.status();
-        // A destination that listens is NONE to QEMU 7.2 until the stream
-        // arrives (it goes from NONE to ACTIVE): no status, as QEMU shows.
-        let inc = match INCOMING.status() {
-            MigrationStatus::Setup => MigrationStatus::None,
-            s => s,
-        };
-        let info = if out == MigrationStatus::None && inc != MigrationStatus::None {
-            incoming_info(inc)
+        let inc = INCOMING.status();
+        let info = if out == MigrationStatus::None && !matches!(inc, MigrationStatus::None | MigrationStatus::Setup) {
+            incoming_info(true)
         } else {
             outgoing::with_stats(outgoing_info)
         };
@@ -387,7 +391,7 @@ pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo
 /// `qapi_free_MigrationInfo`.
 #[no_mangle]
 pub extern "C" fn livemig_query_incoming(errp: *mut *mut Error) -> *mut MigrationInfo {
-    guard_err("livemig_query_incoming", errp, null_mut(), || Ok(Box::into_raw(Box::new(incoming_info(INCOMING.status())))))
+    guard_err("livemig_query_incoming", errp, null_mut(), || Ok(Box::into_raw(Box::new(incoming_info(false)))))
 }
 
 /// Frees a `MigrationInfo` made by livemig (NULL is ignored).
