@@ -202,6 +202,24 @@ pub fn start(target: Target) -> Result<()> {
         // The newest blocker, as QEMU reports it.
         return Err(MigError::new(msg.clone()));
     }
+    // What can still refuse the call is done before the state leaves idle
+    // (nothing else leaves it while OUT is held): a refused call never
+    // shows as a migration in progress, for which a capability change, a
+    // blocker or an incoming migration made meanwhile on another thread
+    // would be refused. A named fd is taken by the call, as in QEMU.
+    let prepared = (|| -> Result<(Target, Aborter)> {
+        let target = match target {
+            Target::Uri(uri @ Uri::FdName(_), text) => Target::File(QemuFile::new(transport::fd_channel(&uri, &text)?, Direction::Write)),
+            t => t,
+        };
+        // A stream the host opened is woken through its own aborter.
+        let own = match &target {
+            Target::File(f) => f.aborter(),
+            Target::Uri(..) => None,
+        };
+        Ok((target, own.map_or_else(Aborter::new, Ok)?))
+    })();
+    let (target, aborter) = prepared?;
     if !OUTGOING.cas(prev, S::Setup) {
         return Err(MigError::new(IN_PROGRESS));
     }
@@ -215,25 +233,12 @@ pub fn start(target: Target) -> Result<()> {
             let _ = t.join();
         }
     }
-    // Out of idle, the host table, the block list, the capabilities and
-    // the named fds can no longer change under the migration (each change
-    // is refused under its own lock once the state left idle): take them
-    // now. A named fd is taken by the call, as in QEMU.
-    let prepared = (|| -> Result<(Host, Target, Aborter)> {
-        let host = host::get()?;
-        let target = match target {
-            Target::Uri(uri @ Uri::FdName(_), text) => Target::File(QemuFile::new(transport::fd_channel(&uri, &text)?, Direction::Write)),
-            t => t,
-        };
-        // A stream the host opened is woken through its own aborter.
-        let own = match &target {
-            Target::File(f) => f.aborter(),
-            Target::Uri(..) => None,
-        };
-        Ok((host, target, own.map_or_else(Aborter::new, Ok)?))
-    })();
-    let (host, target, aborter) = match prepared {
-        Ok(p) => p,
+    // Out of idle, the host table, the block list and the capabilities
+    // can no longer change under the migration (each change is refused
+    // under its own lock once the state left idle): the table is taken
+    // now (one was registered: it was asked for the run state above).
+    let host = match host::get() {
+        Ok(h) => h,
         Err(e) => {
             OUTGOING.cas(S::Setup, prev);
             return Err(e);

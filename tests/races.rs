@@ -272,3 +272,44 @@ fn an_incoming_query_never_shows_a_status_with_the_next_migration_s_error() {
         queries.load(SeqCst)
     );
 }
+
+/// A `qmp_migrate` that is refused (here: an `fd:NAME` that is not
+/// registered) never shows as a migration in progress: a capability change
+/// made meanwhile from another thread is not refused because of it.
+#[test]
+fn a_refused_migration_never_shows_as_in_progress() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Running as u32, SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (changes, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let changer = {
+        let (stop, changes, refused) = (stop.clone(), changes.clone(), refused.clone());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                if let Err(e) = livemig::params::set_capabilities(&[(livemig::params::MigrationCapability::Xbzrle, false)]) {
+                    if refused.fetch_add(1, SeqCst) == 0 {
+                        eprintln!("capability change refused: {e}");
+                    }
+                }
+                changes.fetch_add(1, SeqCst);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut starts = 0;
+    while Instant::now() < deadline && refused.load(SeqCst) == 0 {
+        let e = migrate("fd:livemig-no-such-fd").unwrap_err();
+        assert!(e.contains("has not been found"), "{e}");
+        assert!(OUTGOING.status().is_idle());
+        starts += 1;
+    }
+    stop.store(true, SeqCst);
+    changer.join().unwrap();
+    assert_eq!(
+        refused.load(SeqCst),
+        0,
+        "{} of {} capability changes refused as 'in progress' during {starts} refused migrations",
+        refused.load(SeqCst),
+        changes.load(SeqCst)
+    );
+}
