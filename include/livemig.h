@@ -1064,8 +1064,10 @@ void migrate_del_blocker(struct Error *reason);
  socket at a `unix:` path is replaced, as QEMU replaces it, even if
  another listener still uses it; anything else there is refused. `fd:N`
  is livemig's from the call on (closed if the start is refused); a
- named fd is taken once the start is accepted. A `tcp:` host name is
- resolved on the calling thread.
+ named fd is taken once the start is accepted (or refused only because
+ an outgoing migration started meanwhile on another thread: the URI is
+ set up before the state leaves idle, and what was set up is then
+ closed). A `tcp:` host name is resolved on the calling thread.
  */
 void qemu_start_incoming_migration(const char *uri, struct Error **errp);
 

@@ -64,32 +64,42 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
         return Err(MigError::new("cannot start an incoming migration while the VM is running"));
     }
     let mut g = IN.lock();
-    let prev = {
-        // Until this side has left idle, the other cannot (see STARTING).
-        let _starting = crate::state::STARTING.lock();
+    // Until this side has left idle, the other cannot (see STARTING).
+    let refused = || {
         if OUTGOING.status().is_active() {
             return Err(MigError::new("an outgoing migration is in progress"));
         }
         let prev = INCOMING.status();
-        if !prev.is_idle() || !INCOMING.cas(prev, S::Setup) {
+        if !prev.is_idle() {
+            return Err(MigError::new("an incoming migration is already in progress"));
+        }
+        Ok(prev)
+    };
+    refused()?;
+    // Set up before the state leaves idle (IN keeps another incoming
+    // start out), so that a start refused here (a bad URI, a port in
+    // use) never shows as a migration in progress to calls made meanwhile
+    // on other threads; and out of STARTING, so that spawning a command
+    // or looking up a host name does not hold up a `qmp_migrate`.
+    let aborter = match aborter {
+        Some(a) => a,
+        None => Aborter::new()?,
+    };
+    let source = open(&aborter)?;
+    let prev = {
+        let _starting = crate::state::STARTING.lock();
+        // An outgoing migration that started meanwhile wins: the source
+        // set up is dropped (closed, its command ended).
+        let prev = refused()?;
+        if !INCOMING.cas(prev, S::Setup) {
             return Err(MigError::new("an incoming migration is already in progress"));
         }
         prev
     };
-    // Set up out of STARTING, so that spawning a command or looking up a
-    // host name does not hold up a `qmp_migrate`; a failure goes back to
-    // the previous state. Out of idle, the host table can no longer
-    // change: take it now.
-    let prepared = (|| -> Result<(Aborter, Source, Host)> {
-        let aborter = match aborter {
-            Some(a) => a,
-            None => Aborter::new()?,
-        };
-        let source = open(&aborter)?;
-        Ok((aborter, source, host::get()?))
-    })();
-    let (aborter, source, host) = match prepared {
-        Ok(p) => p,
+    // Out of idle, the host table can no longer change: take it now (one
+    // was registered: it was asked for the run state above).
+    let host = match host::get() {
+        Ok(h) => h,
         Err(e) => {
             INCOMING.cas(S::Setup, prev);
             return Err(e);

@@ -313,3 +313,45 @@ fn a_refused_migration_never_shows_as_in_progress() {
         changes.load(SeqCst)
     );
 }
+
+/// The same on the destination: an incoming start that is refused (its
+/// port is taken) never shows as a migration in progress to a change of
+/// the RAM block list made meanwhile on another thread.
+#[test]
+fn a_refused_incoming_start_never_shows_as_in_progress() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Inmigrate as u32, SeqCst);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:127.0.0.1:{}", taken.local_addr().unwrap().port());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (changes, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let changer = {
+        let (stop, changes, refused) = (stop.clone(), changes.clone(), refused.clone());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                let e = livemig::ram::block_remove("livemig-no-such-block").unwrap_err().to_string();
+                if e.contains("in progress") && refused.fetch_add(1, SeqCst) == 0 {
+                    eprintln!("block list change refused: {e}");
+                }
+                changes.fetch_add(1, SeqCst);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut starts = 0;
+    while Instant::now() < deadline && refused.load(SeqCst) == 0 {
+        assert!(livemig::incoming::start_uri(&uri).is_err(), "the port is taken");
+        assert!(INCOMING.status().is_idle());
+        starts += 1;
+    }
+    stop.store(true, SeqCst);
+    changer.join().unwrap();
+    STATE.store(RunState::Running as u32, SeqCst);
+    assert_eq!(
+        refused.load(SeqCst),
+        0,
+        "{} of {} block list changes refused as 'in progress' during {starts} refused incoming starts",
+        refused.load(SeqCst),
+        changes.load(SeqCst)
+    );
+}

@@ -510,8 +510,10 @@ pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
 /// socket at a `unix:` path is replaced, as QEMU replaces it, even if
 /// another listener still uses it; anything else there is refused. `fd:N`
 /// is livemig's from the call on (closed if the start is refused); a
-/// named fd is taken once the start is accepted. A `tcp:` host name is
-/// resolved on the calling thread.
+/// named fd is taken once the start is accepted (or refused only because
+/// an outgoing migration started meanwhile on another thread: the URI is
+/// set up before the state leaves idle, and what was set up is then
+/// closed). A `tcp:` host name is resolved on the calling thread.
 #[no_mangle]
 pub extern "C" fn qemu_start_incoming_migration(uri: *const c_char, errp: *mut *mut Error) {
     guard_err("qemu_start_incoming_migration", errp, (), || incoming::start_uri(cstr(uri, "uri")?))
