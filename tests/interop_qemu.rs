@@ -8,7 +8,8 @@
 //! - livemig → QEMU with XBZRLE while a thread dirties pages over several
 //!   passes: QEMU decodes it, xbzrle pages > 0, RAM identical.
 //! - livemig → livemig with the dirtier over tcp and unix, with consistent
-//!   query-migrate figures.
+//!   query-migrate figures;
+//! - QEMU → livemig over IPv6 into a `tcp::PORT` (every address) listener.
 //!
 //! Tests skip with a message where QEMU is not installed.
 
@@ -527,4 +528,48 @@ fn return_path_both_ways() {
     let _ = q.kill();
     let _ = q.wait();
     assert_same(&std::fs::read(&dump).unwrap(), &std::fs::read(&img).unwrap(), "rp from QEMU");
+}
+
+/// A livemig destination started on QEMU's every-address URI `tcp::PORT`
+/// is reached by a QEMU source over IPv6 as over IPv4: QEMU's own
+/// `-incoming tcp::PORT` listens on both.
+#[test]
+fn qemu_to_livemig_over_ipv6_into_an_every_address_listener() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let dir = tmpdir("ipv6");
+    let img = dir.join("src.img");
+    let image = patterned();
+    std::fs::write(&img, &image).unwrap();
+    let (mut q, mut qmp) = qemu(&dir, Some(("m", &img, false)), &[]);
+    let (pf, dump) = (dir.join("port"), dir.join("dump.img"));
+    let mut p = spawn_peer(&[
+        "--incoming".into(),
+        "tcp::0".into(),
+        "--port-file".into(),
+        pf.display().to_string(),
+        "--ram-name".into(),
+        "m".into(),
+        "--dump".into(),
+        dump.display().to_string(),
+    ]);
+    let port = read_port(&pf);
+    qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:[::1]:{port}"}}}}"#));
+    let r = qmp.wait_migration();
+    let _ = q.kill();
+    let _ = q.wait();
+    if r["status"] != "completed" {
+        let _ = p.kill();
+        panic!("QEMU could not migrate over IPv6 into tcp::{port}: {r}");
+    }
+    let out = wait_output(p);
+    assert!(out.status.success(), "qemu_peer failed");
+    assert_same(&std::fs::read(&dump).unwrap(), &image, "ipv6");
+    let _ = std::fs::remove_dir_all(&dir);
 }

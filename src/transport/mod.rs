@@ -10,8 +10,8 @@
 //!
 //! URI forms:
 //! - `tcp:HOST:PORT` — IPv4, `[IPv6]`, or a host name; on the incoming side
-//!   an empty host binds every address and port 0 binds a free port
-//!   (see [`Listener::local_port`]);
+//!   an empty host binds every address, IPv4 and IPv6 (as QEMU's
+//!   `tcp::PORT`), and port 0 binds a free port (see [`Listener::local_port`]);
 //! - `unix:PATH`;
 //! - `exec:COMMAND` — run by `/bin/sh -c`; outgoing writes to its stdin,
 //!   incoming reads its stdout;

@@ -255,10 +255,20 @@ fn file_id(path: &str) -> io::Result<(u64, u64)> {
     Ok((md.dev(), md.ino()))
 }
 
-/// Binds `host:port` (empty host: every address; port 0: any free port).
+/// Binds `host:port` (empty host: every address, IPv4 and IPv6, as QEMU's
+/// `tcp::PORT` listens; port 0: any free port).
 pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<SocketListener> {
-    let host = if host.is_empty() { "0.0.0.0" } else { host };
-    let l = TcpListener::bind((host, port)).map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
+    let bound = if host.is_empty() {
+        // One IPv6 socket that takes IPv4 too; IPv4 alone where that
+        // cannot be had (no IPv6), unless the port is the problem.
+        listen_any_dual_stack(port).or_else(|e| match e.raw_os_error() {
+            Some(libc::EADDRINUSE | libc::EACCES) => Err(e),
+            _ => TcpListener::bind(("0.0.0.0", port)),
+        })
+    } else {
+        TcpListener::bind((host, port))
+    };
+    let l = bound.map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
     let port = l.local_addr().map_err(|e| MigError::io("getsockname", e))?.port();
     let fd = OwnedFd::from(l);
     set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
@@ -266,6 +276,43 @@ pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<
     // Errors name the port bound, not the 0 asked for.
     let name = text.strip_suffix(":0").map_or_else(|| text.to_string(), |t| format!("{t}:{port}"));
     Ok(SocketListener { fd, name, abort: abort.clone(), port: Some(port), unix_path: None })
+}
+
+/// A listener on every IPv6 and IPv4 address (`[::]` with IPV6_V6ONLY off,
+/// whatever the system default), with std's SO_REUSEADDR and backlog.
+fn listen_any_dual_stack(port: u16) -> io::Result<TcpListener> {
+    // SAFETY: plain socket(2); the descriptor is owned at once below.
+    let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned by socket(2), owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    let off: i32 = 0;
+    // SAFETY: passes a pointer to a live i32 and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (ss, len) = sockaddr_of(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
+    // SAFETY: `ss` holds a sockaddr_in6 of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on our bound socket.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(fd))
 }
 
 /// Removes a socket at `path`, as QEMU does before it binds: whether a
@@ -323,4 +370,22 @@ pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketList
         fail(e)
     })?;
     Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some((path.to_string(), id)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty host takes sources on IPv4 and, where the host has it,
+    /// IPv6, as QEMU's `tcp::PORT` does.
+    #[test]
+    fn an_empty_host_listens_on_ipv4_and_ipv6() {
+        let abort = Aborter::new().expect("aborter");
+        let l = listen_tcp("", 0, "tcp::0", &abort).expect("listen");
+        let port = l.port.expect("a tcp port");
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("IPv4 connect");
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            std::net::TcpStream::connect(("::1", port)).expect("IPv6 connect");
+        }
+    }
 }
