@@ -9,7 +9,8 @@
 //!   passes: QEMU decodes it, xbzrle pages > 0, RAM identical.
 //! - livemig → livemig with the dirtier over tcp and unix, with consistent
 //!   query-migrate figures;
-//! - QEMU → livemig over IPv6 into a `tcp::PORT` (every address) listener.
+//! - QEMU → livemig over IPv6 into a `tcp::PORT` (every address) listener;
+//! - a QEMU source with multifd fails on both sides, never completes.
 //!
 //! Tests skip with a message where QEMU is not installed.
 
@@ -571,5 +572,45 @@ fn qemu_to_livemig_over_ipv6_into_an_every_address_listener() {
     let out = wait_output(p);
     assert!(out.status.success(), "qemu_peer failed");
     assert_same(&std::fs::read(&dump).unwrap(), &image, "ipv6");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A QEMU source with multifd sends its pages' data on extra connections
+/// that a livemig destination never takes: the migration fails on both
+/// sides (the destination must never complete with only the main
+/// channel's zero pages loaded) and the QEMU source VM keeps running.
+#[test]
+fn qemu_multifd_source_fails_on_a_livemig_destination() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let dir = tmpdir("multifd");
+    let img = dir.join("src.img");
+    // Little data: were the extra channels accepted and left unread, all
+    // of it would fit in their socket buffers and QEMU would complete.
+    std::fs::write(&img, mostly_zero()).unwrap();
+    let (mut q, mut qmp) = qemu(&dir, Some(("m", &img, false)), &[]);
+    qmp.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#);
+    let pf = dir.join("port");
+    let p = spawn_peer(&[
+        "--incoming".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--port-file".into(),
+        pf.display().to_string(),
+        "--ram-name".into(),
+        "m".into(),
+    ]);
+    let port = read_port(&pf);
+    qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
+    let r = qmp.wait_migration();
+    let st = qmp.cmd(r#"{"execute":"query-status"}"#);
+    let _ = q.kill();
+    let _ = q.wait();
+    let out = wait_output(p);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(st["status"], "running", "the QEMU source runs on: {st}");
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && o.contains("status: failed") && o.contains("error-desc: "), "{o}");
     let _ = std::fs::remove_dir_all(&dir);
 }
