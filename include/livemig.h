@@ -919,7 +919,9 @@ void qmp_migrate(const char *uri, bool has_blk, bool blk, bool has_inc, bool inc
 
 /*
  Starts a migration over a stream the host opened (e.g. `qemu_fdopen`).
- livemig owns `f` from the call on, also when it refuses.
+ livemig owns `f` from the call on, also when it refuses. `s` is
+ `migrate_get_current()`, NULL, or the outgoing state a notifier was
+ handed; an incoming migration's state is refused.
  */
 void migrate_fd_connect(struct MigrationState *s, struct QEMUFile *f, struct Error **errp);
 
@@ -929,7 +931,12 @@ void migrate_fd_connect(struct MigrationState *s, struct QEMUFile *f, struct Err
  thread stops at once, also while it waits out a spent window under the
  speed limit, and a later `qmp_migrate_cancel` does not turn it into
  CANCELLED. No effect when no migration runs, nor, as for a cancel,
- once the switchover is sending the end of the stream.
+ once the switchover is sending the end of the stream. `s` is
+ `migrate_get_current()`, NULL, or the outgoing state a notifier was
+ handed (so a notifier may report an error with its own argument); an
+ incoming migration's state is ignored (logged). `error` stays the
+ caller's to free. May be called from a notifier, with the host lock
+ held.
  */
 void migrate_fd_error(struct MigrationState *s, const struct Error *error);
 

@@ -1484,6 +1484,48 @@ fn a_cancel_after_migrate_fd_error_leaves_the_hosts_error() {
     assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
 }
 
+/// A notifier that, as a QEMU host's does, reports the host's error with
+/// the `MigrationState *` it was handed, once the outgoing migration is
+/// ACTIVE.
+unsafe extern "C" fn reports_error_with_its_state(_n: *mut livemig::ffi::types::Notifier, s: *mut c_void) {
+    if api::livemig_migration_status(s.cast()) == MigrationStatus::Active && !api::livemig_migration_is_incoming(s.cast()) {
+        let e = error_new(c"disk gone".as_ptr());
+        api::migrate_fd_error(s.cast(), e);
+        error_free(e);
+    }
+}
+
+/// The state a notifier is handed names the migration as well as
+/// `migrate_get_current()` does: `migrate_fd_error` made with it fails the
+/// migration (it was ignored, and the migration completed).
+#[test]
+fn migrate_fd_error_with_a_notifiers_state_fails_the_migration() {
+    let _g = host();
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(10_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    let mut n = livemig::ffi::types::Notifier { notify: Some(reports_error_with_its_state), le_next: null_mut(), le_prev: null_mut() };
+    api::add_migration_state_change_notifier(&mut n);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    // At 10 kB/s the migration would take half an hour: an ignored error
+    // leaves it running, and it is cancelled after 2 s.
+    let ended = || matches!(OUTGOING.status(), MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled);
+    let t = Instant::now();
+    while !ended() && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !ended() {
+        cancel();
+    }
+    let end = wait_final(false, 30);
+    api::remove_migration_state_change_notifier(&mut n);
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(end, MigrationStatus::Failed);
+    assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
+    assert_eq!(state(), RunState::Running);
+}
+
 /// When the live handler below reported the host's error (see its
 /// `pending`); None until then.
 static REPORTED_AT: Mutex<Option<Instant>> = Mutex::new(None);

@@ -53,6 +53,15 @@ pub extern "C" fn migration_has_failed(s: *mut MigrationState) -> bool {
     matches!(status_of(s), Some(MigrationStatus::Failed | MigrationStatus::Cancelled))
 }
 
+/// Whether `s` names the outgoing migration: NULL, `migrate_get_current()`
+/// or the state an outgoing notification handed a notifier (QEMU's
+/// notifiers get `migrate_get_current()` itself, and a host ported from it
+/// passes that pointer on, e.g. to `migrate_fd_error`).
+fn names_outgoing(s: *const MigrationState) -> bool {
+    // SAFETY: as in status_of.
+    unsafe { s.as_ref() }.is_none_or(|st| !st.is_incoming())
+}
+
 /// The status of a state object (NULL gives NONE).
 #[no_mangle]
 pub extern "C" fn livemig_migration_status(s: *const MigrationState) -> MigrationStatus {
@@ -125,7 +134,9 @@ pub extern "C" fn qmp_migrate(
 }
 
 /// Starts a migration over a stream the host opened (e.g. `qemu_fdopen`).
-/// livemig owns `f` from the call on, also when it refuses.
+/// livemig owns `f` from the call on, also when it refuses. `s` is
+/// `migrate_get_current()`, NULL, or the outgoing state a notifier was
+/// handed; an incoming migration's state is refused.
 #[no_mangle]
 pub extern "C" fn migrate_fd_connect(s: *mut MigrationState, f: *mut crate::qemu_file::QemuFile, errp: *mut *mut Error) {
     guard_err("migrate_fd_connect", errp, (), || {
@@ -135,8 +146,8 @@ pub extern "C" fn migrate_fd_connect(s: *mut MigrationState, f: *mut crate::qemu
         // SAFETY: `f` came from qemu_fdopen (Box::into_raw) and ownership
         // passes to livemig with this call.
         let file = unsafe { *Box::from_raw(f) };
-        if !s.is_null() && s != migrate_get_current() {
-            return Err(MigError::new("migrate_fd_connect: not the current migration state"));
+        if !names_outgoing(s) {
+            return Err(MigError::new("migrate_fd_connect: the state of an incoming migration; pass migrate_get_current() (or NULL)"));
         }
         if file.direction() != Direction::Write {
             return Err(MigError::new("migrate_fd_connect: the stream is not open for writing (qemu_fdopen mode \"wb\")"));
@@ -150,11 +161,17 @@ pub extern "C" fn migrate_fd_connect(s: *mut MigrationState, f: *mut crate::qemu
 /// thread stops at once, also while it waits out a spent window under the
 /// speed limit, and a later `qmp_migrate_cancel` does not turn it into
 /// CANCELLED. No effect when no migration runs, nor, as for a cancel,
-/// once the switchover is sending the end of the stream.
+/// once the switchover is sending the end of the stream. `s` is
+/// `migrate_get_current()`, NULL, or the outgoing state a notifier was
+/// handed (so a notifier may report an error with its own argument); an
+/// incoming migration's state is ignored (logged). `error` stays the
+/// caller's to free. May be called from a notifier, with the host lock
+/// held.
 #[no_mangle]
 pub extern "C" fn migrate_fd_error(s: *mut MigrationState, error: *const Error) {
     guard("migrate_fd_error", (), || {
-        if !s.is_null() && s != migrate_get_current() {
+        if !names_outgoing(s) {
+            log::warn!("migrate_fd_error: the state of an incoming migration, not the outgoing one: ignored");
             return;
         }
         let msg = Error::message(error).unwrap_or_else(|| "migration failed: reported by the host".to_string());
