@@ -207,7 +207,10 @@ typedef enum MigrationCapability {
    The source's setting decides: it asks the destination to answer,
    whatever the destination's own setting, as in QEMU. A source that
    gets no answer within the io timeout ends FAILED with its VM
-   stopped (postmigrate): the destination may be running it.
+   stopped (postmigrate): the destination may be running it. Over
+   another channel (`exec:`, a pipe or file fd) `qmp_migrate` accepts
+   the URI and the migration then fails in setup ("capability
+   'return-path' needs a socket …"), the VM running on.
    */
   MIGRATION_CAPABILITY_RETURN_PATH = 10,
   /*
@@ -263,14 +266,18 @@ typedef struct DeviceState DeviceState;
 typedef struct Error Error;
 
 /*
- A migration state object: the live one for each direction
- ([`OUTGOING`], [`INCOMING`]) and the snapshots handed to notifiers.
- C sees it as the opaque `MigrationState`.
+ A migration state object, opaque to C (`MigrationState`): the live one
+ of each direction (the outgoing one is `migrate_get_current()`, valid
+ for the life of the process), and the copies handed to notifiers, each
+ frozen in the state just entered and valid only during the call.
  */
 typedef struct MigrationState MigrationState;
 
 /*
- A buffered migration stream over a [`Channel`].
+ A buffered migration stream (QEMU's `QEMUFile`), opaque to C: one from
+ `qemu_fdopen` is the host's until it hands it to `migrate_fd_connect` or
+ `process_incoming_migration` (or closes it with `qemu_fclose`); one that
+ livemig passes to a device's handler is valid only during that call.
  */
 typedef struct QEMUFile QEMUFile;
 
@@ -317,9 +324,11 @@ typedef struct LivemigHostOps {
   void (*iothread_unlock)(void *opaque);
   /*
    Required: stops the vCPUs and sets `state`; returns 0 or a negative
-   errno. Called with the host lock held: vCPUs that need that lock to
-   pause must get it released while the host waits for them (QEMU's
-   `pause_all_vcpus`).
+   errno. Returns only once the vCPUs have stopped: the final dirty-log
+   sync and RAM pass follow at once, and a guest write made after the
+   return may not reach the destination. Called with the host lock
+   held: vCPUs that need that lock to pause must get it released while
+   the host waits for them (QEMU's `pause_all_vcpus`).
    */
   int (*vm_stop_force_state)(void *opaque, enum RunState state);
   /*
@@ -796,7 +805,8 @@ int64_t qemu_ftell(struct QEMUFile *f);
  Opens a stream over `fd` ("wb": outgoing, "rb": incoming) for
  `migrate_fd_connect` or `process_incoming_migration`. livemig owns `fd`
  on success, and makes it non-blocking (O_NONBLOCK, a flag of the open
- file, so also of any duplicate of it). NULL on error (bad mode or fd).
+ file, so also of any duplicate of it). NULL on error (bad mode or fd;
+ the reason is logged, and the descriptor stays the caller's).
  */
 struct QEMUFile *qemu_fdopen(int fd, const char *mode);
 
@@ -1002,13 +1012,17 @@ void qapi_free_MigrationCapabilityStatusList(struct MigrationCapabilityStatusLis
  The state and figures of the outgoing migration or, if none has run in
  this process, of the incoming one (as QEMU 7.2, whose destination has
  no status while it waits for the stream: `livemig_query_incoming`
- reports that as SETUP). Free with `qapi_free_MigrationInfo`.
+ reports that as SETUP). Free with `qapi_free_MigrationInfo`, which frees
+ `ram`, `xbzrle_cache` and `error_desc` with it. NULL (with `errp` set)
+ only on an internal error.
  */
 struct MigrationInfo *qmp_query_migrate(struct Error **errp);
 
 /*
- The state of the incoming migration (status and error_desc). Free with
- `qapi_free_MigrationInfo`.
+ The state of the incoming migration (status and error_desc; SETUP from
+ `qemu_start_incoming_migration` until the stream arrives, NONE before
+ any). Free with `qapi_free_MigrationInfo`. NULL (with `errp` set) only
+ on an internal error.
  */
 struct MigrationInfo *livemig_query_incoming(struct Error **errp);
 
@@ -1018,12 +1032,16 @@ struct MigrationInfo *livemig_query_incoming(struct Error **errp);
 void qapi_free_MigrationInfo(struct MigrationInfo *info);
 
 /*
- Frees a `MigrationStats` made by livemig.
+ Frees a `MigrationStats` made by livemig and detached from its
+ `MigrationInfo` (set `info->ram` to NULL first: `qapi_free_MigrationInfo`
+ frees the members it still holds). NULL is ignored.
  */
 void qapi_free_MigrationStats(struct MigrationStats *s);
 
 /*
- Frees an `XBZRLECacheStats` made by livemig.
+ Frees an `XBZRLECacheStats` made by livemig and detached from its
+ `MigrationInfo` (set `info->xbzrle_cache` to NULL first: `qapi_free_MigrationInfo`
+ frees the members it still holds). NULL is ignored.
  */
 void qapi_free_XBZRLECacheStats(struct XBZRLECacheStats *s);
 

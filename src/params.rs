@@ -39,7 +39,10 @@ pub enum MigrationCapability {
     /// The source's setting decides: it asks the destination to answer,
     /// whatever the destination's own setting, as in QEMU. A source that
     /// gets no answer within the io timeout ends FAILED with its VM
-    /// stopped (postmigrate): the destination may be running it.
+    /// stopped (postmigrate): the destination may be running it. Over
+    /// another channel (`exec:`, a pipe or file fd) `qmp_migrate` accepts
+    /// the URI and the migration then fails in setup ("capability
+    /// 'return-path' needs a socket …"), the VM running on.
     ReturnPath = 10,
     /// Not supported.
     PauseBeforeSwitchover = 11,

@@ -40,7 +40,10 @@ pub enum Direction {
     Read,
 }
 
-/// A buffered migration stream over a [`Channel`].
+/// A buffered migration stream (QEMU's `QEMUFile`), opaque to C: one from
+/// `qemu_fdopen` is the host's until it hands it to `migrate_fd_connect` or
+/// `process_incoming_migration` (or closes it with `qemu_fclose`); one that
+/// livemig passes to a device's handler is valid only during that call.
 pub struct QemuFile {
     chan: Box<dyn Channel>,
     dir: Direction,

@@ -106,9 +106,10 @@ impl MigrationStatus {
     }
 }
 
-/// A migration state object: the live one for each direction
-/// ([`OUTGOING`], [`INCOMING`]) and the snapshots handed to notifiers.
-/// C sees it as the opaque `MigrationState`.
+/// A migration state object, opaque to C (`MigrationState`): the live one
+/// of each direction (the outgoing one is `migrate_get_current()`, valid
+/// for the life of the process), and the copies handed to notifiers, each
+/// frozen in the state just entered and valid only during the call.
 pub struct MigrationState {
     status: AtomicU32,
     incoming: bool,

@@ -171,7 +171,8 @@ pub extern "C" fn qemu_ftell(f: *mut QemuFile) -> i64 {
 /// Opens a stream over `fd` ("wb": outgoing, "rb": incoming) for
 /// `migrate_fd_connect` or `process_incoming_migration`. livemig owns `fd`
 /// on success, and makes it non-blocking (O_NONBLOCK, a flag of the open
-/// file, so also of any duplicate of it). NULL on error (bad mode or fd).
+/// file, so also of any duplicate of it). NULL on error (bad mode or fd;
+/// the reason is logged, and the descriptor stays the caller's).
 #[no_mangle]
 pub extern "C" fn qemu_fdopen(fd: c_int, mode: *const c_char) -> *mut QemuFile {
     guard("qemu_fdopen", std::ptr::null_mut(), || {

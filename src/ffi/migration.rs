@@ -389,7 +389,9 @@ fn outgoing_info(status: MigrationStatus, st: &OutStats) -> MigrationInfo {
 /// The state and figures of the outgoing migration or, if none has run in
 /// this process, of the incoming one (as QEMU 7.2, whose destination has
 /// no status while it waits for the stream: `livemig_query_incoming`
-/// reports that as SETUP). Free with `qapi_free_MigrationInfo`.
+/// reports that as SETUP). Free with `qapi_free_MigrationInfo`, which frees
+/// `ram`, `xbzrle_cache` and `error_desc` with it. NULL (with `errp` set)
+/// only on an internal error.
 #[no_mangle]
 pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo {
     guard_err("qmp_query_migrate", errp, null_mut(), || {
@@ -404,8 +406,10 @@ pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo
     })
 }
 
-/// The state of the incoming migration (status and error_desc). Free with
-/// `qapi_free_MigrationInfo`.
+/// The state of the incoming migration (status and error_desc; SETUP from
+/// `qemu_start_incoming_migration` until the stream arrives, NONE before
+/// any). Free with `qapi_free_MigrationInfo`. NULL (with `errp` set) only
+/// on an internal error.
 #[no_mangle]
 pub extern "C" fn livemig_query_incoming(errp: *mut *mut Error) -> *mut MigrationInfo {
     guard_err("livemig_query_incoming", errp, null_mut(), || Ok(Box::into_raw(Box::new(incoming_info(false)))))
@@ -436,7 +440,9 @@ pub extern "C" fn qapi_free_MigrationInfo(info: *mut MigrationInfo) {
     }
 }
 
-/// Frees a `MigrationStats` made by livemig.
+/// Frees a `MigrationStats` made by livemig and detached from its
+/// `MigrationInfo` (set `info->ram` to NULL first: `qapi_free_MigrationInfo`
+/// frees the members it still holds). NULL is ignored.
 #[no_mangle]
 pub extern "C" fn qapi_free_MigrationStats(s: *mut MigrationStats) {
     if !s.is_null() {
@@ -445,7 +451,9 @@ pub extern "C" fn qapi_free_MigrationStats(s: *mut MigrationStats) {
     }
 }
 
-/// Frees an `XBZRLECacheStats` made by livemig.
+/// Frees an `XBZRLECacheStats` made by livemig and detached from its
+/// `MigrationInfo` (set `info->xbzrle_cache` to NULL first: `qapi_free_MigrationInfo`
+/// frees the members it still holds). NULL is ignored.
 #[no_mangle]
 pub extern "C" fn qapi_free_XBZRLECacheStats(s: *mut XBZRLECacheStats) {
     if !s.is_null() {

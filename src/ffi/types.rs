@@ -45,9 +45,11 @@ pub struct LivemigHostOps {
     /// Required: releases it.
     pub iothread_unlock: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Required: stops the vCPUs and sets `state`; returns 0 or a negative
-    /// errno. Called with the host lock held: vCPUs that need that lock to
-    /// pause must get it released while the host waits for them (QEMU's
-    /// `pause_all_vcpus`).
+    /// errno. Returns only once the vCPUs have stopped: the final dirty-log
+    /// sync and RAM pass follow at once, and a guest write made after the
+    /// return may not reach the destination. Called with the host lock
+    /// held: vCPUs that need that lock to pause must get it released while
+    /// the host waits for them (QEMU's `pause_all_vcpus`).
     pub vm_stop_force_state: Option<unsafe extern "C" fn(opaque: *mut c_void, state: RunState) -> c_int>,
     /// Required: starts (resumes) the VM; returns 0 or a negative errno.
     pub vm_start: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
