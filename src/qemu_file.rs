@@ -243,11 +243,25 @@ impl QemuFile {
         self.put_buffer(s.as_bytes());
     }
 
+    /// A write error (EPIPE) with what the channel knows of why its peer
+    /// went away: "Broken pipe" alone does not tell that an `exec:`
+    /// command failed, nor how.
+    fn explained(&mut self, e: MigError) -> MigError {
+        if e.errno() != libc::EPIPE {
+            return e;
+        }
+        match self.chan.exit_note() {
+            Some(note) => MigError::with_errno(format!("{e} ({note})"), libc::EPIPE),
+            None => e,
+        }
+    }
+
     fn write_out(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.chan.write(data) {
                 Ok(0) => {
                     let e = MigError::with_errno(format!("unable to write to {}: connection closed", self.chan.describe()), libc::EPIPE);
+                    let e = self.explained(e);
                     self.set_error(e);
                     return;
                 }
@@ -255,6 +269,7 @@ impl QemuFile {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let e = MigError::io(format!("unable to write to {}", self.chan.describe()), e);
+                    let e = self.explained(e);
                     self.set_error(e);
                     return;
                 }
@@ -282,6 +297,7 @@ impl QemuFile {
             match self.chan.writev(&iov[i..]) {
                 Ok(0) => {
                     let e = MigError::with_errno(format!("unable to write to {}: connection closed", self.chan.describe()), libc::EPIPE);
+                    let e = self.explained(e);
                     self.set_error(e);
                 }
                 Ok(mut n) => {
@@ -300,6 +316,7 @@ impl QemuFile {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let e = MigError::io(format!("unable to write to {}", self.chan.describe()), e);
+                    let e = self.explained(e);
                     self.set_error(e);
                 }
             }

@@ -1526,6 +1526,20 @@ fn migrate_fd_error_with_a_notifiers_state_fails_the_migration() {
     assert_eq!(state(), RunState::Running);
 }
 
+/// An `exec:` command that exits without reading its stream fails the
+/// migration with its exit status, not only with "Broken pipe".
+#[test]
+fn a_failed_exec_command_is_reported_with_its_exit_status() {
+    let _g = host();
+    for (uri, status) in [("exec:exit 4", "exit status: 4"), ("exec:/nonexistent/livemig-cmd", "exit status: 127")] {
+        assert_eq!(migrate(uri), "");
+        assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+        let error = livemig::outgoing::stats().error.unwrap_or_default();
+        assert!(error.contains(&format!("the command exited with {status}")), "{uri}: {error}");
+        set_state(RunState::Running);
+    }
+}
+
 /// When the live handler below reported the host's error (see its
 /// `pending`); None until then.
 static REPORTED_AT: Mutex<Option<Instant>> = Mutex::new(None);

@@ -235,6 +235,20 @@ impl Channel for FdChannel {
         Some(self.abort.clone())
     }
 
+    fn exit_note(&mut self) -> Option<String> {
+        // A write failed: a command that is exiting has done so within
+        // moments. A status seen here is kept by `Child` for `close`.
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + std::time::Duration::from_millis(100);
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => return (!st.success()).then(|| format!("the command exited with {st}")),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                _ => return None,
+            }
+        }
+    }
+
     fn peer_closed(&self) -> bool {
         if !self.is_socket {
             return false;

@@ -95,6 +95,11 @@ pub trait Channel: Send {
     fn peer_closed(&self) -> bool {
         false
     }
+    /// Why a write found the channel closed, when the channel knows more
+    /// than the errno: an `exec:` command's exit status.
+    fn exit_note(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Wakes and fails every blocking operation of the channels it was given
