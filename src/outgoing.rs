@@ -345,6 +345,9 @@ struct Progress {
     /// stopped): a VM that was running is started again on failure, one
     /// that was not gets this state back.
     stopped_from: Option<RunState>,
+    /// The generation of this migration's RAM final pass, once RAM's setup
+    /// began it (`crate::ram::begin_final_pass`): what ends it.
+    final_pass: Option<u64>,
 }
 
 fn run(host: Host, target: Target, aborter: Aborter) {
@@ -352,7 +355,7 @@ fn run(host: Host, target: Target, aborter: Aborter) {
         let _l = host.lock();
         notify(S::Setup, false);
     }
-    let mut p = Progress { save: None, stopped_from: None };
+    let mut p = Progress { save: None, stopped_from: None, final_pass: None };
     let result = crate::contain_panic("migration", || {
         let file = match target {
             Target::File(f) => Ok(f),
@@ -402,7 +405,9 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
     // Kept in `p` before any handler's setup runs: on failure, every
     // handler is cancelled and cleaned up, whether its setup ran or not.
     let save = p.save.insert(SaveState::registered());
-    save.begin(f)?;
+    let began = save.begin(f);
+    p.final_pass = Some(crate::ram::final_pass_generation());
+    began?;
     update(|s| s.setup_time_ms = start.elapsed().as_millis() as u64);
     if !OUTGOING.cas(S::Setup, S::Active) {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
@@ -485,7 +490,7 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
             } else {
                 // The estimate the switchover is made on, kept for the report.
                 update(|s| s.expected_downtime_ms = expected);
-                return switchover(host, f, save, &mut p.stopped_from, start);
+                return switchover(host, f, save, &mut p.stopped_from, p.final_pass, start);
             }
         }
         let elapsed = window_start.elapsed();
@@ -743,7 +748,14 @@ pub fn expected_downtime_ms(rates: &Rates, pending: u64, fresh: u64, sync: Durat
 /// change to shared state (stream closed, handlers cleaned up), happens
 /// before the transition to COMPLETED: after it, a later error must not
 /// restart a VM that now runs on the destination.
-fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from: &mut Option<RunState>, start: Instant) -> Result<()> {
+fn switchover(
+    host: &Host,
+    f: &mut QemuFile,
+    save: &mut SaveState,
+    stopped_from: &mut Option<RunState>,
+    final_pass: Option<u64>,
+    start: Instant,
+) -> Result<()> {
     let _l = host.lock();
     // A cancel made while this thread waited for the lock (the host calls
     // qmp_migrate_cancel under it) is honoured before the VM stops.
@@ -848,7 +860,9 @@ fn switchover(host: &Host, f: &mut QemuFile, save: &mut SaveState, stopped_from:
     }
     // Marks are taken again only now: one made before COMPLETED was
     // refused, not lost.
-    crate::ram::end_final_pass(&crate::ram::blocks());
+    if let Some(g) = final_pass {
+        crate::ram::end_final_pass(&crate::ram::blocks(), g);
+    }
     log::info!("migration completed: {sent} bytes, total {} ms, downtime {downtime} ms", round_ms(total));
     notify(S::Completed, false);
     Ok(())
@@ -881,7 +895,9 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
             Ok(())
         });
     }
-    crate::ram::end_final_pass(&crate::ram::blocks());
+    if let Some(g) = p.final_pass {
+        crate::ram::end_final_pass(&crate::ram::blocks(), g);
+    }
     match p.stopped_from {
         // Unless the host's stop failed before it stopped anything.
         Some(RunState::Running) if !host.runstate_is_running() => {

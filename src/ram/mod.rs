@@ -128,9 +128,28 @@ struct FinalPass {
     /// The switchover committed: the end of the stream is going out, and
     /// the migration can no longer fail because of a mark.
     committed: bool,
+    /// The migration these are for: one more for each that begins.
+    generation: u64,
 }
 
-static FINAL_PASS: Mutex<FinalPass> = Mutex::new(FinalPass { late_mark: false, committed: false });
+static FINAL_PASS: Mutex<FinalPass> = Mutex::new(FinalPass { late_mark: false, committed: false, generation: 0 });
+
+/// Begins an outgoing migration's final-pass bookkeeping over `blocks`:
+/// marks are taken, nothing is sealed, no mark is late. The migration's
+/// generation ([`final_pass_generation`]) is what ends it.
+pub(crate) fn begin_final_pass(blocks: &[Arc<RamBlock>]) {
+    for b in blocks {
+        b.unseal();
+    }
+    let mut f = FINAL_PASS.lock();
+    (f.late_mark, f.committed) = (false, false);
+    f.generation += 1;
+}
+
+/// The generation of the migration that began last.
+pub(crate) fn final_pass_generation() -> u64 {
+    FINAL_PASS.lock().generation
+}
 
 /// Commits the switchover unless a page was marked dirty after the final
 /// pass; from then until [`end_final_pass`], marks are refused as too
@@ -146,14 +165,26 @@ pub(crate) fn commit_final_pass() -> Result<()> {
     Ok(())
 }
 
-/// Ends the final pass of the migration that ran on `blocks` (it completed
-/// or failed): marks are taken again.
-pub(crate) fn end_final_pass(blocks: &[Arc<RamBlock>]) {
+/// Ends the final pass of the migration of `generation`, which ran on
+/// `blocks` (it completed or failed): marks are taken again. From a
+/// thread so late that another migration began since (its host restarted
+/// the VM and migrated again), nothing: that migration's seal and late
+/// mark stand.
+pub(crate) fn end_final_pass(blocks: &[Arc<RamBlock>], generation: u64) {
+    // Checked before and after the unseal, which takes the blocks' mark
+    // locks (a mark takes them before FINAL_PASS): a migration that began
+    // in between has unsealed them itself, and seals them only at its
+    // switchover, long after.
+    if FINAL_PASS.lock().generation != generation {
+        return;
+    }
     for b in blocks {
         b.unseal();
     }
     let mut f = FINAL_PASS.lock();
-    (f.late_mark, f.committed) = (false, false);
+    if f.generation == generation {
+        (f.late_mark, f.committed) = (false, false);
+    }
 }
 
 /// A host callback for a resized block: `f(opaque, idstr, new_length)`.
@@ -605,5 +636,34 @@ mod tests {
         assert!(bm.test(0) && bm.test(1) && !bm.test(2) && !bm.test(3));
         block_remove("t.blk").unwrap();
         assert!(block_remove("t.blk").is_err());
+    }
+
+    /// The thread of a migration that completed may end its final pass
+    /// only after the host restarted the VM and the next migration sealed
+    /// the blocks in its own switchover: that must not unseal them nor
+    /// forget a late mark, which would then be lost.
+    #[test]
+    fn a_late_end_of_a_final_pass_leaves_the_next_migration_s_standing() {
+        let mut mem = vec![0u64; 2 * PAGE / 8];
+        let base = ((mem.as_mut_ptr() as usize + PAGE - 1) & !(PAGE - 1)) as *mut u8;
+        block_add("t.gen", base, 4096).unwrap();
+        let blocks: Vec<_> = blocks().into_iter().filter(|b| b.idstr == "t.gen").collect();
+        let seal = || blocks[0].take_marks(&mut DirtyBitmap::new(1), true);
+        begin_final_pass(&blocks);
+        let first = final_pass_generation();
+        seal();
+        // COMPLETED; the first thread is held up before it ends its pass.
+        begin_final_pass(&blocks);
+        let second = final_pass_generation();
+        seal();
+        end_final_pass(&blocks, first);
+        let late = mark_dirty("t.gen", 0, 1).map_err(|e| e.to_string());
+        let committed = commit_final_pass().map_err(|e| e.to_string());
+        end_final_pass(&blocks, second);
+        let after = mark_dirty("t.gen", 0, 1).map_err(|e| e.to_string());
+        block_remove("t.gen").unwrap();
+        assert!(late.as_ref().is_err_and(|e| e.contains("after the final RAM pass")), "a mark after the second seal: {late:?}");
+        assert!(committed.as_ref().is_err_and(|e| e.contains("marked dirty after the final RAM pass")), "{committed:?}");
+        assert_eq!(after, Ok(()));
     }
 }

@@ -99,7 +99,7 @@ pub struct Saver {
 impl Saver {
     /// A saver over `blocks`, using `host`'s dirty log when it has one.
     pub fn new(blocks: Vec<Arc<RamBlock>>, host: Option<Host>) -> Result<Saver> {
-        super::end_final_pass(&blocks);
+        super::begin_final_pass(&blocks);
         let mut base = 0;
         let blocks = blocks
             .into_iter()
