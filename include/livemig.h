@@ -290,7 +290,9 @@ typedef struct QEMUFile QEMUFile;
 
  Threads and locks: every callback may be called from livemig's own
  threads ("livemig-out", "livemig-in"). `iothread_lock`/`unlock` guard the
- switchover, notifiers and device loads; `vm_stop_force_state`, `vm_start`,
+ switchover (until the whole stream is out: the wait for the
+ destination's confirmation and the channel's close, e.g. an `exec:`
+ command's exit, run without it), notifiers and device loads; `vm_stop_force_state`, `vm_start`,
  `runstate_*`, `system_wakeup_request` and `announce_self` are called with
  the host lock held, except that `runstate_is_running` and `runstate_get`
  are also asked by `qmp_migrate`, `migrate_fd_connect`,

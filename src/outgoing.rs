@@ -756,7 +756,7 @@ fn switchover(
     final_pass: Option<u64>,
     start: Instant,
 ) -> Result<()> {
-    let _l = host.lock();
+    let lock = host.lock();
     // A cancel made while this thread waited for the lock (the host calls
     // qmp_migrate_cancel under it) is honoured before the VM stops.
     if OUTGOING.status() != S::Active {
@@ -809,21 +809,16 @@ fn switchover(
     }
     save.end(f);
     f.flush().map_err(too_slow)?;
+    // The whole stream is out, and the outcome no longer depends on the
+    // host: the host lock is released while the destination confirms and
+    // the channel closes (an `exec:` command may take its time to exit),
+    // as QEMU 7.2's migration thread awaits the return path without the
+    // BQL. A cancel or a host error is too late from here on.
+    drop(lock);
     // The confirmation has a deadline of its own.
     f.set_deadline(None);
     let sent = stop_time.elapsed();
-    if let Err(e) = save.await_destination(f) {
-        if e.errno() == libc::ETIMEDOUT {
-            // No answer (a stalled destination or network): it has the whole
-            // stream and may be running the VM (a QEMU destination starts
-            // it whether or not its confirmation gets through), so this one
-            // is not started again; the host decides, as after completion.
-            *stopped_from = None;
-            host.runstate_set(RunState::Postmigrate);
-            return Err(e.context("no confirmation from the destination, which has the whole stream and may be running the VM; this VM stays stopped (postmigrate)"));
-        }
-        return Err(e);
-    }
+    let confirmed = save.await_destination(f);
     if debug {
         let waited = wait0.zip(crate::thread_runqueue_wait()).map(|(a, b)| b.saturating_sub(a));
         log::debug!(
@@ -837,11 +832,33 @@ fn switchover(
     // is the migration's failure.
     let closing = std::mem::replace(f, QemuFile::closed());
     let sent = closing.tell();
-    closing.close()?;
+    let closed = match confirmed {
+        Ok(()) => closing.close(),
+        // Dropped unconfirmed, as on any failure: the confirmation's error
+        // is the one reported.
+        Err(_) => {
+            drop(closing);
+            Ok(())
+        }
+    };
     // Downtime ends here, as in QEMU: everything is on its way to the
     // destination, which needs nothing more from us; stopping the dirty
     // log does not delay it.
     let downtime = round_ms(stop_time.elapsed());
+    let _l = host.lock();
+    if let Err(e) = confirmed {
+        if e.errno() == libc::ETIMEDOUT {
+            // No answer (a stalled destination or network): it has the whole
+            // stream and may be running the VM (a QEMU destination starts
+            // it whether or not its confirmation gets through), so this one
+            // is not started again; the host decides, as after completion.
+            *stopped_from = None;
+            host.runstate_set(RunState::Postmigrate);
+            return Err(e.context("no confirmation from the destination, which has the whole stream and may be running the VM; this VM stays stopped (postmigrate)"));
+        }
+        return Err(e);
+    }
+    closed?;
     save.cleanup();
     let total = start.elapsed();
     update(|s| {

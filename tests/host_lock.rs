@@ -257,3 +257,40 @@ fn a_device_section_waits_for_the_source_without_the_host_lock() {
     assert_eq!(st, MigrationStatus::Completed, "incoming: {err:?}");
     assert_eq!(loaded, vec![(true, true, body)], "the load ran with the host lock held, and got its bytes");
 }
+
+/// Once the whole stream is out, the switchover waits for the channel to
+/// close (an `exec:` command to exit) without the host lock, as QEMU's
+/// migration thread awaits its end without the BQL: a command that takes
+/// 2 s to exit after the end of its input must not keep the host's other
+/// threads out for those 2 s. The command's outcome still decides the
+/// migration's.
+#[test]
+fn the_switchover_waits_for_an_exec_command_without_the_host_lock() {
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    my_host();
+    livemig::params::set_speed(0).unwrap();
+    livemig::transport::set_stall_timeout(10_000).unwrap();
+    STATE.store(RunState::Running as u32, SeqCst);
+    migrate("exec:cat > /dev/null; sleep 2").unwrap();
+    // The longest this thread waited for the host lock until the end.
+    let mut longest = Duration::ZERO;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !matches!(OUTGOING.status(), MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled) {
+        assert!(std::time::Instant::now() < deadline, "the migration did not end within 30 s");
+        let t = std::time::Instant::now();
+        assert!(MYLOCK.try_lock_for(Duration::from_secs(10)), "the host lock stayed held for 10 s");
+        longest = longest.max(t.elapsed());
+        // SAFETY: taken just above by this thread.
+        unsafe { MYLOCK.unlock() };
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let st = wait_final(false, 10);
+    let downtime = outgoing::stats().downtime_ms;
+    livemig::transport::set_stall_timeout(1000).unwrap();
+    STATE.store(RunState::Running as u32, SeqCst);
+    assert_eq!(st, MigrationStatus::Completed, "{:?}", outgoing::stats().error);
+    // The command's 2 s count as downtime (the channel is closed then).
+    assert!(downtime.is_some_and(|d| d >= 1900), "downtime {downtime:?}");
+    assert!(longest < Duration::from_secs(1), "the host lock was held for {longest:?} while the command finished");
+}
