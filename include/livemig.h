@@ -1063,7 +1063,10 @@ void add_migration_state_change_notifier(struct Notifier *notify);
 /*
  Removes a notifier. Safe from inside a notifier. If the notifier is
  being called on another thread, waits until that call has returned,
- so the notifier may be freed once this returns.
+ so the notifier may be freed once this returns. Notifiers are called
+ with the host lock held: a notifier that releases it and waits to take
+ it again must not be removed by a thread that holds it (that removal
+ would wait for the call, and the call for the lock).
  */
 void remove_migration_state_change_notifier(struct Notifier *notify);
 

@@ -496,7 +496,10 @@ pub extern "C" fn add_migration_state_change_notifier(notify: *mut Notifier) {
 
 /// Removes a notifier. Safe from inside a notifier. If the notifier is
 /// being called on another thread, waits until that call has returned,
-/// so the notifier may be freed once this returns.
+/// so the notifier may be freed once this returns. Notifiers are called
+/// with the host lock held: a notifier that releases it and waits to take
+/// it again must not be removed by a thread that holds it (that removal
+/// would wait for the call, and the call for the lock).
 #[no_mangle]
 pub extern "C" fn remove_migration_state_change_notifier(notify: *mut Notifier) {
     guard("remove_migration_state_change_notifier", (), || state::remove_notifier(NotifierRef(notify as usize)))
