@@ -1690,3 +1690,53 @@ fn a_completed_migration_reports_no_remaining_bytes_nor_dirty_rate() {
     assert!(ram.dirty_sync_count > 1, "pages were dirtied during the migration");
     assert_eq!((ram.remaining, ram.dirty_pages_rate), (0, 0));
 }
+
+/// A non-live handler whose state takes a while to save (the VM is
+/// stopped while it runs): it notes when the VM stopped.
+struct SlowSave(Duration);
+
+static SLOW_SAVE_AT: Mutex<Option<Instant>> = Mutex::new(None);
+
+impl SaveVmHandler for SlowSave {
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
+        *SLOW_SAVE_AT.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        std::thread::sleep(self.0);
+        f.put_be32(0);
+        Ok(())
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.skip(4);
+        f.check()
+    }
+}
+
+/// An `exec:` command that has read the whole stream but does not exit
+/// keeps the VM stopped (and the host lock held) no longer than the io
+/// timeout in all: the wait for its exit is part of the switchover. It
+/// used to get a whole io timeout of its own on top, after the stream.
+#[test]
+fn an_exec_command_that_does_not_exit_cannot_keep_the_vm_stopped_past_the_io_timeout() {
+    let _g = host();
+    livemig::transport::set_stall_timeout(2000).unwrap();
+    // 1.5 s of the 2 s go on saving the device state, with the VM stopped.
+    livemig::savevm::register("slow-save", 0, 1, Box::new(SlowSave(Duration::from_millis(1500))), OWNER, Priority::Default).unwrap();
+    *SLOW_SAVE_AT.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let starts = STARTS.load(Ordering::SeqCst);
+    assert_eq!(migrate("exec:cat > /dev/null; exec sleep 30"), "");
+    let end = wait_final(false, 30);
+    let ended = Instant::now();
+    livemig::savevm::unregister("slow-save", OWNER);
+    livemig::transport::set_stall_timeout(60_000).unwrap();
+    let stopped_at = SLOW_SAVE_AT.lock().unwrap_or_else(|e| e.into_inner()).take().expect("the switchover ran");
+    let e = livemig::outgoing::stats().error.unwrap_or_default();
+    assert_eq!(end, MigrationStatus::Failed, "{e}");
+    let stopped = ended.duration_since(stopped_at);
+    assert!(stopped < Duration::from_millis(2800), "the VM stayed stopped {stopped:?} with a 2000 ms io timeout ({e})");
+    assert!(e.contains("did not exit within the io timeout"), "{e}");
+    // Whether the command got it all is unknown: the VM runs here again.
+    assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1);
+    assert_eq!(state(), RunState::Running);
+}

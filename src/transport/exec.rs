@@ -24,17 +24,25 @@ pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<B
     Ok(Box::new(FdChannel::new(fd, text.to_string(), abort.clone())?.with_child(child)))
 }
 
-/// Waits for the command to exit, bounded by the stall timeout and the aborter.
-pub(super) fn wait_child(child: &mut Child, abort: &Aborter) -> io::Result<ExitStatus> {
-    let deadline = Instant::now() + super::stall_timeout();
+/// Waits for the command to exit, bounded by the stall timeout, by
+/// `deadline` (the channel's, e.g. the switchover's: the command's exit is
+/// part of it) and by the aborter; a command still running then is killed.
+pub(super) fn wait_child(child: &mut Child, abort: &Aborter, deadline: Option<Instant>) -> io::Result<ExitStatus> {
+    let stall = Instant::now() + super::stall_timeout();
+    let deadline = deadline.map_or(stall, |d| d.min(stall));
     loop {
         if let Some(st) = child.try_wait()? {
             return Ok(st);
         }
-        if abort.is_aborted() || Instant::now() >= deadline {
+        if abort.is_aborted() {
             let _ = child.kill();
             let st = child.wait()?;
             return Err(io::Error::other(format!("command did not finish, killed ({st})")));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let st = child.wait()?;
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("the command did not exit within the io timeout, killed ({st})")));
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -211,7 +211,7 @@ impl Channel for FdChannel {
                     libc::close(null);
                 }
             }
-            let status = super::exec::wait_child(&mut child, &self.abort)?;
+            let status = super::exec::wait_child(&mut child, &self.abort, self.deadline)?;
             if !status.success() {
                 return Err(io::Error::other(format!("command exited with {status}")));
             }
