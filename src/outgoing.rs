@@ -830,8 +830,8 @@ fn switchover(
     }
     // Close the channel now (for exec:, wait for the command): its failure
     // is the migration's failure. The command's exit is part of the
-    // switchover: the VM stays stopped, and the host lock held, for no
-    // longer than the io timeout in all.
+    // switchover: the VM stays stopped for no longer than the io timeout
+    // in all.
     let mut closing = std::mem::replace(f, QemuFile::closed());
     closing.set_deadline(Some(stop_time + limit));
     let sent = closing.tell();
