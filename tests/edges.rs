@@ -1740,3 +1740,62 @@ fn an_exec_command_that_does_not_exit_cannot_keep_the_vm_stopped_past_the_io_tim
     assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1);
     assert_eq!(state(), RunState::Running);
 }
+
+/// An `exec:` command gets the end of its stream (its stdin closed) even
+/// when the process has no descriptor to spare when the migration ends
+/// (RLIMIT_NOFILE reached): closing the pipe needs none. It used to need a
+/// new one (for /dev/null), and without it the command never saw the end,
+/// was killed at the io timeout, and the migration failed.
+#[test]
+fn an_exec_command_sees_the_end_of_its_stream_when_descriptors_run_out() {
+    let _g = host();
+    livemig::transport::set_stall_timeout(2000).unwrap();
+    // Saving this device's state waits until the descriptors have run out:
+    // the switchover, and so the close, comes after that.
+    static LIMITED: AtomicBool = AtomicBool::new(false);
+    struct AfterLimit;
+    impl SaveVmHandler for AfterLimit {
+        fn is_live(&self) -> bool {
+            false
+        }
+        fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !LIMITED.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            f.put_be32(0);
+            Ok(())
+        }
+        fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+            f.skip(4);
+            f.check()
+        }
+    }
+    LIMITED.store(false, Ordering::SeqCst);
+    livemig::savevm::register("after-limit", 0, 1, Box::new(AfterLimit), OWNER, Priority::Default).unwrap();
+    let dir = tmp("exec-emfile");
+    let out = dir.join("s.bin");
+    assert_eq!(migrate(&format!("exec:cat > {}", out.display())), "");
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    // No descriptor can be opened from here on (the lowest free one is at
+    // the limit).
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills a live rlimit.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let lowest_free = std::fs::File::open("/dev/null").unwrap().as_raw_fd();
+    let tight = libc::rlimit { rlim_cur: lowest_free as libc::rlim_t, rlim_max: old.rlim_max };
+    // SAFETY: setrlimit reads a live rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) }, 0);
+    let emfile = std::fs::File::open("/dev/null").map(drop).map_err(|e| e.raw_os_error());
+    LIMITED.store(true, Ordering::SeqCst);
+    let end = wait_final(false, 30);
+    // SAFETY: setrlimit reads a live rlimit (the limits from before).
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    livemig::savevm::unregister("after-limit", OWNER);
+    livemig::transport::set_stall_timeout(60_000).unwrap();
+    assert_eq!(emfile, Err(Some(libc::EMFILE)), "the limit is reached");
+    let e = livemig::outgoing::stats().error.unwrap_or_default();
+    assert_eq!(end, MigrationStatus::Completed, "{e}");
+    assert!(std::fs::metadata(&out).unwrap().len() > RAM_SIZE as u64, "the command got the whole stream");
+    set_state(RunState::Running);
+}

@@ -10,7 +10,8 @@ use crate::error::{MigError, Result};
 
 /// A socket or pipe driven with `poll`, interruptible by an [`Aborter`].
 pub struct FdChannel {
-    fd: OwnedFd,
+    /// None once `close` has closed a pipe (an `exec:` command's).
+    fd: Option<OwnedFd>,
     name: String,
     abort: Aborter,
     is_socket: bool,
@@ -87,7 +88,7 @@ impl FdChannel {
     pub fn new(fd: OwnedFd, name: String, abort: Aborter) -> Result<FdChannel> {
         set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io(format!("{name}: set non-blocking"), e))?;
         let is_socket = is_socket(fd.as_raw_fd());
-        Ok(FdChannel { fd, name, abort, is_socket, child: None, deadline: None })
+        Ok(FdChannel { fd: Some(fd), name, abort, is_socket, child: None, deadline: None })
     }
 
     /// Attaches the `exec:` child whose pipe this is.
@@ -98,6 +99,12 @@ impl FdChannel {
 }
 
 impl FdChannel {
+    /// The descriptor, or -1 once closed (every call on it then fails
+    /// with EBADF).
+    fn raw(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
     /// Waits for `events` on the channel: at most the stall timeout, and
     /// not past the deadline.
     fn wait(&self, events: libc::c_short) -> io::Result<()> {
@@ -108,14 +115,14 @@ impl FdChannel {
     /// [`FdChannel::wait`] itself.
     fn poll_ready(&self, events: libc::c_short) -> io::Result<()> {
         let Some(deadline) = self.deadline else {
-            return wait_fd(self.fd.as_raw_fd(), events, &self.abort, &self.name);
+            return wait_fd(self.raw(), events, &self.abort, &self.name);
         };
         let stall = super::stall_timeout();
         let left = deadline.saturating_duration_since(Instant::now());
         if left >= stall {
-            return wait_fd(self.fd.as_raw_fd(), events, &self.abort, &self.name);
+            return wait_fd(self.raw(), events, &self.abort, &self.name);
         }
-        wait_ready(self.fd.as_raw_fd(), events, &self.abort, Some(left)).map_err(|e| match e.kind() {
+        wait_ready(self.raw(), events, &self.abort, Some(left)).map_err(|e| match e.kind() {
             io::ErrorKind::TimedOut => io::Error::new(io::ErrorKind::TimedOut, "deadline passed"),
             _ => e,
         })
@@ -127,7 +134,7 @@ impl Channel for FdChannel {
         self.abort.check()?;
         loop {
             // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
-            let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let r = unsafe { libc::read(self.raw(), buf.as_mut_ptr().cast(), buf.len()) };
             if r >= 0 {
                 return Ok(r as usize);
             }
@@ -143,7 +150,7 @@ impl Channel for FdChannel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.abort.check()?;
         loop {
-            let fd = self.fd.as_raw_fd();
+            let fd = self.raw();
             // SAFETY: `buf` is a live slice of `buf.len()` readable bytes.
             let r = crate::write_without_sigpipe(|| unsafe {
                 if self.is_socket {
@@ -168,7 +175,7 @@ impl Channel for FdChannel {
         let iov = &iov[..iov.len().min(1024)]; // IOV_MAX
         self.abort.check()?;
         loop {
-            let fd = self.fd.as_raw_fd();
+            let fd = self.raw();
             // SAFETY: `iov` is a live array of iovecs the caller guarantees
             // readable; msghdr points at it for the duration of the call.
             let r = crate::write_without_sigpipe(|| unsafe {
@@ -196,21 +203,13 @@ impl Channel for FdChannel {
     fn close(&mut self) -> io::Result<()> {
         if self.is_socket {
             // SAFETY: shutdown on our own socket; the fd stays open until drop.
-            unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+            unsafe { libc::shutdown(self.raw(), libc::SHUT_WR) };
         }
         if let Some(mut child) = self.child.take() {
             // Close our end of the pipe first so the command sees EOF (or
-            // EPIPE), then reap it.
-            // SAFETY: /dev/null is opened read-write; dup2 replaces our pipe
-            // end in place, which closes the pipe while keeping `self.fd` a
-            // valid descriptor for its eventual drop.
-            unsafe {
-                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-                if null >= 0 {
-                    libc::dup2(null, self.fd.as_raw_fd());
-                    libc::close(null);
-                }
-            }
+            // EPIPE), then reap it. (Closing takes no new descriptor: it
+            // works in a process at its RLIMIT_NOFILE.)
+            self.fd = None;
             let status = super::exec::wait_child(&mut child, &self.abort, self.deadline)?;
             if !status.success() {
                 return Err(io::Error::other(format!("command exited with {status}")));
@@ -253,7 +252,7 @@ impl Channel for FdChannel {
         if !self.is_socket {
             return false;
         }
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        let mut pfd = libc::pollfd { fd: self.raw(), events: libc::POLLRDHUP, revents: 0 };
         // SAFETY: one valid pollfd, zero timeout.
         let r = unsafe { libc::poll(&mut pfd, 1, 0) };
         r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
