@@ -1799,3 +1799,34 @@ fn an_exec_command_sees_the_end_of_its_stream_when_descriptors_run_out() {
     assert!(std::fs::metadata(&out).unwrap().len() > RAM_SIZE as u64, "the command got the whole stream");
     set_state(RunState::Running);
 }
+
+/// A `unix:` path too long for a socket address is refused before
+/// anything at it is touched: a socket there (bound by another listener
+/// through a shorter path to the same place) is left alone, as QEMU checks
+/// the length before it unlinks. It used to be removed, and then the bind
+/// failed.
+#[test]
+fn a_unix_path_too_long_to_bind_is_refused_before_a_socket_there_is_removed() {
+    let _g = host();
+    set_state(RunState::Inmigrate);
+    let dir = tmp("unix-long");
+    let deep = dir.join("d".repeat(120));
+    std::fs::create_dir_all(&deep).unwrap();
+    let long = deep.join("in.sock");
+    assert!(long.as_os_str().len() >= 108);
+    // Another listener's socket at the long path, bound through
+    // /proc/self/fd/N (a short path to the same directory).
+    let dirfd = std::fs::File::open(&deep).unwrap();
+    let short = format!("/proc/self/fd/{}/in.sock", dirfd.as_raw_fd());
+    let other = std::os::unix::net::UnixListener::bind(&short).unwrap();
+    let e = livemig::incoming::start_uri(&format!("unix:{}", long.display())).expect_err("too long to bind").to_string();
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&long).is_ok_and(|m| m.file_type().is_socket()), "the other listener's socket is still there ({e})");
+    assert!(e.contains("is too long"), "{e}");
+    assert!(INCOMING.status().is_idle(), "nothing started");
+    // And it still takes connections.
+    std::os::unix::net::UnixStream::connect(&short).expect("the other listener is still reachable");
+    drop(other);
+    set_state(RunState::Running);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -342,17 +342,27 @@ fn rename_noreplace(from: &str, to: &str) -> io::Result<()> {
     }
 }
 
+/// The size of `sockaddr_un.sun_path`: a path to bind is shorter.
+const SUN_PATH_LEN: usize = 108;
+
 /// Binds the unix socket `path`, replacing a socket there (and nothing
 /// else: see `remove_stale_socket`).
 pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketListener> {
     let fail = |e: io::Error| MigError::io(format!("Failed to bind socket for '{text}'"), e);
+    // Checked before anything at the path is touched (as QEMU checks it
+    // before it unlinks): a path that cannot be bound must not cost
+    // another listener its socket.
+    if path.len() >= SUN_PATH_LEN {
+        let why = format!("UNIX socket path '{path}' is too long (a socket path must be shorter than {SUN_PATH_LEN} bytes)");
+        return Err(fail(io::Error::new(io::ErrorKind::InvalidInput, why)));
+    }
     remove_stale_socket(path).map_err(fail)?;
     // Bind and listen under a temporary name, then rename: the path appears
     // only once the socket accepts, so a source that waits for the path
     // never meets a bound-but-not-listening socket (ECONNREFUSED).
     // (A path too long for the temporary name is bound directly.)
     let tmp = format!("{path}.{}.tmp", std::process::id());
-    let bind_at = if tmp.len() < 108 { tmp.as_str() } else { path };
+    let bind_at = if tmp.len() < SUN_PATH_LEN { tmp.as_str() } else { path };
     if bind_at != path {
         remove_stale_socket(&tmp).map_err(fail)?;
     }
