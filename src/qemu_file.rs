@@ -171,7 +171,10 @@ impl QemuFile {
     /// Appends bytes to the stream (copied into the staging buffer).
     pub fn put_buffer(&mut self, data: &[u8]) {
         self.assert_write();
-        if self.error.is_some() {
+        // Nothing to send: no piece is queued (a flush with only empty
+        // pieces would hand the channel a write of 0 bytes, whose 0 reads
+        // as a closed connection).
+        if self.error.is_some() || data.is_empty() {
             return;
         }
         self.pos += data.len() as u64;
@@ -203,7 +206,8 @@ impl QemuFile {
     /// page again; with the VM stopped it is exact.
     pub unsafe fn put_guest(&mut self, src: *const u8, len: usize) {
         self.assert_write();
-        if self.error.is_some() {
+        // As in `put_buffer`: no empty piece is queued.
+        if self.error.is_some() || len == 0 {
             return;
         }
         self.pos += len as u64;

@@ -1830,3 +1830,40 @@ fn a_unix_path_too_long_to_bind_is_refused_before_a_socket_there_is_removed() {
     set_state(RunState::Running);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A handler that flushes its state itself, after an empty piece.
+struct FlushesAfterEmpty;
+
+impl SaveVmHandler for FlushesAfterEmpty {
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn save_state(&mut self, f: &mut QemuFile) -> Result<()> {
+        // A large piece goes out at once (the buffer is empty after it),
+        // then nothing, then the handler flushes.
+        f.put_buffer(&vec![0x33; 1 << 20]);
+        f.put_buffer(&[]);
+        f.flush()
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.skip(1 << 20);
+        f.check()
+    }
+}
+
+/// An empty write is nothing to send: a flush with only it queued used
+/// to hand the channel a write of no bytes, whose 0 was taken for a
+/// closed connection ("unable to write to …: connection closed").
+#[test]
+fn an_empty_write_is_not_taken_for_a_closed_connection() {
+    let _g = host();
+    livemig::savevm::register("flushes-after-empty", 0, 1, Box::new(FlushesAfterEmpty), OWNER, Priority::Default).unwrap();
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let reader = std::thread::spawn(move || std::io::copy(&mut &peer, &mut std::io::sink()).unwrap());
+    assert_eq!(migrate(&format!("fd:{}", ours.into_raw_fd())), "");
+    let end = wait_final(false, 30);
+    livemig::savevm::unregister("flushes-after-empty", OWNER);
+    assert_eq!(end, MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    assert!(reader.join().unwrap() > (RAM_SIZE + (1 << 20)) as u64, "the peer got the stream");
+    set_state(RunState::Running);
+}
