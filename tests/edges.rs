@@ -1867,3 +1867,27 @@ fn an_empty_write_is_not_taken_for_a_closed_connection() {
     assert!(reader.join().unwrap() > (RAM_SIZE + (1 << 20)) as u64, "the peer got the stream");
     set_state(RunState::Running);
 }
+
+/// `qemu_fdopen` leaves the descriptor with the caller whenever it
+/// returns NULL, also when the descriptor cannot be made non-blocking
+/// (here an O_PATH one): the caller then closes it, once. It used to be
+/// closed already, so that the caller's close could hit a number reused
+/// meanwhile by another thread.
+#[test]
+fn qemu_fdopen_leaves_the_descriptor_with_the_caller_when_it_fails() {
+    let _g = host();
+    let dir = tmp("fdopen-opath");
+    let file = dir.join("f");
+    std::fs::write(&file, b"").unwrap();
+    let path = CString::new(file.to_str().unwrap()).unwrap();
+    // SAFETY: open(2) with a NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(fd >= 0);
+    let mode = CString::new("wb").unwrap();
+    assert!(qemu_fdopen(fd, mode.as_ptr()).is_null(), "an O_PATH descriptor cannot carry a stream");
+    // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+    assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "fd {fd} is still open: the caller's");
+    // SAFETY: the caller's descriptor, closed once, here.
+    assert_eq!(unsafe { libc::close(fd) }, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

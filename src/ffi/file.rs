@@ -10,7 +10,7 @@
 //! (`livemig_set_io_timeout`), as QEMU's do.
 
 use std::ffi::{c_char, c_int};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 
 use super::guard;
 use crate::error::MigError;
@@ -192,7 +192,12 @@ pub extern "C" fn qemu_fdopen(fd: c_int, mode: *const c_char) -> *mut QemuFile {
         let made = Aborter::new().and_then(|a| {
             // SAFETY: open descriptor handed to livemig by the caller.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            FdChannel::new(owned, format!("fd:{fd}"), a)
+            // On failure the descriptor stays the caller's (documented):
+            // given back open, never closed here.
+            FdChannel::try_new(owned, format!("fd:{fd}"), a).map_err(|(e, owned)| {
+                let _ = owned.into_raw_fd();
+                e
+            })
         });
         match made {
             Ok(chan) => Box::into_raw(Box::new(QemuFile::new(Box::new(chan), dir))),

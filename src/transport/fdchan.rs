@@ -84,9 +84,18 @@ fn is_socket(fd: RawFd) -> bool {
 }
 
 impl FdChannel {
-    /// Wraps `fd` (made non-blocking) under `name`.
+    /// Wraps `fd` (made non-blocking) under `name`; on failure `fd` is
+    /// dropped (closed).
     pub fn new(fd: OwnedFd, name: String, abort: Aborter) -> Result<FdChannel> {
-        set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io(format!("{name}: set non-blocking"), e))?;
+        FdChannel::try_new(fd, name, abort).map_err(|(e, _fd)| e)
+    }
+
+    /// [`FdChannel::new`], but a failure hands `fd` back (open) with the
+    /// error, for a caller that must leave it with its owner.
+    pub fn try_new(fd: OwnedFd, name: String, abort: Aborter) -> std::result::Result<FdChannel, (MigError, OwnedFd)> {
+        if let Err(e) = set_nonblocking(fd.as_raw_fd()) {
+            return Err((MigError::io(format!("{name}: set non-blocking"), e), fd));
+        }
         let is_socket = is_socket(fd.as_raw_fd());
         Ok(FdChannel { fd: Some(fd), name, abort, is_socket, child: None, deadline: None })
     }
