@@ -478,7 +478,13 @@ impl QemuFile {
         match self.fill_raw() {
             Some(true) => true,
             Some(false) => {
-                self.set_error(MigError::with_errno("unexpected end of migration stream", libc::EIO));
+                let e = MigError::with_errno("unexpected end of migration stream", libc::EIO);
+                // From an `exec:` command that failed: how it ended.
+                let e = match self.chan.exit_note() {
+                    Some(note) => MigError::with_errno(format!("{e} ({note})"), libc::EIO),
+                    None => e,
+                };
+                self.set_error(e);
                 false
             }
             None => false,

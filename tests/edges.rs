@@ -1540,6 +1540,23 @@ fn a_failed_exec_command_is_reported_with_its_exit_status() {
     }
 }
 
+/// The same on the destination: a source command that fails before the
+/// end of the stream is reported with its exit status, not only as the
+/// stream's end.
+#[test]
+fn a_failed_incoming_exec_command_is_reported_with_its_exit_status() {
+    let _g = host();
+    for (uri, status) in [("exec:exit 5", "exit status: 5"), ("exec:printf QEVM; exit 6", "exit status: 6")] {
+        set_state(RunState::Inmigrate);
+        livemig::incoming::start_uri(uri).unwrap();
+        assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+        let error = livemig::incoming::error().unwrap_or_default();
+        assert!(error.contains("unexpected end of migration stream"), "{uri}: {error}");
+        assert!(error.contains(&format!("the command exited with {status}")), "{uri}: {error}");
+    }
+    set_state(RunState::Running);
+}
+
 /// When the live handler below reported the host's error (see its
 /// `pending`); None until then.
 static REPORTED_AT: Mutex<Option<Instant>> = Mutex::new(None);
