@@ -185,6 +185,20 @@ fn read_port(path: &Path) -> u16 {
     }
 }
 
+/// A qemu_peer destination for QEMU's RAM block "m", listening on `uri`
+/// (its port written to DIR/port), dumping what it loaded to `dump` when
+/// given; returns it and its port.
+fn peer_destination(uri: &str, dir: &Path, dump: Option<&Path>) -> (Child, u16) {
+    let pf = dir.join("port");
+    let mut args: Vec<String> =
+        vec!["--incoming".into(), uri.into(), "--port-file".into(), pf.display().to_string(), "--ram-name".into(), "m".into()];
+    if let Some(d) = dump {
+        args.extend(["--dump".into(), d.display().to_string()]);
+    }
+    let p = spawn_peer(&args);
+    (p, read_port(&pf))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -508,19 +522,8 @@ fn return_path_both_ways() {
     std::fs::write(&img, patterned()).unwrap();
     let (mut q, mut qmp) = qemu(&dir, Some(("m", &img, false)), &[]);
     qmp.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}"#);
-    let pf = dir.join("port");
     let dump = dir.join("dump.img");
-    let p = spawn_peer(&[
-        "--incoming".into(),
-        "tcp:127.0.0.1:0".into(),
-        "--port-file".into(),
-        pf.display().to_string(),
-        "--ram-name".into(),
-        "m".into(),
-        "--dump".into(),
-        dump.display().to_string(),
-    ]);
-    let port = read_port(&pf);
+    let (p, port) = peer_destination("tcp:127.0.0.1:0", &dir, Some(&dump));
     qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
     let r = qmp.wait_migration();
     assert_eq!(r["status"], "completed", "QEMU source with return path: {r}");
@@ -549,18 +552,8 @@ fn qemu_to_livemig_over_ipv6_into_an_every_address_listener() {
     let image = patterned();
     std::fs::write(&img, &image).unwrap();
     let (mut q, mut qmp) = qemu(&dir, Some(("m", &img, false)), &[]);
-    let (pf, dump) = (dir.join("port"), dir.join("dump.img"));
-    let mut p = spawn_peer(&[
-        "--incoming".into(),
-        "tcp::0".into(),
-        "--port-file".into(),
-        pf.display().to_string(),
-        "--ram-name".into(),
-        "m".into(),
-        "--dump".into(),
-        dump.display().to_string(),
-    ]);
-    let port = read_port(&pf);
+    let dump = dir.join("dump.img");
+    let (mut p, port) = peer_destination("tcp::0", &dir, Some(&dump));
     qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:[::1]:{port}"}}}}"#));
     let r = qmp.wait_migration();
     let _ = q.kill();
@@ -592,16 +585,7 @@ fn qemu_multifd_source_fails_on_a_livemig_destination() {
     std::fs::write(&img, mostly_zero()).unwrap();
     let (mut q, mut qmp) = qemu(&dir, Some(("m", &img, false)), &[]);
     qmp.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#);
-    let pf = dir.join("port");
-    let p = spawn_peer(&[
-        "--incoming".into(),
-        "tcp:127.0.0.1:0".into(),
-        "--port-file".into(),
-        pf.display().to_string(),
-        "--ram-name".into(),
-        "m".into(),
-    ]);
-    let port = read_port(&pf);
+    let (p, port) = peer_destination("tcp:127.0.0.1:0", &dir, None);
     qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#));
     let r = qmp.wait_migration();
     let st = qmp.cmd(r#"{"execute":"query-status"}"#);

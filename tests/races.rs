@@ -182,21 +182,21 @@ fn a_notifier_removed_from_another_thread_is_not_running_after_removal() {
     assert_eq!(me.calls_after_removal.load(SeqCst), 0, "the notifier ran on after its removal returned");
 }
 
-/// `qmp_query_migrate` shows the figures of the migration whose status it
-/// reports: a query racing the start of the next migration (from another
-/// thread) must not show the last one's FAILED with the next one's reset
-/// figures (no error description).
-#[test]
-fn a_query_never_shows_a_status_with_the_next_migration_s_figures() {
-    let (_g, _ram) = host();
-    STATE.store(RunState::Running as u32, SeqCst);
+/// Runs `start_and_fail` (a migration that fails at once) up to 300 times
+/// while another thread queries with `query`; returns (migrations,
+/// queries, queries that showed FAILED without an error description),
+/// stopping at the first such query.
+fn failed_without_error(
+    query: extern "C" fn(*mut *mut livemig::ffi::errors::Error) -> *mut livemig::ffi::types::MigrationInfo,
+    mut start_and_fail: impl FnMut(),
+) -> (u64, u64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (queries, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let querier = {
         let (stop, queries, torn) = (stop.clone(), queries.clone(), torn.clone());
         std::thread::spawn(move || {
             while !stop.load(SeqCst) {
-                let i = api::qmp_query_migrate(null_mut());
+                let i = query(null_mut());
                 assert!(!i.is_null());
                 // SAFETY: a MigrationInfo made by livemig, freed right after.
                 let (st, has_err) = unsafe { ((*i).status, (*i).has_error_desc) };
@@ -208,25 +208,33 @@ fn a_query_never_shows_a_status_with_the_next_migration_s_figures() {
             }
         })
     };
-    // Migrations that fail at once (the destination exits): many starts,
-    // each right after a FAILED that carries its error.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut runs = 0;
     while runs < 300 && torn.load(SeqCst) == 0 && Instant::now() < deadline {
-        STATE.store(RunState::Running as u32, SeqCst);
-        migrate("exec:exit 0").unwrap();
-        assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+        start_and_fail();
         runs += 1;
     }
     stop.store(true, SeqCst);
     querier.join().unwrap();
+    (runs, queries.load(SeqCst), torn.load(SeqCst))
+}
+
+/// `qmp_query_migrate` shows the figures of the migration whose status it
+/// reports: a query racing the start of the next migration (from another
+/// thread) must not show the last one's FAILED with the next one's reset
+/// figures (no error description).
+#[test]
+fn a_query_never_shows_a_status_with_the_next_migration_s_figures() {
+    let (_g, _ram) = host();
+    // Migrations that fail at once (the destination exits): many starts,
+    // each right after a FAILED that carries its error.
+    let (runs, queries, torn) = failed_without_error(api::qmp_query_migrate, || {
+        STATE.store(RunState::Running as u32, SeqCst);
+        migrate("exec:exit 0").unwrap();
+        assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+    });
     STATE.store(RunState::Running as u32, SeqCst);
-    assert_eq!(
-        torn.load(SeqCst),
-        0,
-        "after {runs} migrations and {} queries: FAILED reported without its error (the next migration's figures)",
-        queries.load(SeqCst)
-    );
+    assert_eq!(torn, 0, "after {runs} migrations and {queries} queries: FAILED reported without its error (the next migration's figures)");
 }
 
 /// The same on the destination: `livemig_query_incoming` racing the start
@@ -235,42 +243,14 @@ fn a_query_never_shows_a_status_with_the_next_migration_s_figures() {
 #[test]
 fn an_incoming_query_never_shows_a_status_with_the_next_migration_s_error() {
     let (_g, _ram) = host();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (queries, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let querier = {
-        let (stop, queries, torn) = (stop.clone(), queries.clone(), torn.clone());
-        std::thread::spawn(move || {
-            while !stop.load(SeqCst) {
-                let i = api::livemig_query_incoming(null_mut());
-                assert!(!i.is_null());
-                // SAFETY: a MigrationInfo made by livemig, freed right after.
-                let (st, has_err) = unsafe { ((*i).status, (*i).has_error_desc) };
-                api::qapi_free_MigrationInfo(i);
-                queries.fetch_add(1, SeqCst);
-                if st == MigrationStatus::Failed && !has_err {
-                    torn.fetch_add(1, SeqCst);
-                }
-            }
-        })
-    };
     // Sources that end at once (an empty stream): each load fails.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut runs = 0;
-    while runs < 300 && torn.load(SeqCst) == 0 && Instant::now() < deadline {
+    let (runs, queries, torn) = failed_without_error(api::livemig_query_incoming, || {
         STATE.store(RunState::Inmigrate as u32, SeqCst);
         livemig::incoming::start_uri("exec:exit 0").unwrap();
         assert_eq!(wait_final(true, 30), MigrationStatus::Failed);
-        runs += 1;
-    }
-    stop.store(true, SeqCst);
-    querier.join().unwrap();
+    });
     STATE.store(RunState::Running as u32, SeqCst);
-    assert_eq!(
-        torn.load(SeqCst),
-        0,
-        "after {runs} incoming migrations and {} queries: FAILED reported without its reason",
-        queries.load(SeqCst)
-    );
+    assert_eq!(torn, 0, "after {runs} incoming migrations and {queries} queries: FAILED reported without its reason");
 }
 
 /// A `qmp_migrate` that is refused (here: an `fd:NAME` that is not
