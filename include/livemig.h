@@ -1097,7 +1097,11 @@ void migrate_del_blocker(struct Error *reason);
  named fd is taken once the start is accepted (or refused only because
  an outgoing migration started meanwhile on another thread: the URI is
  set up before the state leaves idle, and what was set up is then
- closed). A `tcp:` host name is resolved on the calling thread.
+ closed). A `tcp:` host name is resolved on the calling thread (within
+ the io timeout), holding up no query or cancel made meanwhile, and is
+ listened on at every address it resolves to, as QEMU does, on one
+ port (with port 0, the port the first address got); the start fails
+ only when none can be bound.
  */
 void qemu_start_incoming_migration(const char *uri, struct Error **errp);
 

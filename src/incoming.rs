@@ -30,6 +30,12 @@ struct Incoming {
 
 static IN: Mutex<Incoming> = Mutex::new(Incoming { error: None, port: None, aborter: None, thread: None, final_runstate: None });
 
+/// Held by an incoming start from its first check to its last, so that
+/// two starts never overlap. IN is not held meanwhile: setting up the
+/// source (a host name's lookup, binding, spawning a command) must not
+/// hold up a query or a cancel made on another thread.
+static START: Mutex<()> = Mutex::new(());
+
 enum Source {
     Listener(Listener),
     File(QemuFile),
@@ -57,13 +63,13 @@ pub fn start_file(f: QemuFile) -> Result<()> {
 /// Starts the incoming thread on what `open` sets up with the aborter a
 /// cancel fires (`aborter`, or a new one).
 fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
-    // Asked before IN is taken: the incoming thread takes IN while it
-    // holds the host lock, which a host's run-state callback may want.
+    // Asked before START and IN are taken: the incoming thread takes IN
+    // while it holds the host lock, which a host's run-state callback may want.
     if host::get()?.runstate_is_running() {
         // Loading writes guest RAM and device state under running vCPUs.
         return Err(MigError::new("cannot start an incoming migration while the VM is running"));
     }
-    let mut g = IN.lock();
+    let _one = START.lock();
     // Until this side has left idle, the other cannot (see STARTING).
     let refused = || {
         if OUTGOING.status().is_active() {
@@ -76,16 +82,20 @@ fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>
         Ok(prev)
     };
     refused()?;
-    // Set up before the state leaves idle (IN keeps another incoming
+    // Set up before the state leaves idle (START keeps another incoming
     // start out), so that a start refused here (a bad URI, a port in
     // use) never shows as a migration in progress to calls made meanwhile
-    // on other threads; and out of STARTING, so that spawning a command
-    // or looking up a host name does not hold up a `qmp_migrate`.
+    // on other threads; and out of STARTING and IN, so that spawning a
+    // command or looking up a host name does not hold up a `qmp_migrate`,
+    // a query or a cancel.
     let aborter = match aborter {
         Some(a) => a,
         None => Aborter::new()?,
     };
     let source = open(&aborter)?;
+    // Held from here, so that a query or a cancel never sees this start
+    // out of idle with the last migration's error, port or aborter.
+    let mut g = IN.lock();
     let prev = {
         let _starting = crate::state::STARTING.lock();
         // An outgoing migration that started meanwhile wins: the source
@@ -286,5 +296,76 @@ fn run(host: Host, source: Source) {
             INCOMING.cas_any(&[S::Setup, S::Active], S::Failed);
             notify(S::Failed, true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::c_void;
+    use std::os::raw::c_int;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ffi::types::{LivemigHostOps, LIVEMIG_HOST_OPS_VERSION};
+
+    unsafe extern "C" fn nop(_: *mut c_void) {}
+    unsafe extern "C" fn stop(_: *mut c_void, _: RunState) -> c_int {
+        0
+    }
+    unsafe extern "C" fn vm_start(_: *mut c_void) -> c_int {
+        0
+    }
+    unsafe extern "C" fn stopped(_: *mut c_void) -> bool {
+        false
+    }
+    unsafe extern "C" fn set_state(_: *mut c_void, _: RunState) {}
+
+    /// Setting up the source (looking up a host name, which may take the
+    /// resolver's time) holds up neither a query nor a cancel made on
+    /// another thread meanwhile; the start refused in the end leaves the
+    /// state idle.
+    #[test]
+    fn setting_up_the_source_holds_up_no_query() {
+        let ops = LivemigHostOps {
+            version: LIVEMIG_HOST_OPS_VERSION,
+            size: std::mem::size_of::<LivemigHostOps>() as u32,
+            iothread_lock: Some(nop),
+            iothread_unlock: Some(nop),
+            vm_stop_force_state: Some(stop),
+            vm_start: Some(vm_start),
+            runstate_is_running: Some(stopped),
+            runstate_set: Some(set_state),
+            runstate_get: None,
+            system_wakeup_request: None,
+            announce_self: None,
+            dirty_log_start: None,
+            dirty_log_sync: None,
+            dirty_log_stop: None,
+            autostart: false,
+        };
+        host::set(ops, std::ptr::null_mut()).expect("host");
+        let (entered_tx, entered) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let starter = std::thread::spawn(move || {
+            start(None, move |_| {
+                entered_tx.send(()).unwrap();
+                let _ = go_rx.recv_timeout(Duration::from_secs(20));
+                Err(MigError::new("refused by the test"))
+            })
+        });
+        entered.recv_timeout(Duration::from_secs(20)).expect("the source is being set up");
+        let (answer_tx, answer) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = answer_tx.send((status_and_error(), cancel(), local_port()));
+        });
+        let answered = answer.recv_timeout(Duration::from_secs(2));
+        go.send(()).unwrap();
+        let e = starter.join().unwrap().expect_err("refused");
+        assert_eq!(e.to_string(), "refused by the test");
+        let ((status, error), cancelled, port) = answered.expect("a query and a cancel answer while the source is set up");
+        assert!(status.is_idle(), "{status:?}");
+        assert_eq!((error, cancelled, port), (None, false, None));
+        assert!(INCOMING.status().is_idle());
     }
 }

@@ -193,9 +193,10 @@ fn connect_unix_fd(path: &str, abort: &Aborter, text: &str) -> io::Result<OwnedF
     }
 }
 
-/// A listening socket waiting for one source.
+/// A listening socket, or for a `tcp:` host name one per address it
+/// resolves to, waiting for one source.
 pub struct SocketListener {
-    fd: OwnedFd,
+    fds: Vec<OwnedFd>,
     name: String,
     abort: Aborter,
     port: Option<u16>,
@@ -210,29 +211,53 @@ impl SocketListener {
         self.port
     }
 
-    /// Waits for one connection; the listener is closed afterwards.
+    /// Waits for one connection on any of the sockets; they are all
+    /// closed afterwards.
     pub fn accept(self) -> Result<Box<dyn Channel>> {
-        let raw = self.fd.as_raw_fd();
+        let fail = |e: io::Error| MigError::io(format!("{}: accept", self.name), e);
         loop {
-            // SAFETY: accept4 with NULL address pointers is allowed.
-            let c = unsafe { libc::accept4(raw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
-            if c >= 0 {
-                // SAFETY: `c` is a fresh descriptor owned by nobody else.
-                let fd = unsafe { OwnedFd::from_raw_fd(c) };
-                if self.port.is_some() {
-                    tune_tcp(c);
+            for fd in &self.fds {
+                // SAFETY: accept4 with NULL address pointers is allowed.
+                let c = unsafe { libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+                if c >= 0 {
+                    // SAFETY: `c` is a fresh descriptor owned by nobody else.
+                    let fd = unsafe { OwnedFd::from_raw_fd(c) };
+                    if self.port.is_some() {
+                        tune_tcp(c);
+                    }
+                    return FdChannel::new(fd, self.name.clone(), self.abort.clone()).map(|c| Box::new(c) as Box<dyn Channel>);
                 }
-                return FdChannel::new(fd, self.name.clone(), self.abort.clone()).map(|c| Box::new(c) as Box<dyn Channel>);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) => {
-                    // Waiting for the source has no stall limit; only a cancel ends it.
-                    wait_ready(raw, libc::POLLIN, &self.abort, None).map_err(|e| MigError::io(format!("{}: accept", self.name), e))?
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN | libc::EINTR | libc::ECONNABORTED) => {}
+                    _ => return Err(fail(e)),
                 }
-                Some(libc::EINTR) | Some(libc::ECONNABORTED) => {}
-                _ => return Err(MigError::io(format!("{}: accept", self.name), e)),
             }
+            // Waiting for the source has no stall limit; only a cancel ends it.
+            self.wait_any().map_err(fail)?;
+        }
+    }
+
+    /// Waits until a connection is pending on one of the sockets, or a
+    /// cancel.
+    fn wait_any(&self) -> io::Result<()> {
+        let mut pfds: Vec<libc::pollfd> =
+            self.fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        pfds.push(libc::pollfd { fd: self.abort.raw_fd(), events: libc::POLLIN, revents: 0 });
+        loop {
+            // SAFETY: `pfds` is a live array of `pfds.len()` pollfds.
+            let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if pfds.last().is_some_and(|p| p.revents != 0) {
+                return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+            }
+            return Ok(());
         }
     }
 }
@@ -256,26 +281,67 @@ fn file_id(path: &str) -> io::Result<(u64, u64)> {
 }
 
 /// Binds `host:port` (empty host: every address, IPv4 and IPv6, as QEMU's
-/// `tcp::PORT` listens; port 0: any free port).
+/// `tcp::PORT` listens; a name: every address it resolves to, as QEMU
+/// listens on each; port 0: any free port).
 pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<SocketListener> {
+    let fail = |e: io::Error| MigError::io(format!("Failed to bind socket for '{text}'"), e);
     let bound = if host.is_empty() {
         // One IPv6 socket that takes IPv4 too; IPv4 alone where that
         // cannot be had (no IPv6), unless the port is the problem.
-        listen_any_dual_stack(port).or_else(|e| match e.raw_os_error() {
-            Some(libc::EADDRINUSE | libc::EACCES) => Err(e),
-            _ => TcpListener::bind(("0.0.0.0", port)),
-        })
+        listen_any_dual_stack(port)
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EADDRINUSE | libc::EACCES) => Err(e),
+                _ => TcpListener::bind(("0.0.0.0", port)),
+            })
+            .map(|l| vec![l])
     } else {
-        TcpListener::bind((host, port))
+        // Looked up as for a connect: a cancel or the stall timeout ends a
+        // resolver that hangs.
+        resolve(host, port, abort).and_then(|addrs| bind_each(&addrs))
     };
-    let l = bound.map_err(|e| MigError::io(format!("Failed to bind socket for '{text}'"), e))?;
-    let port = l.local_addr().map_err(|e| MigError::io("getsockname", e))?.port();
-    let fd = OwnedFd::from(l);
-    set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
-    log::info!("listening on {text} (port {port})");
+    let listeners = bound.map_err(fail)?;
+    let port = listeners[0].local_addr().map_err(|e| MigError::io("getsockname", e))?.port();
+    let mut fds = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let fd = OwnedFd::from(l);
+        set_nonblocking(fd.as_raw_fd()).map_err(|e| MigError::io("listener", e))?;
+        fds.push(fd);
+    }
+    log::info!("listening on {text} (port {port}, {} address(es))", fds.len());
     // Errors name the port bound, not the 0 asked for.
     let name = text.strip_suffix(":0").map_or_else(|| text.to_string(), |t| format!("{t}:{port}"));
-    Ok(SocketListener { fd, name, abort: abort.clone(), port: Some(port), unix_path: None })
+    Ok(SocketListener { fds, name, abort: abort.clone(), port: Some(port), unix_path: None })
+}
+
+/// Binds each of `addrs` that can be bound, at least one (the last error
+/// otherwise); port 0 binds the first on a free port and the others on
+/// that same port, so that one port number reaches them all.
+fn bind_each(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+    let mut bound: Vec<TcpListener> = Vec::new();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    for addr in addrs {
+        let mut addr = *addr;
+        if let Some(first) = bound.first() {
+            if addr.port() == 0 {
+                addr.set_port(first.local_addr()?.port());
+            }
+            if bound.iter().any(|l| l.local_addr().ok() == Some(addr)) {
+                continue;
+            }
+        }
+        match TcpListener::bind(addr) {
+            Ok(l) => bound.push(l),
+            Err(e) => {
+                log::info!("not listening on {addr}: {e}");
+                last = e;
+            }
+        }
+    }
+    if bound.is_empty() {
+        Err(last)
+    } else {
+        Ok(bound)
+    }
 }
 
 /// A listener on every IPv6 and IPv4 address (`[::]` with IPV6_V6ONLY off,
@@ -379,7 +445,7 @@ pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketList
         let _ = std::fs::remove_file(path);
         fail(e)
     })?;
-    Ok(SocketListener { fd, name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some((path.to_string(), id)) })
+    Ok(SocketListener { fds: vec![fd], name: text.to_string(), abort: abort.clone(), port: None, unix_path: Some((path.to_string(), id)) })
 }
 
 #[cfg(test)]
@@ -397,5 +463,41 @@ mod tests {
         if std::net::TcpListener::bind("[::1]:0").is_ok() {
             std::net::TcpStream::connect(("::1", port)).expect("IPv6 connect");
         }
+    }
+
+    /// A name that resolves to several addresses is listened on at each,
+    /// on one port, as QEMU does: a source may connect to any of them.
+    #[test]
+    fn every_address_of_a_name_is_listened_on() {
+        let abort = Aborter::new().expect("aborter");
+        let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+        let mut addrs: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap()];
+        if v6 {
+            addrs.push("[::1]:0".parse().unwrap());
+        }
+        // Both addresses of 127.0.0.1 and 127.0.0.2 are loopback on Linux.
+        addrs.push("127.0.0.2:0".parse().unwrap());
+        let bound = bind_each(&addrs).expect("bind");
+        assert_eq!(bound.len(), addrs.len());
+        let port = bound[0].local_addr().unwrap().port();
+        assert!(bound.iter().all(|l| l.local_addr().unwrap().port() == port), "one port for all");
+        let fds = bound.into_iter().map(OwnedFd::from).collect::<Vec<_>>();
+        for fd in &fds {
+            set_nonblocking(fd.as_raw_fd()).unwrap();
+        }
+        let l = SocketListener { fds, name: "tcp:test".into(), abort: abort.clone(), port: Some(port), unix_path: None };
+        // A source on the last address is accepted.
+        let _c = std::net::TcpStream::connect(("127.0.0.2", port)).expect("connect");
+        l.accept().expect("accepted on the last address");
+    }
+
+    /// A name that resolves to nothing bindable fails with the reason.
+    #[test]
+    fn a_name_with_no_bindable_address_fails() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = bind_each(&[addr]).expect_err("in use");
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+        assert_eq!(bind_each(&[]).expect_err("empty").kind(), io::ErrorKind::NotFound);
     }
 }
