@@ -286,7 +286,16 @@ fn run(host: Host, source: Source) {
             }
         }
         Err(e) => {
-            let msg = if e.errno() == libc::ECANCELED { format!("incoming migration cancelled: {e}") } else { e.to_string() };
+            let msg = match e.errno() {
+                libc::ECANCELED => format!("incoming migration cancelled: {e}"),
+                // QEMU's destination waits for its source indefinitely;
+                // this one fails after the io timeout, which a source
+                // told to pause before its switchover may well outlast.
+                libc::ETIMEDOUT => {
+                    format!("{e} (a source paused before its switchover sends nothing until it is continued; livemig_set_io_timeout sets how long to wait)")
+                }
+                _ => e.to_string(),
+            };
             log::error!("load of migration failed: {msg}");
             let mut g = IN.lock();
             g.error = Some(msg);

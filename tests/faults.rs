@@ -199,7 +199,11 @@ fn destination_connection_reset_and_stall() {
             Net::Unix => &["unexpected end of migration stream"],
         };
         feed(net, &s[..s.len() / 2], End::Reset, &format!("{net:?} reset"), want);
-        feed(net, &s[..s.len() / 2], End::Hold, &format!("{net:?} stall"), &["no progress on", "for 1000 ms"]);
+        let e = feed(net, &s[..s.len() / 2], End::Hold, &format!("{net:?} stall"), &["no progress on"]);
+        // The limit, and what may have made a source silent that long.
+        for part in ["for 1000 ms", "paused before its switchover", "livemig_set_io_timeout"] {
+            assert!(e.contains(part), "{net:?} stall: '{e}' lacks '{part}'");
+        }
         feed(net, &[], End::Hold, &format!("{net:?} silent peer"), &["no progress on"]);
     }
 }
