@@ -27,6 +27,9 @@
 //! a lock that counts its waiters, a dirty log that counts its starts and
 //! stops); the tests run one at a time.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::ffi::{c_void, CString};
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::raw::c_int;
@@ -216,10 +219,7 @@ fn cancel() {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("livemig-edges-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch::dir(name)
 }
 
 /// A complete stream of this host (migrated to a file).

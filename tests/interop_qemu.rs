@@ -14,6 +14,9 @@
 //!
 //! Tests skip with a message where QEMU is not installed.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -52,10 +55,7 @@ fn peer() -> PathBuf {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("livemig-interop-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch::dir(name)
 }
 
 /// Page i = be64 i followed by bytes of (i * 31 + j) — every page distinct.

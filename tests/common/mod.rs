@@ -21,6 +21,8 @@ use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
 use livemig::state::{MigrationStatus, INCOMING, OUTGOING};
 use parking_lot::lock_api::RawMutex as _;
 
+pub mod scratch;
+
 pub const RAM_SIZE: usize = 64 << 20;
 const PAGE: usize = 4096;
 
@@ -234,11 +236,9 @@ pub fn spawn_peer(args: &[String]) -> Child {
     Command::new(qemu_peer()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("qemu_peer starts")
 }
 
+/// A fresh directory for a test, removed when the test process exits.
 pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("livemig-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch::dir(name)
 }
 
 /// A stream for this host's RAM (pattern content), made once by qemu_peer
