@@ -155,6 +155,13 @@ static void throttle(double mib)
         ts.tv_sec += (time_t)(ns / 1000000000);
         ts.tv_nsec = (long)(ns % 1000000000);
         pthread_mutex_lock(&vcpu_lock);
+        /* Idle while it waits: from here the thread runs no guest code
+         * until vcpu_gate lets it (the KVM vCPU is out of KVM_RUN), so a
+         * stop returns at once rather than when this thread next gets a
+         * CPU, as a vCPU parked in the kernel costs a real VMM's stop
+         * nothing. vcpu_gate clears it again. */
+        vcpu_idle = true;
+        pthread_cond_broadcast(&vcpu_cond);
         while (vcpu_should_run && !vcpu_quit)
             if (pthread_cond_timedwait(&vcpu_cond, &vcpu_lock, &ts) == ETIMEDOUT)
                 break;
