@@ -87,6 +87,8 @@ struct Outgoing {
     /// A failed migration's end is decided (failed or cancelled): a later
     /// cancel or host error does not change it.
     settled: bool,
+    /// Migrations started so far.
+    started: u64,
 }
 
 static OUT: Mutex<Outgoing> = Mutex::new(Outgoing {
@@ -98,6 +100,7 @@ static OUT: Mutex<Outgoing> = Mutex::new(Outgoing {
     host_error: None,
     committed: false,
     settled: false,
+    started: 0,
 });
 static WAKE: Condvar = Condvar::new();
 static WAKE_LOCK: Mutex<()> = Mutex::new(());
@@ -176,9 +179,17 @@ pub enum Target {
 /// Starts a migration to `target`. Never blocks on the network.
 pub fn start(target: Target) -> Result<()> {
     // Asked before OUT is taken: the migration thread takes OUT while it
-    // holds the host lock, which a host's run-state callback may want.
-    let runstate = host::get()?.runstate()?;
-    let mut o = OUT.lock();
+    // holds the host lock, which a host's run-state callback may want. A
+    // migration that ended or started meanwhile makes the answer stale (a
+    // completed one leaves the VM postmigrate): it is asked again.
+    let (runstate, mut o) = loop {
+        let seen = (OUTGOING.status(), OUT.lock().started);
+        let runstate = host::get()?.runstate()?;
+        let o = OUT.lock();
+        if (OUTGOING.status(), o.started) == seen {
+            break (runstate, o);
+        }
+    };
     // Until this side has left idle, the other cannot (see STARTING).
     let starting = crate::state::STARTING.lock();
     // The refusals in QEMU 7.2's order (migrate_prepare): a migration in
@@ -223,6 +234,7 @@ pub fn start(target: Target) -> Result<()> {
     if !OUTGOING.cas(prev, S::Setup) {
         return Err(MigError::new(IN_PROGRESS));
     }
+    o.started += 1;
     drop(starting);
     if let Some(t) = o.thread.take() {
         // The previous thread touches no shared state after its final

@@ -103,8 +103,16 @@ unsafe extern "C" fn set(_: *mut c_void, st: RunState) {
     STATE.store(st as u32, Ordering::SeqCst);
 }
 unsafe extern "C" fn get(_: *mut c_void) -> RunState {
-    state()
+    let st = state();
+    if let Some(hook) = RUNSTATE_HOOK.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        hook();
+    }
+    st
 }
+/// Run (once) by the next `runstate_get`, after it has read the state:
+/// the caller is held there, as a thread preempted after the call.
+type Hook = Box<dyn FnOnce() + Send>;
+static RUNSTATE_HOOK: Mutex<Option<Hook>> = Mutex::new(None);
 unsafe extern "C" fn log_start(_: *mut c_void) -> c_int {
     LOG_STARTS.fetch_add(1, Ordering::SeqCst);
     0
@@ -1906,5 +1914,40 @@ fn qemu_fdopen_leaves_the_descriptor_with_the_caller_when_it_fails() {
     assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "fd {fd} is still open: the caller's");
     // SAFETY: the caller's descriptor, closed once, here.
     assert_eq!(unsafe { libc::close(fd) }, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `qmp_migrate` asks the run state before it takes the migration's lock:
+/// a migration that completes in between (the VM now postmigrate, its
+/// state on the destination) must not let the call migrate the VM again
+/// on the stale answer. It started a second migration of it.
+#[test]
+fn a_migration_that_completes_while_qmp_migrate_asks_the_run_state_is_not_followed_by_another() {
+    let _g = host();
+    let dir = tmp("stale-runstate");
+    let go = dir.join("go");
+    // The first migration waits, with the whole stream out and the VM
+    // stopped, for its command to exit, which waits for `go`.
+    let uri = format!("exec:cat > /dev/null; while [ ! -e {} ]; do sleep 0.01; done", go.display());
+    assert_eq!(migrate(&uri), "");
+    wait_until(20, "the switchover", || state() == RunState::FinishMigrate);
+    // The next call reads finish-migrate; before it goes on, the first
+    // migration completes.
+    *RUNSTATE_HOOK.lock().unwrap() = Some(Box::new(move || {
+        std::fs::write(&go, b"").unwrap();
+        wait_until(20, "the first migration completed", || OUTGOING.status() == MigrationStatus::Completed);
+    }));
+    let second = migrate("exec:cat > /dev/null");
+    let after = OUTGOING.status();
+    if after != MigrationStatus::Completed {
+        wait_final(false, 30);
+    }
+    assert_eq!(state(), RunState::Postmigrate);
+    assert_eq!(
+        (second.as_str(), after),
+        ("Can't migrate the vm that was paused due to previous migration", MigrationStatus::Completed),
+        "a VM that went to the destination was migrated again"
+    );
+    set_state(RunState::Running);
     let _ = std::fs::remove_dir_all(&dir);
 }
