@@ -930,11 +930,13 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
     if let Some(g) = p.final_pass {
         crate::ram::end_final_pass(&crate::ram::blocks(), g);
     }
+    let mut restart_failed = None;
     match p.stopped_from {
         // Unless the host's stop failed before it stopped anything.
         Some(RunState::Running) if !host.runstate_is_running() => {
             if let Err(e) = host.vm_start() {
                 log::error!("could not restart the source VM after the failed migration: {e}");
+                restart_failed = Some(e);
             }
         }
         // A VM that was not running gets its run state back, not
@@ -942,7 +944,11 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
         Some(was) if was != RunState::Running && !host.runstate_is_running() => host.runstate_set(was),
         _ => {}
     }
-    let msg = host_err.unwrap_or_else(|| err.to_string());
+    let mut msg = host_err.unwrap_or_else(|| err.to_string());
+    if let Some(e) = restart_failed {
+        // The VM is left stopped: the host must know it was not restarted.
+        msg = format!("{msg}; the VM could not be started again: {e}");
+    }
     {
         let mut o = OUT.lock();
         o.aborter = None;

@@ -92,10 +92,15 @@ unsafe extern "C" fn stop(_: *mut c_void, st: RunState) -> c_int {
     }
 }
 unsafe extern "C" fn start(_: *mut c_void) -> c_int {
-    STATE.store(RunState::Running as u32, Ordering::SeqCst);
     STARTS.fetch_add(1, Ordering::SeqCst);
+    if START_FAILS.load(Ordering::SeqCst) {
+        return -libc::EIO;
+    }
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
     0
 }
+/// When set, `vm_start` fails with EIO and leaves the VM as it was.
+static START_FAILS: AtomicBool = AtomicBool::new(false);
 unsafe extern "C" fn is_running(_: *mut c_void) -> bool {
     STATE.load(Ordering::SeqCst) == RunState::Running as u32
 }
@@ -179,6 +184,7 @@ fn host() -> MutexGuard<'static, ()> {
     });
     set_state(RunState::Running);
     STOP_FAILS.store(false, Ordering::SeqCst);
+    START_FAILS.store(false, Ordering::SeqCst);
     g
 }
 
@@ -509,6 +515,21 @@ fn a_stop_that_fails_after_stopping_still_gets_the_vm_started_again() {
     assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1, "the stopped VM is started again");
     assert_eq!(state(), RunState::Running);
     STOP_FAILS.store(false, Ordering::SeqCst);
+}
+
+#[test]
+fn a_vm_that_cannot_be_started_again_after_a_failed_switchover_is_reported() {
+    let _g = host();
+    START_FAILS.store(true, Ordering::SeqCst);
+    // The command reads the whole stream, then fails: the switchover's
+    // close fails after the VM was stopped.
+    assert_eq!(migrate("exec:cat > /dev/null; exit 3"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
+    let e = livemig::outgoing::stats().error.unwrap_or_default();
+    assert!(e.starts_with("closing exec:cat > /dev/null; exit 3: command exited with exit status: 3"), "the migration's own error first: {e}");
+    assert!(e.ends_with("; the VM could not be started again: the host failed to start the VM (-5)"), "{e}");
+    assert_eq!(state(), RunState::FinishMigrate, "left as the failed start left it");
+    START_FAILS.store(false, Ordering::SeqCst);
 }
 
 #[test]
