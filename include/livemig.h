@@ -1179,7 +1179,9 @@ bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t use
  Registers a live device with a handler table (copied). Returns the
  section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
  reports why. `instance_id` -1 picks the next free instance (other
- negative values are refused).
+ negative values are refused). Refused (-EBUSY) while a migration of
+ either direction is in progress: the migration took its list of
+ devices when it started.
  */
 int register_savevm_live(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, const struct SaveVMHandlers *ops, void *opaque);
 
@@ -1194,7 +1196,8 @@ int livemig_register_savevm_live(struct DeviceState *dev, const char *idstr, int
  switchover (VM stopped, host lock held), `load_state` reads it on the
  destination (host lock held, released while a read waits for the
  source; see `LivemigHostOps`). Both required. Returns the section id or a
- negative errno.
+ negative errno (-EBUSY while a migration is in progress, as for
+ `register_savevm_live`).
  */
 int register_savevm(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, SaveStateHandler save_state, LoadStateHandler load_state, void *opaque);
 

@@ -190,6 +190,14 @@ pub fn register(
         return Err(MigError::new(format!("savevm: '{idstr}' is livemig's own section; a host cannot register it")));
     }
     let mut r = REGISTRY.lock();
+    // Checked under the lock: a migration takes its copy of the entries
+    // after its state left idle, so a registration either lands before
+    // that or is refused (a device added later would silently not be
+    // migrated, or its section not be found by the load). livemig's own
+    // sections register at a migration's first use.
+    if owner != builtin_owner() && (crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active()) {
+        return Err(MigError::with_errno(format!("savevm: '{idstr}' cannot be registered while a migration is in progress"), libc::EBUSY));
+    }
     let instance_id = if instance_id < 0 {
         r.entries.iter().filter(|e| e.idstr == idstr).map(|e| e.instance_id + 1).max().unwrap_or(0)
     } else {

@@ -21,7 +21,8 @@
 //!   code from the host (INT_MIN too) is an error; handlers' pending
 //!   amounts do not wrap around to a small sum;
 //!   `migrate_fd_error` fails a migration at once, even under a low speed
-//!   limit, and even when made just before the thread waits out a window.
+//!   limit, and even when made just before the thread waits out a window;
+//!   a device registered while a migration runs is refused.
 //!
 //! The host here is its own (a run state it reports, a stop that can fail,
 //! a lock that counts its waiters, a dirty log that counts its starts and
@@ -526,7 +527,10 @@ fn a_vm_that_cannot_be_started_again_after_a_failed_switchover_is_reported() {
     assert_eq!(migrate("exec:cat > /dev/null; exit 3"), "");
     assert_eq!(wait_final(false, 30), MigrationStatus::Failed);
     let e = livemig::outgoing::stats().error.unwrap_or_default();
-    assert!(e.starts_with("closing exec:cat > /dev/null; exit 3: command exited with exit status: 3"), "the migration's own error first: {e}");
+    assert!(
+        e.starts_with("closing exec:cat > /dev/null; exit 3: command exited with exit status: 3"),
+        "the migration's own error first: {e}"
+    );
     assert!(e.ends_with("; the VM could not be started again: the host failed to start the VM (-5)"), "{e}");
     assert_eq!(state(), RunState::FinishMigrate, "left as the failed start left it");
     START_FAILS.store(false, Ordering::SeqCst);
@@ -1971,4 +1975,59 @@ fn a_migration_that_completes_while_qmp_migrate_asks_the_run_state_is_not_follow
     );
     set_state(RunState::Running);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+unsafe extern "C" fn c_save(_: *mut QemuFile, _: *mut c_void) {}
+
+/// A device registered while a migration runs is refused (-EBUSY, with
+/// the reason), in either direction, and nothing is registered: the
+/// migration took its list of devices when it started, so the device
+/// would silently not be migrated (or its section not be found by the
+/// load). The migration in progress goes on; once it has ended, the same
+/// registration is accepted.
+#[test]
+fn a_device_registered_while_a_migration_runs_is_refused() {
+    let _g = host();
+    let ops = SaveVMHandlers {
+        save_state: None,
+        save_live_setup: Some(c_setup),
+        save_live_iterate: Some(c_iterate),
+        save_live_complete: Some(c_complete),
+        save_live_pending: Some(c_pending),
+        cancel: Some(c_cancel),
+        load_state: Some(c_load),
+        is_active: None,
+    };
+    let opaque = 0x1a7e as *mut c_void;
+    let name = c"late-dev";
+    let busy = "savevm: 'late-dev' cannot be registered while a migration is in progress";
+    let mut err = null_mut();
+    // Outgoing: a slow migration, ACTIVE.
+    api::qmp_migrate_set_speed(100_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
+    let id = livemig::ffi::savevm::livemig_register_savevm_live(null_mut(), name.as_ptr(), 0, 1, &ops, opaque, &mut err);
+    assert_eq!((id, take_err(&mut err).as_str()), (-libc::EBUSY, busy));
+    assert_eq!(livemig::ffi::savevm::register_savevm(null_mut(), name.as_ptr(), 0, 1, Some(c_save), Some(c_load), opaque), -libc::EBUSY);
+    assert_eq!(livemig::savevm::register("late-dev", 0, 1, Box::new(Counted), OWNER, Priority::Default).unwrap_err().to_string(), busy);
+    assert_eq!(livemig::savevm::unregister("late-dev", opaque as usize), 0, "a refused registration registered nothing");
+    api::qmp_migrate_set_speed(0, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    set_state(RunState::Inmigrate);
+    // Incoming: a destination listening for its source.
+    livemig::incoming::start_uri("tcp:127.0.0.1:0").unwrap();
+    let id = livemig::ffi::savevm::livemig_register_savevm_live(null_mut(), name.as_ptr(), 0, 1, &ops, opaque, &mut err);
+    assert_eq!((id, take_err(&mut err).as_str()), (-libc::EBUSY, busy));
+    assert!(livemig::incoming::cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(livemig::savevm::unregister("late-dev", opaque as usize), 0, "a refused registration registered nothing");
+    // Once no migration runs, it is accepted.
+    let id = livemig::ffi::savevm::livemig_register_savevm_live(null_mut(), name.as_ptr(), 0, 1, &ops, opaque, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert!(id > 0);
+    assert_eq!(livemig::savevm::unregister("late-dev", opaque as usize), 1);
+    set_state(RunState::Running);
 }

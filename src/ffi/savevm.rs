@@ -131,10 +131,25 @@ fn register(idstr: *const c_char, instance_id: c_int, version_id: c_int, h: impl
     savevm::register(idstr, instance_id as i64, version_id as u32, Box::new(handler), owner, Priority::Default)
 }
 
+/// A registration's result for C: the section id, or the negative errno
+/// of the error (which is set in `errp`): -EBUSY while a migration is in
+/// progress, -EINVAL for a bad argument.
+fn id_or_errno(r: Result<u32>, errp: *mut *mut Error) -> Result<c_int> {
+    match r {
+        Ok(id) => Ok(id as c_int),
+        Err(e) => {
+            super::errors::set(errp, &e);
+            Ok(-e.errno())
+        }
+    }
+}
+
 /// Registers a live device with a handler table (copied). Returns the
 /// section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
 /// reports why. `instance_id` -1 picks the next free instance (other
-/// negative values are refused).
+/// negative values are refused). Refused (-EBUSY) while a migration of
+/// either direction is in progress: the migration took its list of
+/// devices when it started.
 #[no_mangle]
 pub extern "C" fn register_savevm_live(
     dev: *mut DeviceState,
@@ -178,8 +193,8 @@ pub extern "C" fn livemig_register_savevm_live(
                 return Err(MigError::new(format!("register_savevm_live('{idstr}'): required callback '{name}' is NULL")));
             }
             Ok(CHandler { idstr, live: Some(ops), save_state: None, load_state: ops.load_state, opaque: opaque as usize, completed: false })
-        })?;
-        Ok(id as c_int)
+        });
+        id_or_errno(id, errp)
     })
 }
 
@@ -187,7 +202,8 @@ pub extern "C" fn livemig_register_savevm_live(
 /// switchover (VM stopped, host lock held), `load_state` reads it on the
 /// destination (host lock held, released while a read waits for the
 /// source; see `LivemigHostOps`). Both required. Returns the section id or a
-/// negative errno.
+/// negative errno (-EBUSY while a migration is in progress, as for
+/// `register_savevm_live`).
 #[no_mangle]
 pub extern "C" fn register_savevm(
     dev: *mut DeviceState,
@@ -200,15 +216,16 @@ pub extern "C" fn register_savevm(
 ) -> c_int {
     let _ = dev;
     let mut err: *mut Error = std::ptr::null_mut();
-    let r = guard_err("register_savevm", &mut err, -libc::EINVAL, || {
+    let errp: *mut *mut Error = &mut err;
+    let r = guard_err("register_savevm", errp, -libc::EINVAL, || {
         let id = register(idstr, instance_id, version_id, |idstr| {
             if save_state.is_none() || load_state.is_none() {
                 let which = if save_state.is_none() { "save_state" } else { "load_state" };
                 return Err(MigError::new(format!("register_savevm('{idstr}'): required callback '{which}' is NULL")));
             }
             Ok(CHandler { idstr, live: None, save_state, load_state, opaque: opaque as usize, completed: false })
-        })?;
-        Ok(id as c_int)
+        });
+        id_or_errno(id, errp)
     });
     super::errors::log_and_free(err, "register_savevm");
     r
