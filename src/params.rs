@@ -211,17 +211,18 @@ pub fn set_cache_size(value: i64) -> Result<()> {
 
 /// Applies a list of capability changes, all or none.
 pub fn set_capabilities(list: &[(MigrationCapability, bool)]) -> Result<()> {
+    // Checked under the lock: a migration reads the capabilities after its
+    // state left idle, so a change either lands before that or is refused.
+    // Only the source's state counts, as in QEMU: a destination reads none.
+    // First, as QEMU 7.2 checks it before the capabilities themselves.
+    let mut p = PARAMS.lock();
+    if crate::state::OUTGOING.status().is_active() {
+        return Err(MigError::new("There's a migration process in progress"));
+    }
     for &(cap, on) in list {
         if on && !cap.supported() {
             return Err(MigError::new(format!("capability '{}' is not supported by livemig", cap.name())));
         }
-    }
-    // Checked under the lock: a migration reads the capabilities after its
-    // state left idle, so a change either lands before that or is refused.
-    // Only the source's state counts, as in QEMU: a destination reads none.
-    let mut p = PARAMS.lock();
-    if crate::state::OUTGOING.status().is_active() {
-        return Err(MigError::new("There's a migration process in progress"));
     }
     for &(cap, on) in list {
         p.caps[cap as usize] = on;

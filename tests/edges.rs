@@ -2031,3 +2031,36 @@ fn a_device_registered_while_a_migration_runs_is_refused() {
     assert_eq!(livemig::savevm::unregister("late-dev", opaque as usize), 1);
     set_state(RunState::Running);
 }
+
+/// While a migration runs, a capability change is refused as QEMU 7.2
+/// refuses it, before the capabilities are looked at: "There's a
+/// migration process in progress", also for a list that names one livemig
+/// does not implement; nothing changes.
+#[test]
+fn a_capability_change_during_a_migration_is_refused_as_in_progress() {
+    use livemig::ffi::types::{MigrationCapabilityStatus, MigrationCapabilityStatusList};
+    use livemig::params::MigrationCapability as Cap;
+    let _g = host();
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(100_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
+    let mut compress = MigrationCapabilityStatus { capability: Cap::Compress, state: true };
+    let mut xbzrle = MigrationCapabilityStatus { capability: Cap::Xbzrle, state: true };
+    for list in [vec![&mut compress as *mut _], vec![&mut xbzrle as *mut _, &mut compress as *mut _]] {
+        let mut nodes: Vec<MigrationCapabilityStatusList> =
+            list.iter().map(|&v| MigrationCapabilityStatusList { next: null_mut(), value: v }).collect();
+        for i in (0..nodes.len() - 1).rev() {
+            let next: *mut MigrationCapabilityStatusList = &mut nodes[i + 1];
+            nodes[i].next = next;
+        }
+        api::qmp_migrate_set_capabilities(&mut nodes[0], &mut err);
+        assert_eq!(take_err(&mut err), "There's a migration process in progress");
+        assert!(!api::migrate_use_xbzrle(), "a refused list changed a capability");
+    }
+    api::qmp_migrate_set_speed(0, &mut err);
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+}
