@@ -983,7 +983,9 @@ void qmp_migrate_set_downtime(double value, struct Error **errp);
 
 /*
  Sets the XBZRLE cache size in bytes (a power of two, at least one page,
- as in QEMU 7.2); also resizes the cache of a running migration.
+ as in QEMU 7.2); also resizes the cache of a running migration, whose
+ new cache is allocated by this call: a size that cannot be allocated
+ is refused then, and nothing changes.
  */
 void qmp_migrate_set_cache_size(int64_t value, struct Error **errp);
 

@@ -197,6 +197,12 @@ pub fn set_downtime(seconds: f64) -> Result<()> {
 /// Sets the XBZRLE cache size in bytes: a power of two, at least one page
 /// (as QEMU 7.2 requires; the size reported is then the cache's own).
 pub fn set_cache_size(value: i64) -> Result<()> {
+    PARAMS.lock().xbzrle_cache_size = check_cache_size(value)?;
+    Ok(())
+}
+
+/// Checks an XBZRLE cache size for [`set_cache_size`]; the size in bytes.
+pub fn check_cache_size(value: i64) -> Result<u64> {
     if value < TARGET_PAGE_SIZE as i64 || !(value as u64).is_power_of_two() {
         return Err(MigError::new(format!(
             "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size ({TARGET_PAGE_SIZE}), got {value}"
@@ -205,8 +211,7 @@ pub fn set_cache_size(value: i64) -> Result<()> {
     if usize::try_from(value).is_err() {
         return Err(MigError::new(format!("Parameter 'xbzrle_cache_size': {value} exceeds the address space")));
     }
-    PARAMS.lock().xbzrle_cache_size = value as u64;
-    Ok(())
+    Ok(value as u64)
 }
 
 /// Applies a list of capability changes, all or none.

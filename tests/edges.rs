@@ -2064,3 +2064,45 @@ fn a_capability_change_during_a_migration_is_refused_as_in_progress() {
     api::qmp_migrate_set_speed(128 << 20, &mut err);
     assert_eq!(take_err(&mut err), "");
 }
+
+/// The XBZRLE cache size of a migration in progress: the new cache is
+/// made by `qmp_migrate_set_cache_size`, so a size that cannot be
+/// allocated is refused there, with the reason, and changes nothing (the
+/// parameter and what query-migrate reports stay the cache in use); one
+/// that can be is taken. With no migration running a size is only
+/// recorded (as in QEMU 7.2): the cache is allocated when one starts.
+#[test]
+fn a_cache_size_that_cannot_be_allocated_during_a_migration_is_refused() {
+    use livemig::params::MigrationCapability as Cap;
+    let _g = host();
+    let mut err = null_mut();
+    livemig::params::set_capabilities(&[(Cap::Xbzrle, true)]).unwrap();
+    api::qmp_migrate_set_speed(100_000, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
+    let reported = || {
+        let info = api::qmp_query_migrate(null_mut());
+        // SAFETY: a MigrationInfo from livemig, freed below; its
+        // xbzrle_cache is set while ACTIVE with the capability on.
+        let size = unsafe { (*info).xbzrle_cache.as_ref().map(|x| x.cache_size) };
+        api::qapi_free_MigrationInfo(info);
+        (api::qmp_query_migrate_cache_size(null_mut()), size)
+    };
+    assert_eq!(reported(), (64 << 20, Some(64 << 20)));
+    api::qmp_migrate_set_cache_size(1 << 40, &mut err);
+    assert_eq!(take_err(&mut err), "Parameter 'xbzrle_cache_size': cannot allocate an xbzrle cache of 1099511627776 bytes");
+    assert_eq!(reported(), (64 << 20, Some(64 << 20)), "a refused size changed the parameter");
+    api::qmp_migrate_set_cache_size(1 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(reported(), (1 << 20, Some(1 << 20)));
+    api::qmp_migrate_set_speed(0, &mut err);
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    api::qmp_migrate_set_cache_size(1 << 40, &mut err);
+    assert_eq!(take_err(&mut err), "", "no migration: recorded only");
+    assert_eq!(api::qmp_query_migrate_cache_size(null_mut()), 1 << 40);
+    api::qmp_migrate_set_cache_size(64 << 20, &mut err);
+    api::qmp_migrate_set_speed(128 << 20, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    livemig::params::set_capabilities(&[(Cap::Xbzrle, false)]).unwrap();
+}

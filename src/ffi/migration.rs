@@ -215,14 +215,12 @@ pub extern "C" fn qmp_migrate_set_downtime(value: f64, errp: *mut *mut Error) {
 }
 
 /// Sets the XBZRLE cache size in bytes (a power of two, at least one page,
-/// as in QEMU 7.2); also resizes the cache of a running migration.
+/// as in QEMU 7.2); also resizes the cache of a running migration, whose
+/// new cache is allocated by this call: a size that cannot be allocated
+/// is refused then, and nothing changes.
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_cache_size(value: i64, errp: *mut *mut Error) {
-    guard_err("qmp_migrate_set_cache_size", errp, (), || {
-        params::set_cache_size(value)?;
-        crate::ram::cache_resized();
-        Ok(())
-    })
+    guard_err("qmp_migrate_set_cache_size", errp, (), || crate::ram::set_xbzrle_cache_size(value))
 }
 
 /// The XBZRLE cache size in bytes.

@@ -485,7 +485,6 @@ pub struct RamCounters {
 
 /// The counters.
 pub static COUNTERS: once_cell::sync::Lazy<RamCounters> = once_cell::sync::Lazy::new(RamCounters::default);
-static CACHE_RESIZED: AtomicBool = AtomicBool::new(false);
 
 /// Bytes of dirty RAM handled so far (pages × page size, however each
 /// went on the wire): what the pending figure counts down. Every page
@@ -517,13 +516,64 @@ pub fn last_sync_time() -> std::time::Duration {
     std::time::Duration::from_micros(COUNTERS.last_sync_us.load(Ordering::Relaxed))
 }
 
-/// The XBZRLE cache size parameter changed: a running migration resizes.
-pub fn cache_resized() {
-    CACHE_RESIZED.store(true, Ordering::Release);
+/// The XBZRLE cache of the migration in progress: which one is in use
+/// (a token) and the size it will have, and a cache of that size made for
+/// it by [`set_xbzrle_cache_size`], which its next iteration takes.
+struct CacheSlot {
+    in_use: Option<(u64, u64)>,
+    replacement: Option<page_cache::PageCache>,
+    tokens: u64,
 }
 
-pub(crate) fn take_cache_resized() -> bool {
-    CACHE_RESIZED.swap(false, Ordering::AcqRel)
+static XBZRLE_CACHE: Mutex<CacheSlot> = Mutex::new(CacheSlot { in_use: None, replacement: None, tokens: 0 });
+
+/// A cache of the size parameter for a migration starting, and its token
+/// (for [`take_xbzrle_replacement`] and [`xbzrle_cache_released`]).
+pub(crate) fn xbzrle_cache_for_migration() -> Result<(page_cache::PageCache, u64)> {
+    let mut s = XBZRLE_CACHE.lock();
+    let size = crate::params::get().xbzrle_cache_size;
+    let cache = page_cache::PageCache::new(size).map_err(MigError::new)?;
+    s.tokens += 1;
+    s.in_use = Some((s.tokens, size));
+    s.replacement = None;
+    Ok((cache, s.tokens))
+}
+
+/// The cache with `token` is no longer used.
+pub(crate) fn xbzrle_cache_released(token: u64) {
+    let mut s = XBZRLE_CACHE.lock();
+    if s.in_use.is_some_and(|(t, _)| t == token) {
+        s.in_use = None;
+        s.replacement = None;
+    }
+}
+
+/// The cache made for the one with `token` since it last asked, if any.
+/// Never waits: a cache being made is taken at a later call.
+pub(crate) fn take_xbzrle_replacement(token: u64) -> Option<page_cache::PageCache> {
+    let mut s = XBZRLE_CACHE.try_lock()?;
+    if s.in_use.is_some_and(|(t, _)| t == token) {
+        s.replacement.take()
+    } else {
+        None
+    }
+}
+
+/// Sets the XBZRLE cache size (`params::set_cache_size` checks it). A
+/// migration using a cache gets one of the new size, made here, as QEMU
+/// 7.2's `xbzrle_cache_resize` makes it: a size that cannot be allocated
+/// is refused, and nothing changes.
+pub fn set_xbzrle_cache_size(value: i64) -> Result<()> {
+    let size = crate::params::check_cache_size(value)?;
+    let mut s = XBZRLE_CACHE.lock();
+    if let Some((token, cur)) = s.in_use {
+        if cur != size {
+            let cache = page_cache::PageCache::new(size).map_err(|e| MigError::new(format!("Parameter 'xbzrle_cache_size': {e}")))?;
+            s.replacement = Some(cache);
+            s.in_use = Some((token, size));
+        }
+    }
+    crate::params::set_cache_size(value)
 }
 
 /// Zeroes the counters: a new migration starts (none of the last one's

@@ -178,7 +178,13 @@ impl PageCache {
         if slots_for(new_size_bytes)? == self.items.len() {
             return Ok(());
         }
-        let mut new = PageCache::new(new_size_bytes)?;
+        self.resize_into(PageCache::new(new_size_bytes)?);
+        Ok(())
+    }
+
+    /// Becomes `new` (an empty cache), keeping the cached pages that fit
+    /// as [`resize`](Self::resize) keeps them.
+    pub fn resize_into(&mut self, mut new: PageCache) {
         for (k, old) in self.items.iter().enumerate() {
             if old.addr == EMPTY {
                 continue;
@@ -192,7 +198,6 @@ impl PageCache {
             new.data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE].copy_from_slice(&self.data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
         }
         *self = new;
-        Ok(())
     }
 }
 

@@ -57,6 +57,8 @@ enum Xbz {
 
 struct Xbzrle {
     cache: PageCache,
+    /// The cache's token (see `xbzrle_cache_for_migration`).
+    token: u64,
     page: Box<[u8; PAGE]>,
     enc: Box<[u8; PAGE]>,
     /// Counters at the last sync, for the per-period rates.
@@ -65,6 +67,12 @@ struct Xbzrle {
     last_bytes: u64,
     last_lookups: u64,
     lookups: u64,
+}
+
+impl Drop for Xbzrle {
+    fn drop(&mut self) {
+        super::xbzrle_cache_released(self.token);
+    }
 }
 
 /// The source side of one migration.
@@ -114,9 +122,10 @@ impl Saver {
             .collect::<Vec<_>>();
         let p = params::get();
         let xbzrle = if p.cap(MigrationCapability::Xbzrle) {
-            let cache = PageCache::new(p.xbzrle_cache_size).map_err(MigError::new)?;
+            let (cache, token) = super::xbzrle_cache_for_migration()?;
             Some(Xbzrle {
                 cache,
+                token,
                 page: Box::new([0; PAGE]),
                 enc: Box::new([0; PAGE]),
                 last_pages: 0,
@@ -377,11 +386,9 @@ impl Saver {
         if let Some(e) = self.sync_error.take() {
             return Err(e);
         }
-        if super::take_cache_resized() {
-            if let Some(x) = &mut self.xbzrle {
-                if let Err(e) = x.cache.resize(params::get().xbzrle_cache_size) {
-                    log::warn!("xbzrle cache resize: {e}");
-                }
+        if let Some(x) = &mut self.xbzrle {
+            if let Some(new) = super::take_xbzrle_replacement(x.token) {
+                x.cache.resize_into(new);
             }
         }
         let start = Instant::now();
