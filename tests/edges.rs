@@ -2106,3 +2106,23 @@ fn a_cache_size_that_cannot_be_allocated_during_a_migration_is_refused() {
     assert_eq!(take_err(&mut err), "");
     livemig::params::set_capabilities(&[(Cap::Xbzrle, false)]).unwrap();
 }
+
+unsafe extern "C" fn on_resized(_: *mut c_void, _: *const std::ffi::c_char, _: u64) {}
+
+/// A RAM block whose memory would run past the end of the address space
+/// is refused with that reason, not with one about its length (which is
+/// a whole number of pages), and nothing is registered.
+#[test]
+fn a_ram_block_past_the_end_of_the_address_space_is_refused_with_that_reason() {
+    let _g = host();
+    let mut err = null_mut();
+    let host_addr = 0x1000 as *mut c_void;
+    let len = u64::MAX - 4095;
+    assert!(!livemig::ffi::ram::livemig_ram_block_add(c"wrap".as_ptr(), host_addr, len, &mut err));
+    assert_eq!(take_err(&mut err), "ram block 'wrap': 18446744073709547520 bytes at 0x1000 run past the end of the address space");
+    let resized: livemig::ffi::ram::LivemigRamResized = Some(on_resized);
+    assert!(!livemig::ffi::ram::livemig_ram_block_add_resizable(c"wrap".as_ptr(), host_addr, 4096, len, resized, null_mut(), &mut err));
+    assert_eq!(take_err(&mut err), "ram block 'wrap': 18446744073709547520 bytes at 0x1000 run past the end of the address space");
+    assert!(!livemig::ffi::ram::livemig_ram_block_remove(c"wrap".as_ptr(), &mut err));
+    assert_eq!(take_err(&mut err), "ram block 'wrap' is not registered");
+}

@@ -330,13 +330,16 @@ pub fn block_add_resizable(idstr: &str, host: *mut u8, length: u64, max_length: 
     if host.is_null() || !(host as usize).is_multiple_of(PAGE) {
         return Err(MigError::new(format!("ram block '{idstr}': host address {host:p} must be non-NULL and page aligned")));
     }
-    if length == 0 || !length.is_multiple_of(TARGET_PAGE_SIZE) || (host as u64).checked_add(max_length).is_none() {
+    if length == 0 || !length.is_multiple_of(TARGET_PAGE_SIZE) {
         return Err(MigError::new(format!("ram block '{idstr}': length {length} must be a non-zero multiple of {TARGET_PAGE_SIZE}")));
     }
     if max_length < length || !max_length.is_multiple_of(TARGET_PAGE_SIZE) {
         return Err(MigError::new(format!(
             "ram block '{idstr}': maximum length {max_length} must be a multiple of {TARGET_PAGE_SIZE} and at least {length}"
         )));
+    }
+    if (host as u64).checked_add(max_length).is_none_or(|end| usize::try_from(end).is_err()) {
+        return Err(MigError::new(format!("ram block '{idstr}': {max_length} bytes at {host:p} run past the end of the address space")));
     }
     // Memory that is not there would be a fault of the migration thread
     // (source) or of the loader (destination), not an error.
