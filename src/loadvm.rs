@@ -217,15 +217,27 @@ fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
                 }
             }
             "configuration/capabilities" => {
-                // The only validated capability of 7.2 is x-ignore-shared,
-                // which livemig does not implement: any entry is refused.
-                if f.get_be32() > 0 {
-                    let cap = String::from_utf8_lossy(&f.get_counted_bytes()).into_owned();
+                // As 7.2: every entry is read, a name that is no capability
+                // of 7.2 refused as it is read; then the validated ones
+                // (only x-ignore-shared, which livemig does not implement)
+                // must agree. Any other capability named is accepted.
+                let count = f.get_be32();
+                f.check()?;
+                let mut ignore_shared = false;
+                for _ in 0..count {
+                    let cap = f.get_counted_bytes();
                     f.check()?;
-                    if cap == MigrationCapability::XIgnoreShared.name() {
-                        return Err(MigError::new(format!("Capability {cap} is off, but received capability is on")));
+                    // Compared as the C string it is read into.
+                    let cap = &cap[..cap.iter().position(|&b| b == 0).unwrap_or(cap.len())];
+                    match MigrationCapability::all().into_iter().find(|c| c.name().as_bytes() == cap) {
+                        Some(MigrationCapability::XIgnoreShared) => ignore_shared = true,
+                        Some(_) => {}
+                        None => return Err(MigError::new(format!("Received unknown capability {}", String::from_utf8_lossy(cap)))),
                     }
-                    return Err(MigError::new(format!("Received unknown capability {cap}")));
+                }
+                if ignore_shared {
+                    let cap = MigrationCapability::XIgnoreShared.name();
+                    return Err(MigError::new(format!("Capability {cap} is off, but received capability is on")));
                 }
             }
             "configuration/uuid" => {

@@ -206,6 +206,33 @@ fn framing_round_trip_and_refusals() {
         let e = load(stream.clone()).expect_err(msg);
         assert!(e.contains(msg), "want '{msg}', got '{e}' for {stream:02x?}");
     }
+    // The configuration's capabilities subsection, read as 7.2 reads it:
+    // every entry; a name that is no 7.2 capability refused; of the known
+    // ones only x-ignore-shared (validated, and off here) refused.
+    let caps = |names: &[&str]| {
+        let mut s = hdr.to_vec();
+        s.push(0x05);
+        s.push(26);
+        s.extend_from_slice(b"configuration/capabilities");
+        s.extend_from_slice(&1u32.to_be_bytes());
+        s.extend_from_slice(&(names.len() as u32).to_be_bytes());
+        for n in names {
+            s.push(n.len() as u8);
+            s.extend_from_slice(n.as_bytes());
+        }
+        s.push(0x00); // EOF
+        s
+    };
+    load(caps(&["xbzrle", "events"])).expect("capabilities 7.2 does not validate are accepted");
+    for (names, msg) in [
+        (&["xbzrle", "x-ignore-shared"][..], "Capability x-ignore-shared is off, but received capability is on"),
+        (&["x-ignore-shared", "bogus"][..], "Received unknown capability bogus"),
+        (&["bogus", "x-ignore-shared"][..], "Received unknown capability bogus"),
+    ] {
+        let e = load(caps(names)).expect_err(msg);
+        assert!(e.contains(msg), "{names:?}: want '{msg}', got '{e}'");
+    }
+
     // A failing handler is named with QEMU's context line.
     let e = load(with(&[[0x01, 0, 0, 0, 77, 2].as_slice(), b"lv", &[0, 0, 0, 0, 0, 0, 0, 4]].concat())).unwrap_err();
     assert_eq!(e, "error while loading state for instance 0x0 of device 'lv': unexpected end of migration stream");
