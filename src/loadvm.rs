@@ -75,6 +75,8 @@ pub fn load_stream(f: &mut QemuFile, host: Option<&Host>) -> Result<()> {
 
 /// The sections up to EOF, and the vmdesc after it.
 fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -> Result<()> {
+    // A POSTCOPY_ADVISE was seen (7.2's incoming postcopy state left NONE).
+    let mut advised = false;
     loop {
         let kind = f.get_u8();
         f.check()?;
@@ -125,7 +127,7 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
                 check_footer(f, section_id, &l.entry.idstr.clone())?;
             }
             QEMU_VM_COMMAND => {
-                if load_command(f)? {
+                if load_command(f, &mut advised)? {
                     f.return_path = true;
                 }
             }
@@ -271,8 +273,9 @@ const MIG_CMDS: [(&str, Option<u16>); 11] = [
 ];
 
 /// One QEMU_VM_COMMAND, checked as QEMU 7.2's `loadvm_process_command`
-/// checks it; true when it opened the return path.
-fn load_command(f: &mut QemuFile) -> Result<bool> {
+/// checks it; true when it opened the return path. `advised`: a
+/// POSTCOPY_ADVISE came before (7.2 takes only one per stream).
+fn load_command(f: &mut QemuFile, advised: &mut bool) -> Result<bool> {
     let cmd = f.get_be16();
     let len = f.get_be16();
     f.check()?;
@@ -295,7 +298,10 @@ fn load_command(f: &mut QemuFile) -> Result<bool> {
             f.rp_send(crate::savevm::MIG_RP_MSG_PONG, &v.to_be_bytes())?;
             Ok(false)
         }
-        // POSTCOPY_ADVISE: empty with postcopy off (this side has none).
+        // POSTCOPY_ADVISE: once (7.2 moves its postcopy state from NONE
+        // to ADVISE, 1, before any other check), empty with postcopy off
+        // (this side has none).
+        3 if std::mem::replace(advised, true) => Err(MigError::new("CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")),
         3 => match len {
             0 => Ok(false),
             16 => Err(MigError::new("RAM postcopy is disabled but have 16 byte advise")),

@@ -197,6 +197,9 @@ fn framing_round_trip_and_refusals() {
         (with(&[0x08, 0, 10, 0, 3, 1, 2, 3]), "MIG_CMD 0xa (RECV_BITMAP: postcopy/COLO) is not supported"),
         // An empty POSTCOPY_ADVISE is accepted (postcopy off), then EOF is missing.
         (with(&[0x08, 0, 3, 0, 0]), "unexpected end of migration stream"),
+        // ... but only one: 7.2's postcopy state is ADVISE (1) after it.
+        (with(&[0x08, 0, 3, 0, 0, 0x08, 0, 3, 0, 0, 0x00]), "CMD_POSTCOPY_ADVISE in wrong postcopy state (1)"),
+        (with(&[0x08, 0, 3, 0, 0, 0x08, 0, 3, 0, 16]), "CMD_POSTCOPY_ADVISE in wrong postcopy state (1)"),
         (with(&[]), "unexpected end of migration stream"),
         (bytes[..want.len() - 3].to_vec(), "unexpected end of migration stream"),
         (b"QEVM".to_vec(), "unexpected end of migration stream"),
