@@ -68,7 +68,13 @@ impl Loader {
             f.check()?;
             let addr = header & !(PAGE as u64 - 1);
             let flg = header & (PAGE as u64 - 1);
-            if flg & flags::HOOK != 0 {
+            if flg & (flags::HOOK | flags::COMPRESS_PAGE) != 0 {
+                // As 7.2 without the compress capability: a compressed page
+                // is refused whatever flags come with it, before anything
+                // else is looked at.
+                if flg & flags::COMPRESS_PAGE != 0 {
+                    return Err(MigError::new("Received an unexpected compressed page"));
+                }
                 return Err(MigError::new("RAM_SAVE_FLAG_HOOK (RDMA) is not supported"));
             }
             match flg & !flags::CONTINUE {
@@ -107,7 +113,6 @@ impl Loader {
                 }
                 // With or without CONTINUE, as in QEMU.
                 flags::EOS => return Ok(()),
-                flags::COMPRESS_PAGE => return Err(MigError::new("Received an unexpected compressed page")),
                 _ => return Err(MigError::new(format!("Unknown combination of migration flags: {flg:#x}"))),
             }
         }
@@ -274,6 +279,23 @@ mod tests {
         assert!(unsafe { filled(base, 600, 0) });
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(p, len) };
+    }
+
+    /// A compressed page is refused with 7.2's message whatever flags
+    /// come with it (7.2 checks for it before anything else), and the
+    /// stream is not read further.
+    #[test]
+    fn compressed_page_refused_with_any_flags() {
+        let mut mem = vec![0u8; PAGE];
+        let block = Arc::new(RamBlock::for_test("ram", mem.as_mut_ptr(), mem.len() as u64));
+        for flg in [0x100, 0x120, 0x108, 0x102, 0x140, 0x180, 0x110, 0x300, 0x104] {
+            let mut s = (flg as u64).to_be_bytes().to_vec();
+            s.push(0xee);
+            let mut f = QemuFile::new(Box::new(MemChannel::source(s)), Direction::Read);
+            let e = Loader::with_blocks(vec![block.clone()]).load(&mut f, 4).expect_err("refused");
+            assert_eq!(e.to_string(), "Received an unexpected compressed page", "flags {flg:#x}");
+            assert_eq!(f.get_u8(), 0xee, "flags {flg:#x}: nothing read after the header");
+        }
     }
 
     /// EOS ends the section with CONTINUE set too (QEMU switches on the
