@@ -56,13 +56,12 @@ impl SaveVmHandler for GlobalState {
         if version_id < 1 {
             return Err(MigError::new(format!("globalstate: incoming version_id {version_id} is too old for local minimum version_id  1")));
         }
-        let size = f.get_be32();
+        // `size` is loaded and never used, as in 7.2 (a plain uint32
+        // field): the name ends at the first NUL, or at the field's end.
+        let _size = f.get_be32();
         let mut field = [0u8; RUNSTATE_FIELD];
         f.get_buffer(&mut field);
         f.check()?;
-        if size as usize > RUNSTATE_FIELD {
-            return Err(MigError::new(format!("globalstate: size {size} exceeds the {RUNSTATE_FIELD}-byte field")));
-        }
         let end = field.iter().position(|&b| b == 0).unwrap_or(RUNSTATE_FIELD);
         let name = String::from_utf8_lossy(&field[..end]).into_owned();
         let state = RunState::from_name(&name).ok_or_else(|| MigError::new(format!("invalid parameter value: {name}")))?;
@@ -111,5 +110,20 @@ mod tests {
         let mut f = QemuFile::new(Box::new(MemChannel::source(bogus)), Direction::Read);
         let e = GlobalState.load(&mut f, 1, SectionKind::Full).unwrap_err();
         assert_eq!(e.to_string(), "invalid parameter value: bogus");
+
+        // The size field is not checked (7.2 loads it into a plain uint32
+        // and never uses it): only the NUL-terminated name counts. (Here,
+        // not in a test of its own: STORED is shared.)
+        for size in [0u32, 3, 101, u32::MAX] {
+            let mut s = size.to_be_bytes().to_vec();
+            s.extend_from_slice(b"paused");
+            s.resize(104, 0);
+            s.push(0xee);
+            let mut f = QemuFile::new(Box::new(MemChannel::source(s)), Direction::Read);
+            reset();
+            GlobalState.load(&mut f, 1, SectionKind::Full).unwrap_or_else(|e| panic!("size {size}: {e}"));
+            assert_eq!(received(), Some(RunState::Paused), "size {size}");
+            assert_eq!(f.get_u8(), 0xee, "size {size}: 104 bytes read");
+        }
     }
 }
