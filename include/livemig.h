@@ -925,7 +925,10 @@ int64_t migrate_xbzrle_cache_size(void);
  descriptor that is not open is refused at once. A named fd (`fd:NAME`,
  `livemig_fd_add`) is taken by the call once it is accepted, and stays
  registered when the call is refused. `detach` is accepted and ignored
- (the call never waits).
+ (the call never waits). `exec:CMD` runs `/bin/sh -c CMD` in a process
+ group of its own: a command killed (on a cancel, or when it outlasts
+ the io timeout) is killed with every process it started, and it does
+ not get the terminal's signals (Ctrl-C) meant for the host.
  */
 void qmp_migrate(const char *uri, bool has_blk, bool blk, bool has_inc, bool inc, bool has_detach, bool detach, struct Error **errp);
 

@@ -1767,15 +1767,19 @@ impl SaveVmHandler for SlowSave {
 /// keeps the VM stopped (and the host lock held) no longer than the io
 /// timeout in all: the wait for its exit is part of the switchover. It
 /// used to get a whole io timeout of its own on top, after the stream.
+/// What the command started is killed with it: killing the shell alone
+/// used to leave its `sleep` running.
 #[test]
 fn an_exec_command_that_does_not_exit_cannot_keep_the_vm_stopped_past_the_io_timeout() {
     let _g = host();
+    let dir = tmp("exec-no-exit");
+    let pid_file = dir.join("pid");
     livemig::transport::set_stall_timeout(2000).unwrap();
     // 1.5 s of the 2 s go on saving the device state, with the VM stopped.
     livemig::savevm::register("slow-save", 0, 1, Box::new(SlowSave(Duration::from_millis(1500))), OWNER, Priority::Default).unwrap();
     *SLOW_SAVE_AT.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let starts = STARTS.load(Ordering::SeqCst);
-    assert_eq!(migrate("exec:cat > /dev/null; exec sleep 30"), "");
+    assert_eq!(migrate(&format!("exec:cat > /dev/null; sleep 30 & echo $! > {}; wait", pid_file.display())), "");
     let end = wait_final(false, 30);
     let ended = Instant::now();
     livemig::savevm::unregister("slow-save", OWNER);
@@ -1789,6 +1793,12 @@ fn an_exec_command_that_does_not_exit_cannot_keep_the_vm_stopped_past_the_io_tim
     // Whether the command got it all is unknown: the VM runs here again.
     assert_eq!(STARTS.load(Ordering::SeqCst), starts + 1);
     assert_eq!(state(), RunState::Running);
+    let pid = std::fs::read_to_string(&pid_file).expect("the command wrote its sleep's pid");
+    let stat = format!("/proc/{}/stat", pid.trim());
+    // Gone, or a zombie its new parent has not reaped yet.
+    wait_until(5, "the command's sleep to be killed", || {
+        std::fs::read_to_string(&stat).map_or(true, |s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+    });
 }
 
 /// An `exec:` command gets the end of its stream (its stdin closed) even

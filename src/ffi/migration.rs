@@ -104,7 +104,10 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// descriptor that is not open is refused at once. A named fd (`fd:NAME`,
 /// `livemig_fd_add`) is taken by the call once it is accepted, and stays
 /// registered when the call is refused. `detach` is accepted and ignored
-/// (the call never waits).
+/// (the call never waits). `exec:CMD` runs `/bin/sh -c CMD` in a process
+/// group of its own: a command killed (on a cancel, or when it outlasts
+/// the io timeout) is killed with every process it started, and it does
+/// not get the terminal's signals (Ctrl-C) meant for the host.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub extern "C" fn qmp_migrate(

@@ -10,9 +10,12 @@ use crate::error::{MigError, Result};
 
 /// Runs `cmd` with `/bin/sh -c`; `outgoing` pipes its stdin (its stdout
 /// goes nowhere, not to the host's: QEMU keeps it too), else its stdout.
+/// The shell leads a process group of its own, so that a command killed
+/// (see [`kill`]) takes the processes it started with it.
 pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
+    use std::os::unix::process::CommandExt;
     let mut c = Command::new("/bin/sh");
-    c.arg("-c").arg(cmd);
+    c.arg("-c").arg(cmd).process_group(0);
     if outgoing {
         c.stdin(Stdio::piped()).stdout(Stdio::null());
     } else {
@@ -35,15 +38,28 @@ pub(super) fn wait_child(child: &mut Child, abort: &Aborter, deadline: Option<In
             return Ok(st);
         }
         if abort.is_aborted() {
-            let _ = child.kill();
+            kill(child);
             let st = child.wait()?;
             return Err(io::Error::other(format!("command did not finish, killed ({st})")));
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
+            kill(child);
             let st = child.wait()?;
             return Err(io::Error::new(io::ErrorKind::TimedOut, format!("the command did not exit within the io timeout, killed ({st})")));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Kills the command and whatever it started in its process group (a
+/// pipeline's other stages, a command run in the background): killing the
+/// shell alone would leave them running. Called before the child is
+/// waited for, so its pid (the group's id) cannot have been reused.
+pub(super) fn kill(child: &mut Child) {
+    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals that process group;
+        // no memory is involved.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
 }

@@ -271,7 +271,7 @@ impl Channel for FdChannel {
 impl Drop for FdChannel {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            super::exec::kill(&mut child);
             let _ = child.wait();
         }
     }
