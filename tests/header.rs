@@ -2,6 +2,9 @@
 //! livemig's own and match the crate's versions, and README's C example
 //! compiles against it.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::process::Command;
 
 #[test]
@@ -73,8 +76,7 @@ fn readme_host_example_compiles() {
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
     let start = readme.find("```c\n").expect("README has a C example") + 5;
     let len = readme[start..].find("```").expect("the C example ends");
-    let dir = std::env::temp_dir().join(format!("livemig-readme-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch::dir("readme");
     let src = dir.join("host.c");
     std::fs::write(&src, &readme[start..start + len]).unwrap();
     let out = Command::new("cc")

@@ -5,6 +5,9 @@
 //! `liblivemig.so.MAJOR` that hosts record, and the `liblivemig.so` link
 //! they build with.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -55,8 +58,7 @@ fn installed_library_builds_a_host_with_pkg_config() {
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");
-    let dest = std::env::temp_dir().join(format!("livemig-install-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dest);
+    let dest = scratch::dir("install");
     run(Command::new("make").args(["-s", "-C", root, "install", "PREFIX=/usr"]).arg(format!("DESTDIR={}", dest.display())), "make install");
     let lib = dest.join("usr/lib");
     let (version, major) = (env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_VERSION_MAJOR"));

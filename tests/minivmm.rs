@@ -8,6 +8,9 @@
 //! Where /dev/kvm is missing or unusable minivmm says so and runs the
 //! software vCPU; the KVM cases then cover that path (a message says so).
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -19,7 +22,7 @@ fn demo(args: &[&str]) -> String {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let st = Command::new("make").args(["-s", "-C"]).arg(root.join("c-tests")).arg("build/minivmm").status().expect("make");
     assert!(st.success(), "building minivmm failed");
-    let out_dir = std::env::temp_dir().join(format!("livemig-minivmm-{}-{}", std::process::id(), args.join("_").replace(['-', '/'], "")));
+    let out_dir = scratch::dir(&format!("minivmm-{}", args.join("_").replace(['-', '/'], "")));
     let out = Command::new(root.join("c-tests/minivmm/demo.sh"))
         .args(["--out", out_dir.to_str().unwrap()])
         .args(args)

@@ -295,8 +295,9 @@ pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<
             })
             .map(|l| vec![l])
     } else {
-        // Looked up as for a connect: a cancel or the stall timeout ends a
-        // resolver that hangs.
+        // Looked up as for a connect: the stall timeout ends a resolver
+        // that hangs (a cancel cannot: the start has not left idle yet, and
+        // no cancel reaches its aborter).
         resolve(host, port, abort).and_then(|addrs| bind_each(&addrs))
     };
     let listeners = bound.map_err(fail)?;
