@@ -227,7 +227,17 @@ fn run(host: Host, source: Source) {
             let r = if running {
                 Err(MigError::new("the VM was started while waiting for the incoming migration: the stream is not loaded"))
             } else {
-                crate::contain_panic("incoming migration", || crate::loadvm::load_stream(&mut f, Some(&host)))
+                crate::contain_panic("incoming migration", || crate::loadvm::load_stream(&mut f, Some(&host))).map_err(|e| {
+                    if e.errno() != libc::ETIMEDOUT {
+                        return e;
+                    }
+                    // The stream stalled. QEMU's destination waits for its
+                    // source indefinitely; this one fails after the io
+                    // timeout, which a source told to pause before its
+                    // switchover may well outlast.
+                    let hint = "a source paused before its switchover sends nothing until it is continued; livemig_set_io_timeout sets how long to wait";
+                    MigError::with_errno(format!("{e} ({hint})"), libc::ETIMEDOUT)
+                })
             };
             (settle_cancel(r), Some(f))
         }
@@ -286,16 +296,7 @@ fn run(host: Host, source: Source) {
             }
         }
         Err(e) => {
-            let msg = match e.errno() {
-                libc::ECANCELED => format!("incoming migration cancelled: {e}"),
-                // QEMU's destination waits for its source indefinitely;
-                // this one fails after the io timeout, which a source
-                // told to pause before its switchover may well outlast.
-                libc::ETIMEDOUT => {
-                    format!("{e} (a source paused before its switchover sends nothing until it is continued; livemig_set_io_timeout sets how long to wait)")
-                }
-                _ => e.to_string(),
-            };
+            let msg = if e.errno() == libc::ECANCELED { format!("incoming migration cancelled: {e}") } else { e.to_string() };
             log::error!("load of migration failed: {msg}");
             let mut g = IN.lock();
             g.error = Some(msg);

@@ -674,7 +674,12 @@ int main(int argc, char **argv)
         report("src-single-edge", edge_ok, "edge at page %" PRIu64, edge);
         uint64_t p0 = atomic_load(&guest_pass);
         sleep_ms(300);
-        report("src-stays-stopped", runstate == RUN_STATE_POSTMIGRATE && atomic_load(&guest_pass) == p0 && vcpu_idle,
+        /* Parked: told not to run, and out of guest code (vcpu_idle alone
+         * is also true in the pacing wait of a running vCPU). */
+        pthread_mutex_lock(&vcpu_lock);
+        bool parked = !vcpu_should_run && vcpu_idle;
+        pthread_mutex_unlock(&vcpu_lock);
+        report("src-stays-stopped", runstate == RUN_STATE_POSTMIGRATE && atomic_load(&guest_pass) == p0 && parked,
                "run state %d, pass %" PRIu64 " -> %" PRIu64, runstate, p0, (uint64_t)atomic_load(&guest_pass));
     }
     pthread_mutex_lock(&vcpu_lock);
