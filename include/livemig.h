@@ -1185,8 +1185,9 @@ bool livemig_ram_block_add_resizable(const char *idstr, void *host, uint64_t use
  section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
  reports why. `instance_id` -1 picks the next free instance (other
  negative values are refused). Refused (-EBUSY) while a migration of
- either direction is in progress: the migration took its list of
- devices when it started.
+ either direction is in progress (an incoming one from
+ `qemu_start_incoming_migration` on, though it takes its list of
+ devices only when the source connects): register every device first.
  */
 int register_savevm_live(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, const struct SaveVMHandlers *ops, void *opaque);
 

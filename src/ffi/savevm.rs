@@ -148,8 +148,9 @@ fn id_or_errno(r: Result<u32>, errp: *mut *mut Error) -> Result<c_int> {
 /// section id (≥ 0) or a negative errno; `livemig_register_savevm_live`
 /// reports why. `instance_id` -1 picks the next free instance (other
 /// negative values are refused). Refused (-EBUSY) while a migration of
-/// either direction is in progress: the migration took its list of
-/// devices when it started.
+/// either direction is in progress (an incoming one from
+/// `qemu_start_incoming_migration` on, though it takes its list of
+/// devices only when the source connects): register every device first.
 #[no_mangle]
 pub extern "C" fn register_savevm_live(
     dev: *mut DeviceState,
