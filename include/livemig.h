@@ -857,7 +857,10 @@ bool livemig_fd_remove(const char *name, struct Error **errp);
  stops reading or writing without closing) before it fails: 100 ms to one
  day; 60 s by default. Applies to both directions, from the next wait on.
  It also bounds the switchover: a source whose VM has been stopped this
- long without the stream going out fails and runs the VM again.
+ long without the stream going out (for `exec:`, without the command
+ having exited) fails and runs the VM again. It bounds, too, the wait
+ for a return path's confirmation and the lookup of a `tcp:` host name
+ by `qemu_start_incoming_migration`.
  */
 bool livemig_set_io_timeout(uint64_t ms, struct Error **errp);
 
@@ -1142,8 +1145,9 @@ bool livemig_incoming_cancel(void);
  source learns at setup which memory backs the block, and sends pages it
  knows read as zero (untouched anonymous memory, holes of a mapped file)
  without reading them. Refused while a migration runs, for memory that
- overlaps a registered block's, and for memory this process has not
- mapped readable and writable (checked in /proc/self/maps at the call).
+ overlaps a registered block's or would run past the end of the address
+ space, and for memory this process has not mapped readable and
+ writable (checked in /proc/self/maps at the call).
  */
 bool livemig_ram_block_add(const char *idstr, void *host, uint64_t length, struct Error **errp);
 

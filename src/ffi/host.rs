@@ -95,7 +95,10 @@ pub extern "C" fn livemig_fd_remove(name: *const c_char, errp: *mut *mut Error) 
 /// stops reading or writing without closing) before it fails: 100 ms to one
 /// day; 60 s by default. Applies to both directions, from the next wait on.
 /// It also bounds the switchover: a source whose VM has been stopped this
-/// long without the stream going out fails and runs the VM again.
+/// long without the stream going out (for `exec:`, without the command
+/// having exited) fails and runs the VM again. It bounds, too, the wait
+/// for a return path's confirmation and the lookup of a `tcp:` host name
+/// by `qemu_start_incoming_migration`.
 #[no_mangle]
 pub extern "C" fn livemig_set_io_timeout(ms: u64, errp: *mut *mut Error) -> bool {
     guard_err("livemig_set_io_timeout", errp, false, || {

@@ -13,8 +13,9 @@ use super::{cstr, guard_err};
 /// source learns at setup which memory backs the block, and sends pages it
 /// knows read as zero (untouched anonymous memory, holes of a mapped file)
 /// without reading them. Refused while a migration runs, for memory that
-/// overlaps a registered block's, and for memory this process has not
-/// mapped readable and writable (checked in /proc/self/maps at the call).
+/// overlaps a registered block's or would run past the end of the address
+/// space, and for memory this process has not mapped readable and
+/// writable (checked in /proc/self/maps at the call).
 #[no_mangle]
 pub extern "C" fn livemig_ram_block_add(idstr: *const c_char, host: *mut c_void, length: u64, errp: *mut *mut Error) -> bool {
     guard_err("livemig_ram_block_add", errp, false, || {
