@@ -83,8 +83,9 @@ pub fn uleb128_decode_small(input: &[u8]) -> Option<(u32, usize)> {
 /// Bytes of `dst` past the returned length may be overwritten; on overflow
 /// the content of `dst` is unspecified.
 ///
-/// On x86_64 CPUs with AVX2 (detected once, at the first call) this runs a
-/// vectorised encoder; elsewhere a portable one. Both give the same output.
+/// On x86_64 CPUs with AVX2, and more so with AVX-512 BW and VBMI2
+/// (detected once, at the first call), this runs a vectorised encoder;
+/// elsewhere a portable one. All give the same output.
 ///
 /// # Panics
 ///
@@ -132,6 +133,10 @@ enum Encoder {
     /// [`avx2::encode`]: x86_64 CPUs with AVX2, BMI1, BMI2 and POPCNT.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// [`avx2::encode`] listing run boundaries with
+    /// [`avx512::list_blocks`]: those CPUs with AVX-512 BW and VBMI2 too.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Encoder {
@@ -139,6 +144,10 @@ impl Encoder {
     fn best() -> Encoder {
         static BEST: OnceLock<Encoder> = OnceLock::new();
         *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512::supported() {
+                return Encoder::Avx512;
+            }
             #[cfg(target_arch = "x86_64")]
             if avx2::supported() {
                 return Encoder::Avx2;
@@ -161,11 +170,18 @@ fn encode_with(encoder: Encoder, old: &[u8], new: &[u8], dst: &mut [u8], next: [
         Encoder::Portable => encode_portable(old, new, dst),
         #[cfg(target_arch = "x86_64")]
         Encoder::Avx2 => {
-            assert_eq!(Encoder::best(), Encoder::Avx2, "xbzrle encode: this CPU lacks AVX2");
-            // SAFETY: best() picks Avx2 only after avx2::supported() found
-            // the features avx2::encode is compiled for on this CPU (they
-            // do not go away), and the lengths were checked above.
-            unsafe { avx2::encode(old, new, dst, next) }
+            assert!(avx2::supported(), "xbzrle encode: this CPU lacks AVX2");
+            // SAFETY: avx2::supported() found the features avx2::encode is
+            // compiled for on this CPU, and the lengths were checked above.
+            unsafe { avx2::encode::<false>(old, new, dst, next) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Encoder::Avx512 => {
+            assert!(avx512::supported(), "xbzrle encode: this CPU lacks AVX-512 VBMI2");
+            // SAFETY: avx512::supported() found the features of
+            // avx2::encode and of avx512::list_blocks on this CPU, and the
+            // lengths were checked above.
+            unsafe { avx2::encode::<true>(old, new, dst, next) }
         }
     }
 }
@@ -344,6 +360,8 @@ fn nonzero_byte_bits(x: u64) -> u64 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Which run length of a pair a [`DecodeError`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
