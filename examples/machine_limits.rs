@@ -1,6 +1,9 @@
 //! The machine's limits, for the benchmark table: single-thread memcpy
 //! bandwidth and one loopback TCP stream's throughput. Prints
-//! `memcpy_GBps=X` and `loopback_tcp_GBps=Y` (medians of 5).
+//! `memcpy_GBps=X`, `loopback_tcp_GBps=Y` (a 1 MiB buffer sent again and
+//! again: the source stays in cache) and `loopback_tcp_ram_GBps=Z` (1 GiB
+//! sent from one buffer into another, both faulted in: memory to memory,
+//! as a migration of 1 GiB of RAM), medians of 5.
 //!
 //! `--pin SRC,DST` runs the stream's sender on CPU SRC and its receiver on
 //! CPU DST, as the benchmark pins the migration's two sides.
@@ -74,6 +77,37 @@ fn main() {
             total as f64 / t.elapsed().as_secs_f64() / 1e9
         })
         .collect();
+    // The same stream moving 1 GiB from one buffer to another, faulted in
+    // beforehand, as a migration of 1 GiB of RAM reads and writes memory.
+    let ram: usize = 1 << 30;
+    let mut from = vec![0u8; ram];
+    for (i, b) in from.iter_mut().enumerate() {
+        *b = (i * 7 + i / 4096) as u8;
+    }
+    let from = std::sync::Arc::new(from);
+    let mut into_ram = Some(vec![1u8; ram]);
+    let mut tcp_ram = Vec::new();
+    for _ in 0..5 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut into = into_ram.take().unwrap();
+        let rx = std::thread::spawn(move || {
+            pin(cpus.map(|c| c.1));
+            let (mut s, _) = l.accept().unwrap();
+            s.read_exact(&mut into).unwrap();
+            into
+        });
+        pin(cpus.map(|c| c.0));
+        let mut s = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        for chunk in from.chunks(1 << 20) {
+            s.write_all(chunk).unwrap();
+        }
+        into_ram = Some(rx.join().unwrap());
+        tcp_ram.push(ram as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    assert!(into_ram.unwrap()[..] == from[..]);
     println!("memcpy_GBps={:.2}", median(memcpy));
     println!("loopback_tcp_GBps={:.2}", median(tcp));
+    println!("loopback_tcp_ram_GBps={:.2}", median(tcp_ram));
 }
