@@ -125,6 +125,29 @@ pub fn encode_portable_for_fuzzing(old: &[u8], new: &[u8], dst: &mut [u8]) -> Op
     encode_with(Encoder::Portable, old, new, dst, [std::ptr::null(); 2])
 }
 
+/// An encoder with [`encode`]'s signature.
+#[doc(hidden)]
+pub type EncodeFn = fn(&[u8], &[u8], &mut [u8]) -> Option<usize>;
+
+/// Each encoder this CPU can run but the portable one, by name: what
+/// `fuzz/fuzz_targets/xbzrle_encode.rs` compares with
+/// [`encode_portable_for_fuzzing`] (so that a CPU with AVX-512 fuzzes the
+/// AVX2 encoder too).
+#[doc(hidden)]
+pub fn vector_encoders_for_fuzzing() -> Vec<(&'static str, EncodeFn)> {
+    let mut v: Vec<(&'static str, EncodeFn)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::supported() {
+            v.push(("avx2", |o, n, d| encode_with(Encoder::Avx2, o, n, d, [std::ptr::null(); 2])));
+        }
+        if avx512::supported() {
+            v.push(("avx512", |o, n, d| encode_with(Encoder::Avx512, o, n, d, [std::ptr::null(); 2])));
+        }
+    }
+    v
+}
+
 /// The implementations of [`encode`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoder {
