@@ -1172,6 +1172,22 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 
 /*
+ Resizes block `idstr` to `new_length` bytes (QEMU 7.2's
+ `qemu_ram_resize`): a resizable block takes any non-zero length that,
+ rounded up to 4096, is at most its maximum, and its `resized` callback
+ is called with the length as given whenever that changes; a fixed
+ block only a length that rounds to its own. Refused otherwise, with
+ QEMU's messages ("Size mismatch", "Size too large"), changing nothing.
+ An outgoing migration in progress fails with "RAM block 'IDSTR'
+ resized during precopy." and the VM keeps running (QEMU 7.2 cancels
+ it instead, keeping the reason to its log): the stream has announced
+ the old length. Refused while an incoming migration is in progress.
+ Call it under the host lock, as QEMU calls `qemu_ram_resize` under the
+ BQL.
+ */
+bool livemig_ram_block_resize(const char *idstr, uint64_t new_length, struct Error **errp);
+
+/*
  Registers a resizable block (QEMU's resizable RAM, e.g. ACPI tables):
  `used_length` bytes now, up to `max_length` mapped at `host`. An
  incoming stream may give it any non-zero length that, rounded up to

@@ -205,3 +205,129 @@ fn block_list_fixed_while_migrating() {
     assert_eq!(unknown, Err("ram block 'nope' is not registered".into()));
     assert_eq!(inside, Ok(()));
 }
+
+/// `livemig_ram_block_resize` through the C entry point: `Ok` or the
+/// error's text.
+fn resize(idstr: Option<&str>, len: u64) -> Result<(), String> {
+    let c = idstr.map(|s| CString::new(s).unwrap());
+    let mut err = null_mut();
+    let ok = livemig::ffi::ram::livemig_ram_block_resize(c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()), len, &mut err);
+    if err.is_null() {
+        assert!(ok);
+        return Ok(());
+    }
+    assert!(!ok);
+    // SAFETY: a live error from livemig.
+    let s = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(err)) }.to_string_lossy().into_owned();
+    error_free(err);
+    Err(s)
+}
+
+fn length_of(idstr: &str) -> u64 {
+    livemig::ram::blocks().iter().find(|b| b.idstr == idstr).unwrap().length()
+}
+
+#[test]
+fn the_host_resizes_a_block_as_qemu_ram_resize_does() {
+    let (_g, _ram) = host();
+    let acpi = Mem::new(0x200000, 0);
+    add_resizable(&acpi, 0x20000);
+    let fixed = Mem::new(0x2000, 0);
+    livemig::ram::block_add("fixed", fixed.ptr(), 0x2000).unwrap();
+    RESIZED.lock().unwrap().clear();
+    let r = [
+        resize(Some(ACPI), 0x30001),
+        resize(Some(ACPI), 0x30001),
+        resize(Some(ACPI), 0x30800),
+        resize(Some(ACPI), 0x201000),
+        resize(Some(ACPI), 0),
+        resize(Some("fixed"), 0x3000),
+        resize(Some("fixed"), 0x2000),
+        resize(Some("nope"), 0x1000),
+        resize(None, 0x1000),
+    ];
+    let lengths = (length_of(ACPI), length_of("fixed"));
+    livemig::ram::block_remove(ACPI).unwrap();
+    livemig::ram::block_remove("fixed").unwrap();
+    assert_eq!(r[0], Ok(()));
+    assert_eq!(r[1], Ok(()), "the same length again: nothing to do");
+    assert_eq!(r[2], Ok(()), "the same pages, another size: the host is told");
+    assert_eq!(r[3], Err(format!("Size too large: {ACPI}: 0x201000 > 0x200000: Invalid argument")));
+    assert_eq!(r[4], Err(format!("Invalid size: {ACPI}: 0x0: a block cannot be emptied")));
+    assert!(r[5].as_ref().is_err_and(|e| e.starts_with("Size mismatch: fixed: 0x3000 != 0x2000: Invalid argument")), "{:?}", r[5]);
+    assert_eq!(r[6], Ok(()), "a fixed block keeps its own length");
+    assert_eq!(r[7], Err("ram block 'nope' is not registered".into()));
+    assert!(r[8].as_ref().is_err_and(|e| e.contains("idstr")), "{:?}", r[8]);
+    assert_eq!(lengths, (0x31000, 0x2000), "refusals changed nothing");
+    assert_eq!(RESIZED.lock().unwrap()[..], [(ACPI.to_string(), 0x30001), (ACPI.to_string(), 0x30800)]);
+}
+
+#[test]
+fn a_block_resized_during_a_migration_fails_it_and_the_next_one_sends_the_new_length() {
+    let (_g, _ram) = host();
+    let acpi = Mem::new(0x200000, 0);
+    pattern(&mut acpi.bytes()[..0x40000], 3);
+    add_resizable(&acpi, 0x20000);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    // A command that reads nothing: the migration stays active until the
+    // resize fails it.
+    assert_eq!(migrate("exec:exec sleep 30"), "");
+    wait_until(10, "active", || OUTGOING.status() == MigrationStatus::Active);
+    // The same number of pages: the stream's length still holds.
+    let same = resize(Some(ACPI), 0x1f001);
+    let still = OUTGOING.status();
+    let grown = resize(Some(ACPI), 0x40000);
+    let st = wait_final(false, 20);
+    let error = livemig::outgoing::stats().error.unwrap_or_default();
+    let running = STATE.load(Ordering::SeqCst) == RunState::Running as u32;
+
+    // The next migration announces and sends the new length.
+    let dir = common::tmpdir("ram-blocks-resize");
+    let file = dir.join("s.bin");
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    assert_eq!(migrate(&format!("exec:cat > {}", file.display())), "");
+    let next = wait_final(false, 60);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    let want = acpi.bytes()[..0x40000].to_vec();
+    livemig::ram::block_remove(ACPI).unwrap();
+    let dst = Mem::new(0x200000, 0xcc);
+    add_resizable(&dst, 0x10000);
+    let loaded = load(std::fs::read(&file).unwrap());
+    let dst_len = length_of(ACPI);
+    livemig::ram::block_remove(ACPI).unwrap();
+
+    assert_eq!(same, Ok(()));
+    assert_eq!(still, MigrationStatus::Active, "a resize to the same pages does not fail the migration");
+    assert_eq!(grown, Ok(()), "the host's resize is taken");
+    assert_eq!(st, MigrationStatus::Failed);
+    assert_eq!(error, format!("RAM block '{ACPI}' resized during precopy."));
+    assert!(running, "the VM keeps running");
+    assert_eq!(next, MigrationStatus::Completed);
+    assert_eq!(loaded, Ok(()));
+    assert_eq!(dst_len, 0x40000, "the destination takes the new length");
+    assert!(dst.bytes()[..0x40000] == want[..], "the grown block's pages arrive");
+}
+
+#[test]
+fn a_block_cannot_be_resized_during_an_incoming_migration() {
+    let (_g, _ram) = host();
+    let acpi = Mem::new(0x200000, 0);
+    add_resizable(&acpi, 0x20000);
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let uri = CString::new("tcp:127.0.0.1:0").unwrap();
+    let mut err = null_mut();
+    api::qemu_start_incoming_migration(uri.as_ptr(), &mut err);
+    assert!(err.is_null());
+    let r = resize(Some(ACPI), 0x40000);
+    assert!(api::livemig_incoming_cancel());
+    let st = wait_final(true, 10);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    let len = length_of(ACPI);
+    livemig::ram::block_remove(ACPI).unwrap();
+    assert_eq!(
+        r,
+        Err(format!("ram block '{ACPI}' cannot be resized while an incoming migration is in progress (the stream sets its length)"))
+    );
+    assert_eq!(len, 0x20000);
+    assert_eq!(st, MigrationStatus::Failed);
+}

@@ -225,6 +225,13 @@ impl RamBlock {
     /// need not be whole pages, e.g. ACPI tables) whenever it changes.
     /// A length of 0 is refused (QEMU would empty the block).
     pub fn resize(&self, new_length: u64) -> Result<()> {
+        self.resize_then(new_length, || {})
+    }
+
+    /// [`resize`](Self::resize), calling `changed` once the used length
+    /// is known to change (the length is valid and rounds to another
+    /// number of pages), right after the block takes it.
+    fn resize_then(&self, new_length: u64, changed: impl FnOnce()) -> Result<()> {
         // Past u64::MAX when rounded: larger than any maximum.
         let aligned = new_length.checked_next_multiple_of(TARGET_PAGE_SIZE).unwrap_or(u64::MAX);
         if aligned == self.length() {
@@ -253,6 +260,7 @@ impl RamBlock {
         }
         self.used.store(aligned, Ordering::Release);
         self.size.store(new_length, Ordering::Release);
+        changed();
         self.tell_resized(new_length);
         Ok(())
     }
@@ -281,10 +289,12 @@ impl RamBlock {
         }
     }
 
-    /// The host address of page `page` (bounds-checked by the caller:
-    /// `page < self.pages()`).
+    /// The host address of page `page` (bounds-checked by the caller
+    /// against a used length of the block: the current one, or for an
+    /// outgoing migration the one at its setup; either is within the
+    /// maximum, all of which is mapped).
     pub fn page_ptr(&self, page: usize) -> *mut u8 {
-        debug_assert!(page < self.pages());
+        debug_assert!(page < (self.max_length / TARGET_PAGE_SIZE) as usize);
         (self.host + page * PAGE) as *mut u8
     }
 
@@ -386,6 +396,34 @@ pub fn block_remove(idstr: &str) -> Result<()> {
     let i = b.iter().position(|x| x.idstr == idstr).ok_or_else(|| MigError::new(format!("ram block '{idstr}' is not registered")))?;
     b.remove(i);
     Ok(())
+}
+
+/// The host resizes block `idstr` (QEMU 7.2's `qemu_ram_resize`, e.g.
+/// ACPI tables rebuilt on a guest reset): the lengths taken, the
+/// messages and the host's `resized` callback are
+/// [`RamBlock::resize`]'s. An outgoing migration in progress fails with
+/// "RAM block '…' resized during precopy." (QEMU cancels it; failing
+/// says why in `error_desc`), the VM running on: its stream announced the
+/// old length, which it keeps to. A length that rounds to the same
+/// number of pages does not fail it. Refused while an incoming migration
+/// is in progress: its stream sets the block's length.
+pub fn block_resize(idstr: &str, new_length: u64) -> Result<()> {
+    if crate::state::INCOMING.status().is_active() {
+        return Err(MigError::new(format!(
+            "ram block '{idstr}' cannot be resized while an incoming migration is in progress (the stream sets its length)"
+        )));
+    }
+    let b = BLOCKS.lock().iter().find(|x| x.idstr == idstr).cloned();
+    let b = b.ok_or_else(|| MigError::new(format!("ram block '{idstr}' is not registered")))?;
+    // The outgoing migration is asked after the block took the length: one
+    // that starts later reads the new length at its setup; one that
+    // started earlier is in progress here, and fails.
+    b.resize_then(new_length, || {
+        if crate::state::OUTGOING.status().is_active() {
+            log::warn!("ram block '{idstr}' resized to {new_length} bytes during an outgoing migration: it fails");
+            crate::outgoing::host_error(format!("RAM block '{idstr}' resized during precopy."));
+        }
+    })
 }
 
 /// Refuses a change of the block list while a migration runs. Called with

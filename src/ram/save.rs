@@ -37,11 +37,26 @@ const RATE_PERIOD: Duration = Duration::from_millis(250);
 
 struct BlockState {
     block: Arc<RamBlock>,
+    /// Sized at setup to the block's used length then, which is what the
+    /// stream announced: the migration keeps to it (a host that resizes
+    /// the block meanwhile fails the migration; see `ram::block_resize`).
     bitmap: DirtyBitmap,
     /// What backs it: which pages read as zero untouched.
     backing: Backing,
     /// Offset of the block in the cache's address space.
     base: u64,
+}
+
+impl BlockState {
+    /// Pages of the block as the migration knows it (its length at setup).
+    fn pages(&self) -> usize {
+        self.bitmap.pages()
+    }
+
+    /// Bytes of the block as the migration knows it.
+    fn length(&self) -> u64 {
+        (self.pages() * PAGE) as u64
+    }
 }
 
 /// What XBZRLE made of a page.
@@ -112,11 +127,13 @@ impl Saver {
         let blocks = blocks
             .into_iter()
             .map(|block| {
+                // One read of the length: the host may resize the block
+                // meanwhile (which fails this migration).
                 let mut bitmap = DirtyBitmap::new(block.pages());
                 bitmap.fill();
-                let backing = Backing::of(block.host_ptr() as usize, block.length() as usize);
+                let backing = Backing::of(block.host_ptr() as usize, bitmap.pages() * PAGE);
                 let s = BlockState { bitmap, base, block, backing };
-                base += s.block.length();
+                base += s.length();
                 s
             })
             .collect::<Vec<_>>();
@@ -137,7 +154,7 @@ impl Saver {
         } else {
             None
         };
-        let dirty_pages = blocks.iter().map(|b| b.block.pages() as u64).sum();
+        let dirty_pages = blocks.iter().map(|b| b.pages() as u64).sum();
         Ok(Saver {
             blocks,
             host,
@@ -161,7 +178,7 @@ impl Saver {
     }
 
     fn total(&self) -> u64 {
-        self.blocks.iter().map(|b| b.block.length()).sum()
+        self.blocks.iter().map(BlockState::length).sum()
     }
 
     /// Writes the block list and EOS (the START payload).
@@ -177,7 +194,7 @@ impl Saver {
         f.put_be64(self.total() | flags::MEM_SIZE);
         for b in &self.blocks {
             f.put_counted_str(&b.block.idstr);
-            f.put_be64(b.block.length());
+            f.put_be64(b.length());
         }
         f.put_be64(flags::EOS);
         f.check()
@@ -191,7 +208,7 @@ impl Saver {
         self.syncs += 1;
         for b in &mut self.blocks {
             if let Some(h) = &self.host {
-                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.block.length(), b.bitmap.words_mut())?;
+                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.length(), b.bitmap.words_mut())?;
             }
             b.block.take_marks(&mut b.bitmap, self.last_stage);
         }
@@ -288,8 +305,7 @@ impl Saver {
         // Only the first round meets untouched memory: a page dirty again
         // was written since, and probing a chunk per scattered dirty page
         // would cost more than reading the page.
-        let untouched =
-            self.rounds == 0 && self.zero.known_zero(&b.backing, bi, b.block.host_ptr() as usize, b.block.pages(), page, self.syncs);
+        let untouched = self.rounds == 0 && self.zero.known_zero(&b.backing, bi, b.block.host_ptr() as usize, b.pages(), page, self.syncs);
         // SAFETY: `page < pages()` (from the bitmap of this block), so the
         // page lies inside the registered, mapped block; 4096-aligned.
         if untouched || unsafe { is_zero_raw(ptr, PAGE) } {
@@ -461,8 +477,8 @@ impl Saver {
             remaining = self.dirty_pages * PAGE as u64;
         }
         let left = if self.rounds == 0 {
-            let later: usize = self.blocks.iter().skip(self.cur_block + 1).map(|b| b.block.pages()).sum();
-            later + self.blocks.get(self.cur_block).map_or(0, |b| b.block.pages().saturating_sub(self.cur_page))
+            let later: usize = self.blocks.iter().skip(self.cur_block + 1).map(BlockState::pages).sum();
+            later + self.blocks.get(self.cur_block).map_or(0, |b| b.pages().saturating_sub(self.cur_page))
         } else {
             0
         };
