@@ -316,32 +316,52 @@ pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<
 
 /// Binds each of `addrs` that can be bound, at least one (the last error
 /// otherwise); port 0 binds the first on a free port and the others on
-/// that same port, so that one port number reaches them all.
+/// that same port, so that one port number reaches them all. Where
+/// another socket holds that port on a later address, it starts over on
+/// another free port (up to [`PORT_ATTEMPTS`] times; the last attempt's
+/// addresses otherwise): a source given the port must not reach that
+/// other socket.
 fn bind_each(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
-    let mut bound: Vec<TcpListener> = Vec::new();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
-    for addr in addrs {
-        let mut addr = *addr;
-        if let Some(first) = bound.first() {
-            if addr.port() == 0 {
-                addr.set_port(first.local_addr()?.port());
+    bind_each_with(addrs, &mut |a| TcpListener::bind(a))
+}
+
+/// Attempts of [`bind_each`] at a port all of a name's addresses have free.
+const PORT_ATTEMPTS: usize = 8;
+
+/// [`bind_each`] with `bind` binding one address (a test chooses the
+/// port a port-0 bind takes).
+fn bind_each_with(addrs: &[SocketAddr], bind: &mut dyn FnMut(SocketAddr) -> io::Result<TcpListener>) -> io::Result<Vec<TcpListener>> {
+    let mut attempt = 1;
+    loop {
+        let mut bound: Vec<TcpListener> = Vec::new();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+        let mut port_taken = false;
+        for addr in addrs {
+            let mut addr = *addr;
+            let ephemeral = addr.port() == 0;
+            if let Some(first) = bound.first() {
+                if ephemeral {
+                    addr.set_port(first.local_addr()?.port());
+                }
+                if bound.iter().any(|l| l.local_addr().ok() == Some(addr)) {
+                    continue;
+                }
             }
-            if bound.iter().any(|l| l.local_addr().ok() == Some(addr)) {
-                continue;
+            match bind(addr) {
+                Ok(l) => bound.push(l),
+                Err(e) => {
+                    port_taken |= ephemeral && !bound.is_empty() && e.kind() == io::ErrorKind::AddrInUse;
+                    log::info!("not listening on {addr}: {e}");
+                    last = e;
+                }
             }
         }
-        match TcpListener::bind(addr) {
-            Ok(l) => bound.push(l),
-            Err(e) => {
-                log::info!("not listening on {addr}: {e}");
-                last = e;
-            }
+        if port_taken && attempt < PORT_ATTEMPTS {
+            log::info!("the free port chosen is taken on another address of the name: trying another");
+            attempt += 1;
+            continue;
         }
-    }
-    if bound.is_empty() {
-        Err(last)
-    } else {
-        Ok(bound)
+        return if bound.is_empty() { Err(last) } else { Ok(bound) };
     }
 }
 
@@ -490,6 +510,33 @@ mod tests {
         // A source on the last address is accepted.
         let _c = std::net::TcpStream::connect(("127.0.0.2", port)).expect("connect");
         l.accept().expect("accepted on the last address");
+    }
+
+    /// When the free port the first address got is taken on a later one
+    /// (by another process), the listener starts over on another port
+    /// rather than leave that address to the other socket.
+    #[test]
+    fn a_port_taken_on_a_later_address_is_not_used() {
+        let other = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let taken = other.local_addr().unwrap().port();
+        let addrs: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap()];
+        // The first port-0 bind is given the port `other` holds on the
+        // second address (free on the first); later ones bind as asked.
+        let mut calls = Vec::new();
+        let bound = bind_each_with(&addrs, &mut |a| {
+            calls.push(a);
+            if calls.len() == 1 {
+                std::net::TcpListener::bind(SocketAddr::new(a.ip(), taken))
+            } else {
+                std::net::TcpListener::bind(a)
+            }
+        })
+        .expect("bind");
+        assert_eq!(bound.len(), 2, "both addresses listened on");
+        let port = bound[0].local_addr().unwrap().port();
+        assert_ne!(port, taken, "not the port another socket holds on 127.0.0.2");
+        assert_eq!(bound[1].local_addr().unwrap(), SocketAddr::new("127.0.0.2".parse().unwrap(), port));
+        assert_eq!(calls.len(), 4, "one attempt over, one more: {calls:?}");
     }
 
     /// A name that resolves to nothing bindable fails with the reason.
