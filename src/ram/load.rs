@@ -14,7 +14,10 @@ use crate::qemu_file::QemuFile;
 /// across sections).
 pub struct Loader {
     blocks: Vec<Arc<RamBlock>>,
-    last_block: Option<Arc<RamBlock>>,
+    /// Index in `blocks` of the last block named. (Blocks are looked up by
+    /// index, not by cloning their `Arc`: a clone and a drop per page are
+    /// two locked instructions, each waiting for the page's stores.)
+    last_block: Option<usize>,
     page: Box<[u8; PAGE]>,
     enc: Box<[u8; PAGE]>,
     /// Which pages are backed by memory yet (faulting in, zero pages).
@@ -32,21 +35,22 @@ impl Loader {
         Loader { blocks, last_block: None, page: Box::new([0; PAGE]), enc: Box::new([0; PAGE]), residency: Residency::default() }
     }
 
-    fn find(&self, name: &[u8]) -> Option<Arc<RamBlock>> {
-        self.blocks.iter().find(|b| b.idstr.as_bytes() == name).cloned()
+    fn find(&self, name: &[u8]) -> Option<usize> {
+        self.blocks.iter().position(|b| b.idstr.as_bytes() == name)
     }
 
-    /// The block of a page record: named, or the last one for CONTINUE.
-    fn block_for(&mut self, f: &mut QemuFile, flg: u64, addr: u64) -> Result<Arc<RamBlock>> {
+    /// The block of a page record (its index in `blocks`): named, or the
+    /// last one for CONTINUE.
+    fn block_for(&mut self, f: &mut QemuFile, flg: u64, addr: u64) -> Result<usize> {
         if flg & flags::CONTINUE != 0 {
-            return self.last_block.clone().ok_or_else(|| MigError::new(format!("Ack, bad migration stream! Illegal RAM offset {addr:x}")));
+            return self.last_block.ok_or_else(|| MigError::new(format!("Ack, bad migration stream! Illegal RAM offset {addr:x}")));
         }
         let name = f.get_counted_bytes();
         f.check()?;
         let b = self
             .find(&name)
             .ok_or_else(|| MigError::new(format!("Can't find block {}: Illegal RAM offset {addr:x}", String::from_utf8_lossy(&name))))?;
-        self.last_block = Some(b.clone());
+        self.last_block = Some(b);
         Ok(b)
     }
 
@@ -80,12 +84,13 @@ impl Loader {
             match flg & !flags::CONTINUE {
                 flags::MEM_SIZE => self.load_mem_size(f, addr)?,
                 flags::ZERO => {
-                    let b = self.block_for(f, flg, addr)?;
+                    let i = self.block_for(f, flg, addr)?;
                     let fill = f.get_u8();
                     f.check()?;
-                    let p = Self::page_ptr(&b, addr)?;
+                    let b = &self.blocks[i];
+                    let p = Self::page_ptr(b, addr)?;
                     let page = (addr / PAGE as u64) as usize;
-                    if fill == 0 && self.residency.reads_as_zero(&b, page) {
+                    if fill == 0 && self.residency.reads_as_zero(b, page) {
                         continue; // untouched memory: left untouched
                     }
                     // SAFETY: `p` is a whole page inside the registered block
@@ -93,23 +98,24 @@ impl Loader {
                     unsafe {
                         if fill != 0 || !is_zero_raw(p, PAGE) {
                             std::ptr::write_bytes(p, fill, PAGE);
-                            self.residency.written(&b, page);
+                            self.residency.written(b, page);
                         }
                     }
                 }
                 flags::PAGE => {
-                    let b = self.block_for(f, flg, addr)?;
-                    let p = Self::page_ptr(&b, addr)?;
-                    self.residency.before_write(&b, (addr / PAGE as u64) as usize);
+                    let i = self.block_for(f, flg, addr)?;
+                    let b = &self.blocks[i];
+                    let p = Self::page_ptr(b, addr)?;
+                    self.residency.before_write(b, (addr / PAGE as u64) as usize);
                     // SAFETY: as above; `get_guest` writes exactly one page.
                     unsafe { f.get_guest(p, PAGE) };
                     f.check()?;
                 }
                 flags::XBZRLE => {
-                    let b = self.block_for(f, flg, addr)?;
-                    let p = Self::page_ptr(&b, addr)?;
+                    let i = self.block_for(f, flg, addr)?;
+                    let p = Self::page_ptr(&self.blocks[i], addr)?;
                     self.load_xbzrle(f, p, addr)?;
-                    self.residency.written(&b, (addr / PAGE as u64) as usize);
+                    self.residency.written(&self.blocks[i], (addr / PAGE as u64) as usize);
                 }
                 // With or without CONTINUE, as in QEMU.
                 flags::EOS => return Ok(()),
@@ -126,7 +132,7 @@ impl Loader {
             f.check()?;
             let name_s = String::from_utf8_lossy(&name).into_owned();
             let b = self.find(&name).ok_or_else(|| MigError::new(format!("Unknown ramblock \"{name_s}\", cannot accept migration")))?;
-            b.resize(len)?;
+            self.blocks[b].resize(len)?;
             left = left
                 .checked_sub(len)
                 .ok_or_else(|| MigError::new(format!("ram: MEM_SIZE total 0x{total:x} is less than the listed blocks")))?;
