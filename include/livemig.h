@@ -374,7 +374,10 @@ typedef struct LivemigHostOps {
    KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
    errno. `bitmap` is livemig's and holds pages still to send: OR into
    it, never clear it. Without this callback, only
-   `livemig_ram_mark_dirty` marks pages.
+   `livemig_ram_mark_dirty` marks pages. It may call
+   `livemig_ram_mark_dirty` for any block (a log shared by all blocks):
+   the marks are taken once every block's log has been synced, also
+   at the last sync.
    */
   int (*dirty_log_sync)(void *opaque, const char *idstr, void *host, uint64_t length, uint64_t *bitmap);
   /*

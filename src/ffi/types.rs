@@ -79,7 +79,10 @@ pub struct LivemigHostOps {
     /// KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
     /// errno. `bitmap` is livemig's and holds pages still to send: OR into
     /// it, never clear it. Without this callback, only
-    /// `livemig_ram_mark_dirty` marks pages.
+    /// `livemig_ram_mark_dirty` marks pages. It may call
+    /// `livemig_ram_mark_dirty` for any block (a log shared by all blocks):
+    /// the marks are taken once every block's log has been synced, also
+    /// at the last sync.
     pub dirty_log_sync:
         Option<unsafe extern "C" fn(opaque: *mut c_void, idstr: *const c_char, host: *mut c_void, length: u64, bitmap: *mut u64) -> c_int>,
     /// Optional: stops dirty logging.

@@ -201,15 +201,20 @@ impl Saver {
     }
 
     /// Pulls the host's dirty log and marks into the bitmaps; updates the
-    /// rates of the period since the last sync.
+    /// rates of the period since the last sync. Every block's log is
+    /// synced before any block's marks are taken: a host whose sync of one
+    /// block marks pages of another (a log shared by all of them) has
+    /// those marks taken too, also by the final pass, which seals them.
     fn sync(&mut self) -> Result<()> {
         let before = self.dirty_pages;
         let started = Instant::now();
         self.syncs += 1;
-        for b in &mut self.blocks {
-            if let Some(h) = &self.host {
+        if let Some(h) = &self.host {
+            for b in &mut self.blocks {
                 h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.length(), b.bitmap.words_mut())?;
             }
+        }
+        for b in &mut self.blocks {
             b.block.take_marks(&mut b.bitmap, self.last_stage);
         }
         self.dirty_pages = self.blocks.iter().map(|b| b.bitmap.count() as u64).sum();

@@ -1,0 +1,261 @@
+//! Host callbacks that call back into livemig, as a VMM's may:
+//!
+//! - a `dirty_log_sync` that marks pages of another block (a log shared by
+//!   every block) during the switchover's last sync has its marks sent in
+//!   the final pass, whichever block's sync makes them.
+//!
+//! The host here is its own (two RAM blocks, a run state, a dirty log
+//! whose syncs run a hook); the tests run one at a time.
+
+#[path = "common/scratch.rs"]
+mod scratch;
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::os::raw::c_int;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use livemig::error::Result;
+use livemig::ffi::errors::{error_free, error_get_pretty, Error};
+use livemig::ffi::migration as api;
+use livemig::ffi::types::LivemigHostOps;
+use livemig::host::RunState;
+use livemig::qemu_file::QemuFile;
+use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
+use livemig::state::{MigrationStatus, INCOMING, OUTGOING};
+use parking_lot::lock_api::{RawMutex as _, RawMutexTimed as _};
+
+const BIG: usize = 4 << 20;
+const SMALL: usize = 64 << 10;
+const PAGE: usize = 4096;
+
+static LOCK: parking_lot::RawMutex = parking_lot::RawMutex::INIT;
+static STATE: AtomicU32 = AtomicU32::new(RunState::Running as u32);
+
+/// Run by the next dirty-log sync of the block it names (once).
+type SyncHook = (&'static str, Box<dyn FnOnce() + Send>);
+static SYNC_HOOK: Mutex<Option<SyncHook>> = Mutex::new(None);
+
+fn state() -> RunState {
+    RunState::all()[STATE.load(Ordering::SeqCst) as usize]
+}
+
+unsafe extern "C" fn lock(_: *mut c_void) {
+    LOCK.lock();
+}
+unsafe extern "C" fn unlock(_: *mut c_void) {
+    // SAFETY: livemig pairs every unlock with its own earlier lock.
+    unsafe { LOCK.unlock() };
+}
+unsafe extern "C" fn stop(_: *mut c_void, st: RunState) -> c_int {
+    STATE.store(st as u32, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn start(_: *mut c_void) -> c_int {
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn is_running(_: *mut c_void) -> bool {
+    state() == RunState::Running
+}
+unsafe extern "C" fn set(_: *mut c_void, st: RunState) {
+    STATE.store(st as u32, Ordering::SeqCst);
+}
+unsafe extern "C" fn log_sync(_: *mut c_void, idstr: *const c_char, _: *mut c_void, _: u64, _: *mut u64) -> c_int {
+    // SAFETY: livemig passes the block's name as a C string.
+    let id = unsafe { CStr::from_ptr(idstr) }.to_string_lossy().into_owned();
+    let mut g = SYNC_HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    if g.as_ref().is_some_and(|(block, _)| *block == id) {
+        let (_, hook) = g.take().expect("checked");
+        drop(g);
+        hook();
+    }
+    0
+}
+/// A live device with one byte per section.
+struct Dev;
+
+impl SaveVmHandler for Dev {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
+        f.put_u8(1);
+        Ok(())
+    }
+    fn iterate(&mut self, f: &mut QemuFile) -> Result<bool> {
+        f.put_u8(2);
+        Ok(true)
+    }
+    fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
+        f.put_u8(3);
+        Ok(())
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.get_u8();
+        f.check()
+    }
+}
+
+struct Ram {
+    big: *mut u8,
+}
+
+// SAFETY: a fixed mapping, written only by the tests, one at a time.
+unsafe impl Send for Ram {}
+// SAFETY: as above.
+unsafe impl Sync for Ram {}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static mut RAM: Option<Ram> = None;
+
+/// Sets the host up once and returns a guard serialising the tests and
+/// the big block's memory.
+fn host() -> (MutexGuard<'static, ()>, *mut u8) {
+    static SETUP: Once = Once::new();
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    SETUP.call_once(|| {
+        let ops = LivemigHostOps {
+            version: 1,
+            size: std::mem::size_of::<LivemigHostOps>() as u32,
+            iothread_lock: Some(lock),
+            iothread_unlock: Some(unlock),
+            vm_stop_force_state: Some(stop),
+            vm_start: Some(start),
+            runstate_is_running: Some(is_running),
+            runstate_set: Some(set),
+            runstate_get: None,
+            system_wakeup_request: None,
+            announce_self: None,
+            dirty_log_start: None,
+            dirty_log_sync: Some(log_sync),
+            dirty_log_stop: None,
+            autostart: true,
+        };
+        livemig::host::set(ops, null_mut()).unwrap();
+        let map = |len: usize| {
+            // SAFETY: a fresh private anonymous mapping, never unmapped.
+            let p =
+                unsafe { libc::mmap(null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+            assert_ne!(p, libc::MAP_FAILED);
+            // SAFETY: `len` writable bytes at `p`.
+            unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
+            p.cast::<u8>()
+        };
+        let big = map(BIG);
+        livemig::ram::block_add("big", big, BIG as u64).unwrap();
+        livemig::ram::block_add("small", map(SMALL), SMALL as u64).unwrap();
+        livemig::savevm::register("dev", 0, 1, Box::new(Dev), 0, Priority::Default).unwrap();
+        livemig::transport::set_stall_timeout(10_000).unwrap();
+        // SAFETY: written once, here, before any reader (Once).
+        unsafe { RAM = Some(Ram { big }) };
+    });
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    // SAFETY: initialised above and never written again.
+    let big = unsafe { (*std::ptr::addr_of!(RAM)).as_ref().unwrap().big };
+    (g, big)
+}
+
+fn take_err(err: &mut *mut Error) -> String {
+    if err.is_null() {
+        return String::new();
+    }
+    // SAFETY: a live error from livemig; its text is a C string it owns.
+    let s = unsafe { CStr::from_ptr(error_get_pretty(*err)) }.to_string_lossy().into_owned();
+    error_free(*err);
+    *err = null_mut();
+    s
+}
+
+/// `livemig_ram_mark_dirty` of one page: its error text ("" for none).
+fn mark(block: &str, page: usize) -> String {
+    let id = CString::new(block).unwrap();
+    let mut err = null_mut();
+    let ok = livemig::ffi::ram::livemig_ram_mark_dirty(id.as_ptr(), (page * PAGE) as u64, PAGE as u64, &mut err);
+    match (ok, take_err(&mut err)) {
+        (true, e) if e.is_empty() => e,
+        (false, e) if !e.is_empty() => e,
+        (ok, e) => format!("returned {ok} with error '{e}'"),
+    }
+}
+
+/// Waits (bounded) for a final state of one direction, then for its
+/// notifiers (run under the host lock) to have returned.
+fn wait_final(incoming: bool, secs: u64) -> MigrationStatus {
+    let st = if incoming { &INCOMING } else { &OUTGOING };
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = st.status();
+        if matches!(s, MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled) {
+            assert!(LOCK.try_lock_for(Duration::from_secs(secs)), "the host lock is still held after {secs} s");
+            // SAFETY: taken just above.
+            unsafe { LOCK.unlock() };
+            return s;
+        }
+        assert!(Instant::now() < deadline, "still {} after {secs} s", s.name());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn migrate(uri: &str) -> String {
+    let c = CString::new(uri).unwrap();
+    let mut err = null_mut();
+    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
+    take_err(&mut err)
+}
+
+/// Arms the next sync of "small": the last one (the VM stopped) writes
+/// page 5 of "big" and marks it dirty, keeping the mark's error text in
+/// `result`; an earlier one arms the next.
+fn arm_last_sync_mark(big_addr: usize, result: &'static Mutex<Option<String>>) {
+    *SYNC_HOOK.lock().unwrap() = Some((
+        "small",
+        Box::new(move || {
+            if state() != RunState::FinishMigrate {
+                return arm_last_sync_mark(big_addr, result);
+            }
+            // A write the shared log saw, made before the VM stopped.
+            // SAFETY: page 5 lies inside the big block.
+            unsafe { std::ptr::write_bytes((big_addr as *mut u8).add(5 * PAGE), 0xb2, PAGE) };
+            *result.lock().unwrap() = Some(mark("big", 5));
+        }),
+    ));
+}
+
+/// A host whose dirty log covers every block syncs it all at the first
+/// block's call and marks what belongs to another: at the switchover's
+/// last sync the second block's sync marks a page of the first (the
+/// largest, synced first). That page goes in the final pass: the
+/// migration completes and a destination loads the page as it was
+/// written then.
+#[test]
+fn a_page_marked_by_another_block_s_last_sync_is_sent() {
+    let (_g, big) = host();
+    let dir = scratch::dir("cross-block-mark");
+    let stream = dir.join("s.bin");
+    let result: &'static Mutex<Option<String>> = Box::leak(Box::new(Mutex::new(None)));
+    arm_last_sync_mark(big as usize, result);
+    assert_eq!(migrate(&format!("exec:cat > {}", stream.display())), "");
+    let st = wait_final(false, 30);
+    *SYNC_HOOK.lock().unwrap() = None;
+    let marked = result.lock().unwrap().take().expect("the last sync of 'small' ran");
+    assert_eq!(marked, "", "the mark made in the last sync");
+    assert_eq!(st, MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+
+    // The destination (this process, the same blocks) gets the page as
+    // written in the last sync, not as this side has it now.
+    // SAFETY: page 5 lies inside the big block.
+    unsafe { std::ptr::write_bytes(big.add(5 * PAGE), 0xc3, PAGE) };
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let uri = CString::new(format!("exec:cat {}", stream.display())).unwrap();
+    let mut err = null_mut();
+    api::qemu_start_incoming_migration(uri.as_ptr(), &mut err);
+    assert_eq!(take_err(&mut err), "");
+    assert_eq!(wait_final(true, 30), MigrationStatus::Completed, "{:?}", livemig::incoming::error());
+    // SAFETY: page 5 lies inside the big block; nothing writes it now.
+    let page = unsafe { std::slice::from_raw_parts(big.add(5 * PAGE), PAGE) };
+    assert!(page.iter().all(|&b| b == 0xb2), "page 5 arrived as {:#x}", page[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
