@@ -1166,11 +1166,14 @@ bool livemig_ram_block_remove(const char *idstr, struct Error **errp);
  pass has taken the marks, until the migration ends: the page could no
  longer be sent, so the migration then fails rather than lose it (a
  device must quiesce its DMA when the VM stops, before its
- `save_state`). Once the switchover has committed (the end of the
- stream is going out; a return-path wait may follow) a mark can no
- longer fail the migration: it is refused as too late ("the change will
- not reach the destination") until the migration ends, which may still
- be FAILED for another reason (the stream, the destination).
+ `save_state`). A migration that fails or is cancelled takes marks
+ again once that is decided, before its handlers' `cancel`, the dirty
+ log's stop and its notifiers run. Once the switchover has committed
+ (the end of the stream is going out; a return-path wait may follow) a
+ mark can no longer fail the migration: it is refused as too late ("the
+ change will not reach the destination") until the migration ends,
+ which may still be FAILED for another reason (the stream, the
+ destination).
  */
 bool livemig_ram_mark_dirty(const char *idstr, uint64_t offset, uint64_t length, struct Error **errp);
 

@@ -911,6 +911,12 @@ fn round_ms(d: Duration) -> u64 {
 /// up, the VM back in its run state, then FAILED or CANCELLED.
 fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
     let Outcome { cancelled, host_error: host_err } = outcome;
+    // Marks are taken again from here on: the VM runs on here, and a mark
+    // made while the migration is wound up (by a notifier, a handler's
+    // cancel, the dirty log's stop) cannot fail it any more.
+    if let Some(g) = p.final_pass {
+        crate::ram::end_final_pass(&crate::ram::blocks(), g);
+    }
     // The handlers' cancel and cleanup, and the dirty log's stop, run under
     // the host lock, as the switchover's do (QEMU: under the BQL).
     let _l = host.lock();
@@ -926,9 +932,6 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
             save.cleanup();
             Ok(())
         });
-    }
-    if let Some(g) = p.final_pass {
-        crate::ram::end_final_pass(&crate::ram::blocks(), g);
     }
     let mut restart_failed = None;
     match p.stopped_from {

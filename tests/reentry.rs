@@ -2,7 +2,10 @@
 //!
 //! - a `dirty_log_sync` that marks pages of another block (a log shared by
 //!   every block) during the switchover's last sync has its marks sent in
-//!   the final pass, whichever block's sync makes them.
+//!   the final pass, whichever block's sync makes them;
+//! - marks made while a cancelled switchover is wound up (a CANCELLING
+//!   notifier, `dirty_log_stop`) are taken, not refused as failing a
+//!   migration that is cancelled already.
 //!
 //! The host here is its own (two RAM blocks, a run state, a dirty log
 //! whose syncs run a hook); the tests run one at a time.
@@ -13,14 +16,14 @@ mod scratch;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::os::raw::c_int;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use livemig::error::Result;
 use livemig::ffi::errors::{error_free, error_get_pretty, Error};
 use livemig::ffi::migration as api;
-use livemig::ffi::types::LivemigHostOps;
+use livemig::ffi::types::{LivemigHostOps, Notifier};
 use livemig::host::RunState;
 use livemig::qemu_file::QemuFile;
 use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
@@ -37,6 +40,12 @@ static STATE: AtomicU32 = AtomicU32::new(RunState::Running as u32);
 /// Run by the next dirty-log sync of the block it names (once).
 type SyncHook = (&'static str, Box<dyn FnOnce() + Send>);
 static SYNC_HOOK: Mutex<Option<SyncHook>> = Mutex::new(None);
+/// Run by `dirty_log_stop` and the notifier below (each once).
+type Hook = Box<dyn FnOnce() + Send>;
+static STOP_HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+static CANCELLING_HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+/// The device below cancels the migration from its `complete`.
+static CANCEL_IN_COMPLETE: AtomicBool = AtomicBool::new(false);
 
 fn state() -> RunState {
     RunState::all()[STATE.load(Ordering::SeqCst) as usize]
@@ -74,7 +83,22 @@ unsafe extern "C" fn log_sync(_: *mut c_void, idstr: *const c_char, _: *mut c_vo
     }
     0
 }
-/// A live device with one byte per section.
+unsafe extern "C" fn log_stop(_: *mut c_void) {
+    let hook = STOP_HOOK.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(hook) = hook {
+        hook();
+    }
+}
+unsafe extern "C" fn on_state(_: *mut Notifier, s: *mut c_void) {
+    if api::livemig_migration_status(s.cast()) == MigrationStatus::Cancelling {
+        let hook = CANCELLING_HOOK.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+}
+
+/// A live device with one byte per section; its complete may cancel.
 struct Dev;
 
 impl SaveVmHandler for Dev {
@@ -90,6 +114,11 @@ impl SaveVmHandler for Dev {
         Ok(true)
     }
     fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
+        if CANCEL_IN_COMPLETE.load(Ordering::SeqCst) {
+            let mut err = null_mut();
+            api::qmp_migrate_cancel(&mut err);
+            assert!(err.is_null());
+        }
         f.put_u8(3);
         Ok(())
     }
@@ -131,7 +160,7 @@ fn host() -> (MutexGuard<'static, ()>, *mut u8) {
             announce_self: None,
             dirty_log_start: None,
             dirty_log_sync: Some(log_sync),
-            dirty_log_stop: None,
+            dirty_log_stop: Some(log_stop),
             autostart: true,
         };
         livemig::host::set(ops, null_mut()).unwrap();
@@ -148,6 +177,8 @@ fn host() -> (MutexGuard<'static, ()>, *mut u8) {
         livemig::ram::block_add("big", big, BIG as u64).unwrap();
         livemig::ram::block_add("small", map(SMALL), SMALL as u64).unwrap();
         livemig::savevm::register("dev", 0, 1, Box::new(Dev), 0, Priority::Default).unwrap();
+        let n = Box::leak(Box::new(Notifier { notify: Some(on_state), le_next: null_mut(), le_prev: null_mut() }));
+        api::add_migration_state_change_notifier(n);
         livemig::transport::set_stall_timeout(10_000).unwrap();
         // SAFETY: written once, here, before any reader (Once).
         unsafe { RAM = Some(Ram { big }) };
@@ -236,6 +267,7 @@ fn a_page_marked_by_another_block_s_last_sync_is_sent() {
     let dir = scratch::dir("cross-block-mark");
     let stream = dir.join("s.bin");
     let result: &'static Mutex<Option<String>> = Box::leak(Box::new(Mutex::new(None)));
+    *STOP_HOOK.lock().unwrap() = None;
     arm_last_sync_mark(big as usize, result);
     assert_eq!(migrate(&format!("exec:cat > {}", stream.display())), "");
     let st = wait_final(false, 30);
@@ -258,4 +290,32 @@ fn a_page_marked_by_another_block_s_last_sync_is_sent() {
     let page = unsafe { std::slice::from_raw_parts(big.add(5 * PAGE), PAGE) };
     assert!(page.iter().all(|&b| b == 0xb2), "page 5 arrived as {:#x}", page[0]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A device cancels the migration from its `complete`, after RAM's final
+/// pass has sealed the blocks. While the migration is wound up, a
+/// CANCELLING notifier and `dirty_log_stop` mark pages dirty (a device
+/// resuming its DMA, a log flushed as it stops): the VM runs on here, so
+/// the marks are taken, not refused as failing a migration that is
+/// cancelled already.
+#[test]
+fn marks_made_while_a_cancelled_switchover_is_wound_up_are_taken() {
+    let (_g, _big) = host();
+    let results: &'static Mutex<Vec<(&'static str, String)>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+    *CANCELLING_HOOK.lock().unwrap() = Some(Box::new(move || results.lock().unwrap().push(("notifier", mark("big", 7)))));
+    *STOP_HOOK.lock().unwrap() = Some(Box::new(move || results.lock().unwrap().push(("dirty_log_stop", mark("small", 1)))));
+    CANCEL_IN_COMPLETE.store(true, Ordering::SeqCst);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let st = wait_final(false, 30);
+    CANCEL_IN_COMPLETE.store(false, Ordering::SeqCst);
+    *CANCELLING_HOOK.lock().unwrap() = None;
+    *STOP_HOOK.lock().unwrap() = None;
+    assert_eq!(st, MigrationStatus::Cancelled, "{:?}", livemig::outgoing::stats().error);
+    assert_eq!(state(), RunState::Running, "the VM runs here again");
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    assert_eq!(results, [("notifier", String::new()), ("dirty_log_stop", String::new())]);
+    // The next migration completes, and marks are taken as ever.
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    assert_eq!(mark("big", 7), "");
 }

@@ -39,11 +39,14 @@ pub extern "C" fn livemig_ram_block_remove(idstr: *const c_char, errp: *mut *mut
 /// pass has taken the marks, until the migration ends: the page could no
 /// longer be sent, so the migration then fails rather than lose it (a
 /// device must quiesce its DMA when the VM stops, before its
-/// `save_state`). Once the switchover has committed (the end of the
-/// stream is going out; a return-path wait may follow) a mark can no
-/// longer fail the migration: it is refused as too late ("the change will
-/// not reach the destination") until the migration ends, which may still
-/// be FAILED for another reason (the stream, the destination).
+/// `save_state`). A migration that fails or is cancelled takes marks
+/// again once that is decided, before its handlers' `cancel`, the dirty
+/// log's stop and its notifiers run. Once the switchover has committed
+/// (the end of the stream is going out; a return-path wait may follow) a
+/// mark can no longer fail the migration: it is refused as too late ("the
+/// change will not reach the destination") until the migration ends,
+/// which may still be FAILED for another reason (the stream, the
+/// destination).
 #[no_mangle]
 pub extern "C" fn livemig_ram_mark_dirty(idstr: *const c_char, offset: u64, length: u64, errp: *mut *mut Error) -> bool {
     guard_err("livemig_ram_mark_dirty", errp, false, || {
