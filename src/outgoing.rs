@@ -875,14 +875,21 @@ fn switchover(
     }
     closed?;
     save.cleanup();
-    let total = start.elapsed();
+    // As QEMU 7.2 (migration_calculate_complete): the total time counts
+    // from the qmp_migrate call, connecting included, as it does while
+    // the migration runs, and the throughput is the stream's bytes over
+    // the time after setup (total_time - setup_time).
+    let total = OUT.lock().start.map_or_else(|| start.elapsed(), |t| t.elapsed());
     update(|s| {
         s.transferred = sent;
         s.downtime_bytes = crate::ram::COUNTERS.transferred.load(std::sync::atomic::Ordering::Relaxed) - ram_before;
         s.downtime_ms = Some(downtime);
         s.total_time_ms = round_ms(total);
         s.remaining = 0;
-        s.mbps = sent as f64 * 8.0 / total.as_secs_f64().max(1e-9) / 1e6;
+        let transfer_ms = s.total_time_ms.saturating_sub(s.setup_time_ms);
+        if transfer_ms > 0 {
+            s.mbps = sent as f64 * 8.0 / transfer_ms as f64 / 1000.0;
+        }
     });
     OUT.lock().aborter = None;
     // The run state first: whoever sees COMPLETED sees POSTMIGRATE.

@@ -2136,3 +2136,49 @@ fn a_ram_block_past_the_end_of_the_address_space_is_refused_with_that_reason() {
     assert!(!livemig::ffi::ram::livemig_ram_block_remove(c"wrap".as_ptr(), &mut err));
     assert_eq!(take_err(&mut err), "ram block 'wrap' is not registered");
 }
+
+/// As QEMU 7.2 (migration_calculate_complete): once completed, the total
+/// time counts from the qmp_migrate call, the connect included (as while
+/// the migration runs), and `mbps` is the whole stream over the time
+/// after setup: bytes * 8 / (total_time - setup_time) / 1000.
+#[test]
+fn a_completed_migration_times_from_the_call_and_rates_the_stream_after_setup() {
+    use std::io::Read;
+    let _g = host();
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(0, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    // The connect waits for a full backlog, which the destination frees
+    // after 400 ms; then it reads the stream to its end.
+    let dir = tmp("complete-times");
+    let (path, l, queued) = full_backlog(&dir);
+    let dest = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        drop(l.accept().unwrap());
+        drop(queued);
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut n = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf).unwrap() {
+                0 => return n,
+                k => n += k as u64,
+            }
+        }
+    });
+    assert_eq!(migrate(&format!("unix:{}", path.display())), "");
+    assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    set_state(RunState::Running);
+    let bytes = dest.join().unwrap();
+    let i = api::qmp_query_migrate(&mut err);
+    assert!(!i.is_null(), "{}", take_err(&mut err));
+    // SAFETY: a MigrationInfo from livemig, freed below.
+    let (total, setup, downtime, mbps) = unsafe { ((*i).total_time, (*i).setup_time, (*i).downtime, (*(*i).ram).mbps) };
+    api::qapi_free_MigrationInfo(i);
+    assert!(total >= 400, "total_time {total} ms leaves out the 400 ms connect");
+    assert!(total >= setup + downtime, "total {total}, setup {setup}, downtime {downtime}");
+    let expected = bytes as f64 * 8.0 / (total - setup) as f64 / 1000.0;
+    assert!((mbps - expected).abs() <= expected * 1e-9, "mbps {mbps}, {bytes} bytes over {total} - {setup} ms: {expected}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
