@@ -509,11 +509,13 @@ typedef struct XBZRLECacheStats {
    */
   int64_t cache_size;
   /*
-   Encoded bytes sent.
+   Encoded bytes, as QEMU 7.2 counts them: each encoded page's bytes
+   less 8 header bytes, and a page size for each overflow.
    */
   int64_t bytes;
   /*
-   XBZRLE pages sent.
+   Pages found in the cache (encoded, unchanged or overflowed), as
+   QEMU 7.2 counts them; the unchanged ones are also in `skipped`.
    */
   int64_t pages;
   /*
@@ -529,7 +531,8 @@ typedef struct XBZRLECacheStats {
    */
   double cache_miss_rate;
   /*
-   Raw bytes / encoded bytes of the last period.
+   Raw bytes of the pages found in the cache / encoded bytes, of the
+   last period (0 when it had none).
    */
   double encoding_rate;
 } XBZRLECacheStats;

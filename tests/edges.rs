@@ -129,7 +129,29 @@ unsafe extern "C" fn log_stop(_: *mut c_void) {
 }
 /// Pages the dirty log reports at every sync (the first word's), when set.
 static DIRTY_IN_SYNC: AtomicBool = AtomicBool::new(false);
-unsafe extern "C" fn log_sync(_: *mut c_void, _: *const std::ffi::c_char, _: *mut c_void, _: u64, bitmap: *mut u64) -> c_int {
+/// When set with DIRTY_IN_SYNC, each sync first gives those pages new
+/// pseudo-random contents (the value is the generator's state).
+static REWRITE_IN_SYNC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The next this many syncs report those pages, unchanged.
+static DIRTY_SYNCS_LEFT: AtomicU32 = AtomicU32::new(0);
+unsafe extern "C" fn log_sync(_: *mut c_void, _: *const std::ffi::c_char, host: *mut c_void, len: u64, bitmap: *mut u64) -> c_int {
+    if DIRTY_SYNCS_LEFT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        // SAFETY: livemig passes the block's bitmap, at least one word.
+        unsafe { *bitmap |= u64::MAX };
+    }
+    let mut x = REWRITE_IN_SYNC.load(Ordering::SeqCst);
+    if x != 0 && DIRTY_IN_SYNC.load(Ordering::SeqCst) {
+        // SAFETY: `host` is the block's memory, `len` bytes long; the
+        // first 64 pages (or fewer) lie in it.
+        let mem = unsafe { std::slice::from_raw_parts_mut(host.cast::<u64>(), (len as usize).min(64 * PAGE) / 8) };
+        for w in mem {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *w = x;
+        }
+        REWRITE_IN_SYNC.store(x, Ordering::SeqCst);
+    }
     if DIRTY_IN_SYNC.load(Ordering::SeqCst) {
         // SAFETY: livemig passes the block's bitmap, at least one word.
         unsafe { *bitmap |= u64::MAX };
@@ -2181,4 +2203,56 @@ fn a_completed_migration_times_from_the_call_and_rates_the_stream_after_setup() 
     let expected = bytes as f64 * 8.0 / (total - setup) as f64 / 1000.0;
     assert!((mbps - expected).abs() <= expected * 1e-9, "mbps {mbps}, {bytes} bytes over {total} - {setup} ms: {expected}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// XBZRLE figures as QEMU 7.2 counts them (save_xbzrle_page): `pages` is
+/// every page found in the cache, whether encoded, unchanged (skipped)
+/// or overflowed; `bytes` adds a page size for each overflow.
+#[test]
+fn xbzrle_pages_and_bytes_count_unchanged_and_overflowed_pages_as_qemu() {
+    use livemig::params::MigrationCapability as Cap;
+    let _g = host();
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(0, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    livemig::params::set_capabilities(&[(Cap::Xbzrle, true)]).unwrap();
+    let mut run = |rewrite: u64| {
+        if rewrite == 0 {
+            DIRTY_SYNCS_LEFT.store(4, Ordering::SeqCst);
+        } else {
+            REWRITE_IN_SYNC.store(rewrite, Ordering::SeqCst);
+            DIRTY_IN_SYNC.store(true, Ordering::SeqCst);
+        }
+        assert_eq!(migrate("exec:cat > /dev/null"), "");
+        let st = wait_final(false, 30);
+        DIRTY_IN_SYNC.store(false, Ordering::SeqCst);
+        REWRITE_IN_SYNC.store(0, Ordering::SeqCst);
+        DIRTY_SYNCS_LEFT.store(0, Ordering::SeqCst);
+        set_state(RunState::Running);
+        assert_eq!(st, MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+        let i = api::qmp_query_migrate(&mut err);
+        assert!(!i.is_null(), "{}", take_err(&mut err));
+        // SAFETY: a MigrationInfo from livemig, freed below; `ram` and
+        // `xbzrle_cache` are set once completed with the capability on.
+        let r = unsafe { (*(*i).ram, *(*i).xbzrle_cache) };
+        api::qapi_free_MigrationInfo(i);
+        r
+    };
+    // The same 64 pages dirtied at the next 4 syncs, never changed: after
+    // a round of misses, each is found unchanged.
+    let (ram, x) = run(0);
+    assert!(ram.skipped > 0 && x.cache_miss > 0, "skipped {}, misses {}", ram.skipped, x.cache_miss);
+    assert_eq!((x.pages, x.bytes, x.overflow, x.encoding_rate), (ram.skipped, 0, 0, 0.0));
+    // Rewritten with random bytes at every sync: each page found in the
+    // cache overflows, and counts a page into the bytes.
+    let (ram, x) = run(0x9e37_79b9_7f4a_7c15);
+    assert!(x.overflow > 0, "no overflow: {x:?}");
+    assert_eq!((x.pages, x.bytes), (x.overflow + ram.skipped, x.overflow * PAGE as i64));
+    // The host's pattern back in the rewritten pages.
+    livemig::params::set_capabilities(&[(Cap::Xbzrle, false)]).unwrap();
+    let blk = livemig::ram::blocks().into_iter().find(|b| b.idstr == "ram").unwrap();
+    for i in 0..64 {
+        // SAFETY: page i of the host's RAM block, which no migration reads now.
+        unsafe { std::ptr::write_bytes(blk.page_ptr(i), i as u8 | 1, PAGE) };
+    }
 }

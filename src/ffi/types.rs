@@ -204,9 +204,11 @@ pub struct MigrationStats {
 pub struct XBZRLECacheStats {
     /// Cache size in bytes.
     pub cache_size: i64,
-    /// Encoded bytes sent.
+    /// Encoded bytes, as QEMU 7.2 counts them: each encoded page's bytes
+    /// less 8 header bytes, and a page size for each overflow.
     pub bytes: i64,
-    /// XBZRLE pages sent.
+    /// Pages found in the cache (encoded, unchanged or overflowed), as
+    /// QEMU 7.2 counts them; the unchanged ones are also in `skipped`.
     pub pages: i64,
     /// Pages not found in the cache.
     pub cache_miss: i64,
@@ -214,7 +216,8 @@ pub struct XBZRLECacheStats {
     pub overflow: i64,
     /// Misses / lookups of the last period.
     pub cache_miss_rate: f64,
-    /// Raw bytes / encoded bytes of the last period.
+    /// Raw bytes of the pages found in the cache / encoded bytes, of the
+    /// last period (0 when it had none).
     pub encoding_rate: f64,
 }
 

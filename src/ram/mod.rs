@@ -508,9 +508,11 @@ pub struct RamCounters {
     pub pages_per_second: AtomicU64,
     /// Pages skipped (XBZRLE: unchanged).
     pub skipped: AtomicU64,
-    /// XBZRLE pages sent.
+    /// XBZRLE pages sent (encoded; query-migrate's `pages` also counts
+    /// the cache hits that were skipped or overflowed: [`xbzrle_hits`]).
     pub xbzrle_pages: AtomicU64,
-    /// XBZRLE bytes sent (encoded + 3 header bytes per page, as QEMU).
+    /// XBZRLE bytes, as QEMU 7.2 counts them: each encoded page's bytes
+    /// on the wire less 8 header bytes, and a page size per overflow.
     pub xbzrle_bytes: AtomicU64,
     /// XBZRLE cache misses.
     pub xbzrle_cache_miss: AtomicU64,
@@ -643,6 +645,13 @@ pub fn reset_counters() {
     c.xbzrle_encoding_rate.store(0f64.to_bits(), Ordering::Relaxed);
 }
 
+/// XBZRLE pages as QEMU 7.2 counts them (save_xbzrle_page): every page
+/// found in the cache, whether it was then encoded, found unchanged
+/// (skipped) or overflowed (sent whole).
+pub(crate) fn xbzrle_hits(c: &RamCounters) -> u64 {
+    [&c.xbzrle_pages, &c.skipped, &c.xbzrle_overflow].iter().map(|a| a.load(Ordering::Relaxed)).sum()
+}
+
 /// The RAM and XBZRLE figures for query-migrate.
 pub fn query_stats(out: &OutStats) -> (MigrationStats, Option<XBZRLECacheStats>) {
     let c = &*COUNTERS;
@@ -672,7 +681,7 @@ pub fn query_stats(out: &OutStats) -> (MigrationStats, Option<XBZRLECacheStats>)
     let x = p.cap(MigrationCapability::Xbzrle).then(|| XBZRLECacheStats {
         cache_size: p.xbzrle_cache_size as i64,
         bytes: ld(&c.xbzrle_bytes),
-        pages: ld(&c.xbzrle_pages),
+        pages: xbzrle_hits(c) as i64,
         cache_miss: ld(&c.xbzrle_cache_miss),
         overflow: ld(&c.xbzrle_overflow),
         cache_miss_rate: f64::from_bits(c.xbzrle_cache_miss_rate.load(Ordering::Relaxed)),

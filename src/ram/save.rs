@@ -238,13 +238,17 @@ impl Saver {
         if let Some(x) = &mut self.xbzrle {
             let lookups = x.lookups - x.last_lookups;
             let miss = c.xbzrle_cache_miss.load(Ordering::Relaxed);
-            let pages = c.xbzrle_pages.load(Ordering::Relaxed);
+            let pages = super::xbzrle_hits(c);
             let bytes = c.xbzrle_bytes.load(Ordering::Relaxed);
             if lookups > 0 {
                 c.xbzrle_cache_miss_rate.store(((miss - x.last_miss) as f64 / lookups as f64).to_bits(), Ordering::Relaxed);
-            }
-            if bytes > x.last_bytes {
-                let rate = ((pages - x.last_pages) * PAGE as u64) as f64 / (bytes - x.last_bytes) as f64;
+                // As QEMU 7.2 (migration_update_rates): 0 for a period
+                // with no page found in the cache or no bytes encoded.
+                let rate = if pages == x.last_pages || bytes == x.last_bytes {
+                    0.0
+                } else {
+                    ((pages - x.last_pages) * PAGE as u64) as f64 / (bytes - x.last_bytes) as f64
+                };
                 c.xbzrle_encoding_rate.store(rate.to_bits(), Ordering::Relaxed);
             }
             (x.last_lookups, x.last_miss, x.last_pages, x.last_bytes) = (x.lookups, miss, pages, bytes);
@@ -338,7 +342,8 @@ impl Saver {
                     f.put_be16(len as u16);
                     f.put_buffer(&x.enc[..len]);
                     c.xbzrle_pages.fetch_add(1, Ordering::Relaxed);
-                    c.xbzrle_bytes.fetch_add(len as u64 + 3, Ordering::Relaxed);
+                    // As QEMU 7.2: the page's bytes less 8 of its header.
+                    c.xbzrle_bytes.fetch_add(n - 8 + 3 + len as u64, Ordering::Relaxed);
                     c.transferred.fetch_add(n + 3 + len as u64, Ordering::Relaxed);
                 }
                 Xbz::Raw => {
@@ -384,6 +389,9 @@ impl Saver {
         match super::xbzrle::encode_prefetching(old, &x.page[..], &mut x.enc[..], ahead) {
             None => {
                 c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed);
+                // As QEMU 7.2: an overflow counts a whole page into the
+                // encoded bytes (the encoding rate then shows it).
+                c.xbzrle_bytes.fetch_add(PAGE as u64, Ordering::Relaxed);
                 if !last_stage {
                     x.cache.insert(addr, &x.page[..], generation);
                 }
