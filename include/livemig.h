@@ -989,7 +989,9 @@ void qmp_migrate_cancel(struct Error **errp);
 void qmp_migrate_set_speed(int64_t value, struct Error **errp);
 
 /*
- Sets the downtime limit in seconds (0 to 2000; NaN/negative refused).
+ Sets the downtime limit in seconds (0 to 2000; NaN/negative refused),
+ kept in whole milliseconds, truncated, as QEMU 7.2 keeps it (0.0105 s
+ is 10 ms).
  */
 void qmp_migrate_set_downtime(double value, struct Error **errp);
 

@@ -184,13 +184,16 @@ pub fn set_speed(value: i64) -> Result<()> {
     Ok(())
 }
 
-/// Sets the downtime limit in seconds.
+/// Sets the downtime limit in seconds, kept in whole milliseconds
+/// (truncated), as QEMU 7.2's `downtime_limit` parameter keeps it.
 pub fn set_downtime(seconds: f64) -> Result<()> {
     let max_s = (MAX_DOWNTIME_NS / 1_000_000_000) as f64;
     if !seconds.is_finite() || !(0.0..=max_s).contains(&seconds) {
         return Err(MigError::new(format!("Parameter 'downtime_limit' expects a value from 0 to {max_s} seconds, got {seconds}")));
     }
-    PARAMS.lock().downtime_ns = (seconds * 1e9).round() as u64;
+    // As QEMU 7.2 (qmp_migrate_set_downtime): `value *= 1000`, then
+    // converted to an integer number of milliseconds.
+    PARAMS.lock().downtime_ns = (seconds * 1000.0) as u64 * 1_000_000;
     Ok(())
 }
 

@@ -2256,3 +2256,19 @@ fn xbzrle_pages_and_bytes_count_unchanged_and_overflowed_pages_as_qemu() {
         unsafe { std::ptr::write_bytes(blk.page_ptr(i), i as u8 | 1, PAGE) };
     }
 }
+
+/// As QEMU 7.2 (qmp_migrate_set_downtime, then the `downtime_limit`
+/// parameter in ms): the limit is kept in whole milliseconds, truncated.
+#[test]
+fn the_downtime_limit_is_kept_in_whole_milliseconds() {
+    let _g = host();
+    let mut err = null_mut();
+    // 1.001 * 1000 is 1000.999… in binary floating point: 1000 ms in QEMU.
+    for (s, ms) in [(0.0105, 10), (0.0005, 0), (1.001, 1000), (0.3, 300), (2000.0, 2_000_000)] {
+        api::qmp_migrate_set_downtime(s, &mut err);
+        assert_eq!(take_err(&mut err), "");
+        assert_eq!(api::migrate_max_downtime(), ms * 1_000_000, "{s} s");
+    }
+    api::qmp_migrate_set_downtime(0.3, &mut err);
+    assert_eq!(take_err(&mut err), "");
+}

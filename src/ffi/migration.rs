@@ -211,7 +211,9 @@ pub extern "C" fn qmp_migrate_set_speed(value: i64, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_speed", errp, (), || params::set_speed(value))
 }
 
-/// Sets the downtime limit in seconds (0 to 2000; NaN/negative refused).
+/// Sets the downtime limit in seconds (0 to 2000; NaN/negative refused),
+/// kept in whole milliseconds, truncated, as QEMU 7.2 keeps it (0.0105 s
+/// is 10 ms).
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_downtime(value: f64, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_downtime", errp, (), || params::set_downtime(value))
