@@ -189,7 +189,10 @@ pub fn set_speed(value: i64) -> Result<()> {
 pub fn set_downtime(seconds: f64) -> Result<()> {
     let max_s = (MAX_DOWNTIME_NS / 1_000_000_000) as f64;
     if !seconds.is_finite() || !(0.0..=max_s).contains(&seconds) {
-        return Err(MigError::new(format!("Parameter 'downtime_limit' expects a value from 0 to {max_s} seconds, got {seconds}")));
+        // QEMU 7.2's text (qmp_migrate_set_downtime), then the value.
+        return Err(MigError::new(format!(
+            "Parameter 'downtime_limit' expects an integer in the range of 0 to {max_s} seconds, got {seconds}"
+        )));
     }
     // As QEMU 7.2 (qmp_migrate_set_downtime): `value *= 1000`, then
     // converted to an integer number of milliseconds.

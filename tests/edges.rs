@@ -2272,3 +2272,19 @@ fn the_downtime_limit_is_kept_in_whole_milliseconds() {
     api::qmp_migrate_set_downtime(0.3, &mut err);
     assert_eq!(take_err(&mut err), "");
 }
+
+/// A downtime limit out of range is refused with QEMU 7.2's text
+/// (qmp_migrate_set_downtime), the value after it; nothing changes.
+#[test]
+fn a_downtime_limit_out_of_range_is_refused_with_qemu_s_text() {
+    let _g = host();
+    let mut err = null_mut();
+    for (s, shown) in [(2000.5, "2000.5"), (-1.0, "-1"), (f64::NAN, "NaN")] {
+        api::qmp_migrate_set_downtime(s, &mut err);
+        assert_eq!(
+            take_err(&mut err),
+            format!("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds, got {shown}")
+        );
+        assert_eq!(api::migrate_max_downtime(), 300_000_000);
+    }
+}
