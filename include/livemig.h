@@ -479,11 +479,14 @@ typedef struct MigrationStats {
    */
   int64_t pages_per_second;
   /*
-   Bytes sent while the VM ran.
+   RAM bytes sent while the VM ran (none when it ran neither at the
+   start nor at the switchover).
    */
   int64_t precopy_bytes;
   /*
-   Bytes sent while the VM was stopped.
+   RAM bytes sent while the VM was stopped: from the switchover on,
+   or all of them when it ran neither at the start nor at the
+   switchover (as QEMU 7.2 counts them).
    */
   int64_t downtime_bytes;
   /*

@@ -66,6 +66,10 @@ pub struct OutStats {
     pub transferred: u64,
     /// RAM bytes written after the switchover stopped the VM.
     pub downtime_bytes: u64,
+    /// The VM did not run when the migration started, nor at the
+    /// switchover: as QEMU 7.2 counts a RAM byte sent while the VM does
+    /// not run as downtime-bytes, all of them are.
+    pub vm_paused: bool,
     /// Throughput of the last window, in megabits per second.
     pub mbps: f64,
     /// Bytes still pending at the last check.
@@ -116,6 +120,7 @@ const fn empty_stats() -> OutStats {
         expected_downtime_ms: 0,
         transferred: 0,
         downtime_bytes: 0,
+        vm_paused: false,
         mbps: 0.0,
         remaining: 0,
     }
@@ -258,7 +263,8 @@ pub fn start(target: Target) -> Result<()> {
     };
     // As QEMU 7.2 (migrate_fd_connect): the downtime limit is the
     // expected downtime until the first estimate.
-    o.stats = OutStats { expected_downtime_ms: params::get().downtime_ns / 1_000_000, ..empty_stats() };
+    o.stats =
+        OutStats { expected_downtime_ms: params::get().downtime_ns / 1_000_000, vm_paused: runstate != RunState::Running, ..empty_stats() };
     crate::ram::reset_counters();
     o.start = Some(Instant::now());
     o.aborter = Some(aborter.clone());
@@ -776,6 +782,10 @@ fn switchover(
     }
     host.system_wakeup_request();
     let was = host.runstate()?;
+    if was == RunState::Running {
+        // Its RAM bytes so far went while it ran (or some of them did).
+        update(|s| s.vm_paused = false);
+    }
     crate::globalstate::store(was);
     let stop_time = Instant::now();
     // For the debug line below: read only when it is printed (the wait

@@ -2288,3 +2288,29 @@ fn a_downtime_limit_out_of_range_is_refused_with_qemu_s_text() {
         assert_eq!(api::migrate_max_downtime(), 300_000_000);
     }
 }
+
+/// QEMU 7.2 counts a RAM byte sent while the VM does not run as
+/// downtime-bytes (ram_transferred_add): a paused VM's migration has no
+/// precopy bytes.
+#[test]
+fn a_paused_vm_s_ram_bytes_are_all_downtime_bytes() {
+    let _g = host();
+    let mut err = null_mut();
+    api::qmp_migrate_set_speed(0, &mut err);
+    assert_eq!(take_err(&mut err), "");
+    set_state(RunState::Paused);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let st = wait_final(false, 30);
+    set_state(RunState::Running);
+    assert_eq!(st, MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    let ram = query().4.expect("ram once completed");
+    assert!(ram.transferred > RAM_SIZE as i64 / 2, "transferred {}", ram.transferred);
+    assert_eq!((ram.precopy_bytes, ram.downtime_bytes), (0, ram.transferred));
+    // A running VM's bytes before the switchover are precopy bytes.
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let st = wait_final(false, 30);
+    set_state(RunState::Running);
+    assert_eq!(st, MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    let ram = query().4.expect("ram once completed");
+    assert!(ram.precopy_bytes > RAM_SIZE as i64 / 2 && ram.downtime_bytes < 64 << 10, "{ram:?}");
+}

@@ -186,9 +186,12 @@ pub struct MigrationStats {
     pub multifd_bytes: i64,
     /// Pages sent per second.
     pub pages_per_second: i64,
-    /// Bytes sent while the VM ran.
+    /// RAM bytes sent while the VM ran (none when it ran neither at the
+    /// start nor at the switchover).
     pub precopy_bytes: i64,
-    /// Bytes sent while the VM was stopped.
+    /// RAM bytes sent while the VM was stopped: from the switchover on,
+    /// or all of them when it ran neither at the start nor at the
+    /// switchover (as QEMU 7.2 counts them).
     pub downtime_bytes: i64,
     /// Always 0.
     pub postcopy_bytes: i64,

@@ -659,7 +659,8 @@ pub fn query_stats(out: &OutStats) -> (MigrationStats, Option<XBZRLECacheStats>)
     let transferred = ld(&c.transferred);
     // RAM bytes sent after the switchover stopped the VM; the rest of
     // `transferred` went while it ran (QEMU 7.2 counts RAM alone in both).
-    let downtime_bytes = out.downtime_bytes.min(transferred as u64) as i64;
+    // A VM that did not run: every byte went while it was stopped.
+    let downtime_bytes = if out.vm_paused { transferred } else { out.downtime_bytes.min(transferred as u64) as i64 };
     let s = MigrationStats {
         transferred,
         remaining: ld(&c.remaining),
