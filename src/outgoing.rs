@@ -427,11 +427,14 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
     p.final_pass = Some(crate::ram::final_pass_generation());
     began?;
     update(|s| s.setup_time_ms = start.elapsed().as_millis() as u64);
-    if !OUTGOING.cas(S::Setup, S::Active) {
-        return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
-    }
     {
+        // The move and its notifiers under the host lock, as every
+        // transition of this thread: a host reading the state under its
+        // lock never sees ACTIVE before its notifiers ran.
         let _l = host.lock();
+        if !OUTGOING.cas(S::Setup, S::Active) {
+            return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+        }
         notify(S::Active, false);
     }
     let mut window_start = Instant::now();

@@ -5,7 +5,9 @@
 //!   the final pass, whichever block's sync makes them;
 //! - marks made while a cancelled switchover is wound up (a CANCELLING
 //!   notifier, `dirty_log_stop`) are taken, not refused as failing a
-//!   migration that is cancelled already.
+//!   migration that is cancelled already;
+//! - a host thread holding the host lock never sees ACTIVE before the
+//!   ACTIVE notifier has run.
 //!
 //! The host here is its own (two RAM blocks, a run state, a dirty log
 //! whose syncs run a hook); the tests run one at a time.
@@ -44,6 +46,10 @@ static SYNC_HOOK: Mutex<Option<SyncHook>> = Mutex::new(None);
 type Hook = Box<dyn FnOnce() + Send>;
 static STOP_HOOK: Mutex<Option<Hook>> = Mutex::new(None);
 static CANCELLING_HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+/// Run by the device's `setup` (once).
+static SETUP_HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+/// The notifier has been called for ACTIVE.
+static ACTIVE_NOTIFIED: AtomicBool = AtomicBool::new(false);
 /// The device below cancels the migration from its `complete`.
 static CANCEL_IN_COMPLETE: AtomicBool = AtomicBool::new(false);
 
@@ -90,6 +96,9 @@ unsafe extern "C" fn log_stop(_: *mut c_void) {
     }
 }
 unsafe extern "C" fn on_state(_: *mut Notifier, s: *mut c_void) {
+    if api::livemig_migration_status(s.cast()) == MigrationStatus::Active {
+        ACTIVE_NOTIFIED.store(true, Ordering::SeqCst);
+    }
     if api::livemig_migration_status(s.cast()) == MigrationStatus::Cancelling {
         let hook = CANCELLING_HOOK.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(hook) = hook {
@@ -106,6 +115,10 @@ impl SaveVmHandler for Dev {
         true
     }
     fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
+        let hook = SETUP_HOOK.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
         f.put_u8(1);
         Ok(())
     }
@@ -318,4 +331,47 @@ fn marks_made_while_a_cancelled_switchover_is_wound_up_are_taken() {
     assert_eq!(migrate("exec:cat > /dev/null"), "");
     assert_eq!(wait_final(false, 30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
     assert_eq!(mark("big", 7), "");
+}
+
+#[test]
+fn a_host_holding_its_lock_never_sees_active_before_its_notifier() {
+    let (_g, _big) = host();
+    ACTIVE_NOTIFIED.store(false, Ordering::SeqCst);
+    // The device's setup (run without the host lock) waits until this
+    // thread holds the host lock: the move to ACTIVE comes while it does.
+    let (in_setup, held) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicBool::new(false)));
+    let (i, h) = (in_setup.clone(), held.clone());
+    *SETUP_HOOK.lock().unwrap() = Some(Box::new(move || {
+        i.store(true, Ordering::SeqCst);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !h.load(Ordering::SeqCst) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !in_setup.load(Ordering::SeqCst) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(in_setup.load(Ordering::SeqCst), "the device's setup did not run");
+    LOCK.lock();
+    held.store(true, Ordering::SeqCst);
+    // Holding the lock, watch the state for a while: ACTIVE may show only
+    // together with its notifier's call.
+    let mut seen = None;
+    let end = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < end {
+        let st = OUTGOING.status();
+        if st != MigrationStatus::Setup {
+            seen = Some((st, ACTIVE_NOTIFIED.load(Ordering::SeqCst)));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: taken above by this thread.
+    unsafe { LOCK.unlock() };
+    let st = wait_final(false, 30);
+    assert_eq!(seen, None, "a state other than SETUP showed while the host held its lock (state, ACTIVE notified)");
+    assert_eq!(st, MigrationStatus::Completed);
+    assert!(ACTIVE_NOTIFIED.load(Ordering::SeqCst));
 }
