@@ -1371,6 +1371,20 @@ unsafe extern "C" fn c_load(_: *mut QemuFile, _: *mut c_void, _: c_int) -> c_int
     0
 }
 
+/// The C handler table of the live device the tests below register.
+fn c_handlers() -> SaveVMHandlers {
+    SaveVMHandlers {
+        save_state: None,
+        save_live_setup: Some(c_setup),
+        save_live_iterate: Some(c_iterate),
+        save_live_complete: Some(c_complete),
+        save_live_pending: Some(c_pending),
+        cancel: Some(c_cancel),
+        load_state: Some(c_load),
+        is_active: None,
+    }
+}
+
 /// A C handler frees what a migration holds in `complete` or in `cancel`
 /// (the C table has no cleanup): it gets exactly one of them per
 /// migration. A migration that fails after the handler's complete
@@ -1380,16 +1394,7 @@ unsafe extern "C" fn c_load(_: *mut QemuFile, _: *mut c_void, _: c_int) -> c_int
 #[test]
 fn a_c_handler_gets_complete_or_cancel_never_both() {
     let _g = host();
-    let ops = SaveVMHandlers {
-        save_state: None,
-        save_live_setup: Some(c_setup),
-        save_live_iterate: Some(c_iterate),
-        save_live_complete: Some(c_complete),
-        save_live_pending: Some(c_pending),
-        cancel: Some(c_cancel),
-        load_state: Some(c_load),
-        is_active: None,
-    };
+    let ops = c_handlers();
     let opaque = 0xc0de as *mut c_void;
     let mut err = null_mut();
     let id = livemig::ffi::savevm::livemig_register_savevm_live(null_mut(), c"c-dev".as_ptr(), 0, 1, &ops, opaque, &mut err);
@@ -2020,16 +2025,7 @@ unsafe extern "C" fn c_save(_: *mut QemuFile, _: *mut c_void) {}
 #[test]
 fn a_device_registered_while_a_migration_runs_is_refused() {
     let _g = host();
-    let ops = SaveVMHandlers {
-        save_state: None,
-        save_live_setup: Some(c_setup),
-        save_live_iterate: Some(c_iterate),
-        save_live_complete: Some(c_complete),
-        save_live_pending: Some(c_pending),
-        cancel: Some(c_cancel),
-        load_state: Some(c_load),
-        is_active: None,
-    };
+    let ops = c_handlers();
     let opaque = 0x1a7e as *mut c_void;
     let name = c"late-dev";
     let busy = "savevm: 'late-dev' cannot be registered while a migration is in progress";

@@ -12,13 +12,12 @@
 //! The host here is its own (two RAM blocks, a run state, a dirty log
 //! whose syncs run a hook); the tests run one at a time.
 
-#[path = "common/scratch.rs"]
-mod scratch;
+mod common;
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::os::raw::c_int;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,9 @@ use livemig::ffi::types::{LivemigHostOps, Notifier};
 use livemig::host::RunState;
 use livemig::qemu_file::QemuFile;
 use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
-use livemig::state::{MigrationStatus, INCOMING, OUTGOING};
+use livemig::state::{MigrationStatus, OUTGOING};
+
+use common::STATE;
 use parking_lot::lock_api::{RawMutex as _, RawMutexTimed as _};
 
 const BIG: usize = 4 << 20;
@@ -37,7 +38,6 @@ const SMALL: usize = 64 << 10;
 const PAGE: usize = 4096;
 
 static LOCK: parking_lot::RawMutex = parking_lot::RawMutex::INIT;
-static STATE: AtomicU32 = AtomicU32::new(RunState::Running as u32);
 
 /// Run by the next dirty-log sync of the block it names (once).
 type SyncHook = (&'static str, Box<dyn FnOnce() + Send>);
@@ -63,20 +63,6 @@ unsafe extern "C" fn lock(_: *mut c_void) {
 unsafe extern "C" fn unlock(_: *mut c_void) {
     // SAFETY: livemig pairs every unlock with its own earlier lock.
     unsafe { LOCK.unlock() };
-}
-unsafe extern "C" fn stop(_: *mut c_void, st: RunState) -> c_int {
-    STATE.store(st as u32, Ordering::SeqCst);
-    0
-}
-unsafe extern "C" fn start(_: *mut c_void) -> c_int {
-    STATE.store(RunState::Running as u32, Ordering::SeqCst);
-    0
-}
-unsafe extern "C" fn is_running(_: *mut c_void) -> bool {
-    state() == RunState::Running
-}
-unsafe extern "C" fn set(_: *mut c_void, st: RunState) {
-    STATE.store(st as u32, Ordering::SeqCst);
 }
 unsafe extern "C" fn log_sync(_: *mut c_void, idstr: *const c_char, _: *mut c_void, _: u64, _: *mut u64) -> c_int {
     // SAFETY: livemig passes the block's name as a C string.
@@ -159,23 +145,8 @@ fn host() -> (MutexGuard<'static, ()>, *mut u8) {
     static SETUP: Once = Once::new();
     let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     SETUP.call_once(|| {
-        let ops = LivemigHostOps {
-            version: 1,
-            size: std::mem::size_of::<LivemigHostOps>() as u32,
-            iothread_lock: Some(lock),
-            iothread_unlock: Some(unlock),
-            vm_stop_force_state: Some(stop),
-            vm_start: Some(start),
-            runstate_is_running: Some(is_running),
-            runstate_set: Some(set),
-            runstate_get: None,
-            system_wakeup_request: None,
-            announce_self: None,
-            dirty_log_start: None,
-            dirty_log_sync: Some(log_sync),
-            dirty_log_stop: Some(log_stop),
-            autostart: true,
-        };
+        // The common host's run state, with this file's lock and dirty log.
+        let ops = LivemigHostOps { dirty_log_sync: Some(log_sync), dirty_log_stop: Some(log_stop), ..common::host_ops(lock, unlock) };
         livemig::host::set(ops, null_mut()).unwrap();
         let map = |len: usize| {
             // SAFETY: a fresh private anonymous mapping, never unmapped.
@@ -228,19 +199,11 @@ fn mark(block: &str, page: usize) -> String {
 /// Waits (bounded) for a final state of one direction, then for its
 /// notifiers (run under the host lock) to have returned.
 fn wait_final(incoming: bool, secs: u64) -> MigrationStatus {
-    let st = if incoming { &INCOMING } else { &OUTGOING };
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = st.status();
-        if matches!(s, MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled) {
-            assert!(LOCK.try_lock_for(Duration::from_secs(secs)), "the host lock is still held after {secs} s");
-            // SAFETY: taken just above.
-            unsafe { LOCK.unlock() };
-            return s;
-        }
-        assert!(Instant::now() < deadline, "still {} after {secs} s", s.name());
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let s = common::wait_final(incoming, secs);
+    assert!(LOCK.try_lock_for(Duration::from_secs(secs)), "the host lock is still held after {secs} s");
+    // SAFETY: taken just above.
+    unsafe { LOCK.unlock() };
+    s
 }
 
 fn migrate(uri: &str) -> String {
@@ -277,7 +240,7 @@ fn arm_last_sync_mark(big_addr: usize, result: &'static Mutex<Option<String>>) {
 #[test]
 fn a_page_marked_by_another_block_s_last_sync_is_sent() {
     let (_g, big) = host();
-    let dir = scratch::dir("cross-block-mark");
+    let dir = common::scratch::dir("cross-block-mark");
     let stream = dir.join("s.bin");
     let result: &'static Mutex<Option<String>> = Box::leak(Box::new(Mutex::new(None)));
     *STOP_HOOK.lock().unwrap() = None;

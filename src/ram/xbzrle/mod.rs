@@ -138,18 +138,20 @@ pub fn vector_encoders_for_fuzzing() -> Vec<(&'static str, EncodeFn)> {
     let mut v: Vec<(&'static str, EncodeFn)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2::supported() {
+        if Encoder::Avx2 <= Encoder::best() {
             v.push(("avx2", |o, n, d| encode_with(Encoder::Avx2, o, n, d, [std::ptr::null(); 2])));
         }
-        if avx512::supported() {
+        if Encoder::Avx512 <= Encoder::best() {
             v.push(("avx512", |o, n, d| encode_with(Encoder::Avx512, o, n, d, [std::ptr::null(); 2])));
         }
     }
     v
 }
 
-/// The implementations of [`encode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The implementations of [`encode`], each able to run where the next one
+/// can (AVX-512 VBMI2 implies AVX2): a CPU runs every encoder up to
+/// [`Encoder::best`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Encoder {
     /// [`encode_portable`]: any CPU.
     Portable,
@@ -193,17 +195,18 @@ fn encode_with(encoder: Encoder, old: &[u8], new: &[u8], dst: &mut [u8], next: [
         Encoder::Portable => encode_portable(old, new, dst),
         #[cfg(target_arch = "x86_64")]
         Encoder::Avx2 => {
-            assert!(avx2::supported(), "xbzrle encode: this CPU lacks AVX2");
-            // SAFETY: avx2::supported() found the features avx2::encode is
-            // compiled for on this CPU, and the lengths were checked above.
+            assert!(encoder <= Encoder::best(), "xbzrle encode: this CPU lacks AVX2");
+            // SAFETY: best() is Avx2 or Avx512 only where avx2::supported()
+            // found the features avx2::encode is compiled for on this CPU,
+            // and the lengths were checked above.
             unsafe { avx2::encode::<false>(old, new, dst, next) }
         }
         #[cfg(target_arch = "x86_64")]
         Encoder::Avx512 => {
-            assert!(avx512::supported(), "xbzrle encode: this CPU lacks AVX-512 VBMI2");
-            // SAFETY: avx512::supported() found the features of
-            // avx2::encode and of avx512::list_blocks on this CPU, and the
-            // lengths were checked above.
+            assert!(encoder <= Encoder::best(), "xbzrle encode: this CPU lacks AVX-512 VBMI2");
+            // SAFETY: best() is Avx512 only where avx512::supported() found
+            // the features of avx2::encode and of avx512's passes on this
+            // CPU, and the lengths were checked above.
             unsafe { avx2::encode::<true>(old, new, dst, next) }
         }
     }
