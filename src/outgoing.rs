@@ -511,6 +511,13 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
             } else {
                 // The estimate the switchover is made on, kept for the report.
                 update(|s| s.expected_downtime_ms = expected);
+                if log::log_enabled!(log::Level::Debug) {
+                    // The estimate unrounded, to set against the switchover's
+                    // own line (the VM's stop is not in it).
+                    let sync = crate::ram::last_sync_time();
+                    let send = rates.time_ms(pending, fresh).map_or(Duration::ZERO, |t| Duration::from_secs_f64(t / 1000.0));
+                    log::debug!("switchover decided: {pending} bytes pending, expected downtime {:?} (final sync {sync:?})", sync + send);
+                }
                 return switchover(host, f, save, &mut p.stopped_from, p.final_pass, start);
             }
         }
