@@ -3,7 +3,10 @@
 //! `memcpy_GBps=X`, `loopback_tcp_GBps=Y` (a 1 MiB buffer sent again and
 //! again: the source stays in cache) and `loopback_tcp_ram_GBps=Z` (1 GiB
 //! sent from one buffer into another, both faulted in: memory to memory,
-//! as a migration of 1 GiB of RAM), medians of 5.
+//! as a migration of 1 GiB of RAM), medians of 5. With the last comes
+//! `loopback_tcp_ram_cpu_s=C`: the CPU seconds its sender and receiver
+//! threads took together (median), what moving 1 GiB over one loopback
+//! connection costs before any migration work.
 //!
 //! `--pin SRC,DST` runs the stream's sender on CPU SRC and its receiver on
 //! CPU DST, as the benchmark pins the migration's two sides.
@@ -24,6 +27,14 @@ fn pin(cpu: Option<usize>) {
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
         }
     }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -86,7 +97,7 @@ fn main() {
     }
     let from = std::sync::Arc::new(from);
     let mut into_ram = Some(vec![1u8; ram]);
-    let mut tcp_ram = Vec::new();
+    let (mut tcp_ram, mut tcp_ram_cpu) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -94,20 +105,25 @@ fn main() {
         let rx = std::thread::spawn(move || {
             pin(cpus.map(|c| c.1));
             let (mut s, _) = l.accept().unwrap();
+            let cpu = thread_cpu_s();
             s.read_exact(&mut into).unwrap();
-            into
+            (into, thread_cpu_s() - cpu)
         });
         pin(cpus.map(|c| c.0));
         let mut s = TcpStream::connect(addr).unwrap();
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), thread_cpu_s());
         for chunk in from.chunks(1 << 20) {
             s.write_all(chunk).unwrap();
         }
-        into_ram = Some(rx.join().unwrap());
+        let sender_cpu = thread_cpu_s() - cpu;
+        let (into, receiver_cpu) = rx.join().unwrap();
+        into_ram = Some(into);
         tcp_ram.push(ram as f64 / t.elapsed().as_secs_f64() / 1e9);
+        tcp_ram_cpu.push(sender_cpu + receiver_cpu);
     }
     assert!(into_ram.unwrap()[..] == from[..]);
     println!("memcpy_GBps={:.2}", median(memcpy));
     println!("loopback_tcp_GBps={:.2}", median(tcp));
     println!("loopback_tcp_ram_GBps={:.2}", median(tcp_ram));
+    println!("loopback_tcp_ram_cpu_s={:.3}", median(tcp_ram_cpu));
 }
