@@ -293,6 +293,40 @@ static void run_step(const char *uri, const char *expect)
     free(d);
 }
 
+/* QEMU 7.2's migrate-set-parameters, written as code for 7.2 writes it
+ * (designated members): all or nothing, read back by
+ * query-migrate-parameters, and the limits the classic calls read. */
+static void check_parameters(void)
+{
+    Error *err = NULL;
+    MigrationParameters *before = qmp_query_migrate_parameters(&err);
+    CHECK(before && !err && before->has_downtime_limit && before->has_tls_creds && before->tls_creds[0] == 0,
+          "query-migrate-parameters");
+    StrOrNull creds = { .type = QTYPE_QSTRING, .u.s = (char *)"tls0" };
+    MigrateSetParameters bad = { .has_downtime_limit = true, .downtime_limit = 1234,
+                                 .has_tls_creds = true, .tls_creds = &creds };
+    qmp_migrate_set_parameters(&bad, &err);
+    CHECK(err && strstr(error_get_pretty(err), "'tls-creds': TLS is not supported"), "TLS accepted");
+    error_free(err), err = NULL;
+    CHECK(migrate_max_downtime() == before->downtime_limit * 1000000, "a refused set changed the downtime limit");
+    MigrateSetParameters p = { .has_downtime_limit = true, .downtime_limit = 1234,
+                               .has_multifd_compression = true, .multifd_compression = MULTIFD_COMPRESSION_ZLIB };
+    qmp_migrate_set_parameters(&p, &err);
+    CHECK(!err && migrate_max_downtime() == 1234 * 1000000ULL, "downtime-limit not applied");
+    MigrationParameters *after = qmp_query_migrate_parameters(&err);
+    CHECK(after && after->downtime_limit == 1234 && after->multifd_compression == MULTIFD_COMPRESSION_ZLIB &&
+          after->max_bandwidth == before->max_bandwidth && !after->has_block_bitmap_mapping, "parameters read back");
+    MigrateSetParameters back = { .has_downtime_limit = true, .downtime_limit = before->downtime_limit,
+                                  .has_multifd_compression = true, .multifd_compression = before->multifd_compression };
+    qmp_migrate_set_parameters(&back, &err);
+    CHECK(!err, "setting the parameters back");
+    qapi_free_MigrationParameters(after);
+    qapi_free_MigrationParameters(before);
+    qmp_migrate_set_parameters(NULL, &err);
+    CHECK(err && strcmp(error_get_pretty(err), "params must not be NULL") == 0, "NULL params");
+    error_free(err);
+}
+
 /* Bad values and NULLs get a clear error and change nothing. */
 static void check_bad_input(void)
 {
@@ -420,6 +454,7 @@ int main(int argc, char **argv)
     fakehost_setup(true, true);
     register_devices();
     check_bad_input();
+    check_parameters();
     if (speed) {
         qmp_migrate_set_speed(speed, &err);
         CHECK_OK(err);

@@ -256,6 +256,33 @@ typedef enum MigrationCapability {
 } MigrationCapability;
 
 /*
+ QAPI's `QType`: what a `StrOrNull` holds.
+ */
+typedef enum QType {
+  QTYPE_NONE = 0,
+  QTYPE_QNULL = 1,
+  QTYPE_QNUM = 2,
+  QTYPE_QSTRING = 3,
+  QTYPE_QDICT = 4,
+  QTYPE_QLIST = 5,
+  QTYPE_QBOOL = 6,
+} QType;
+
+/*
+ `multifd-compression`'s values.
+ */
+typedef enum MultiFDCompression {
+  MULTIFD_COMPRESSION_NONE = 0,
+  MULTIFD_COMPRESSION_ZLIB = 1,
+  MULTIFD_COMPRESSION_ZSTD = 2,
+} MultiFDCompression;
+
+/*
+ QEMU's list of block bitmap aliases (opaque: livemig takes none).
+ */
+typedef struct BitmapMigrationNodeAliasList BitmapMigrationNodeAliasList;
+
+/*
  Marker for QEMU's `DeviceState` (unused by livemig; may be NULL).
  */
 typedef struct DeviceState DeviceState;
@@ -272,6 +299,11 @@ typedef struct Error Error;
  frozen in the state just entered and valid only during the call.
  */
 typedef struct MigrationState MigrationState;
+
+/*
+ QAPI's JSON null (opaque: only its address is used).
+ */
+typedef struct QNull QNull;
 
 /*
  A buffered migration stream (QEMU's `QEMUFile`), opaque to C: one from
@@ -646,6 +678,193 @@ typedef struct Notifier {
    */
   struct Notifier **le_prev;
 } Notifier;
+
+/*
+ The value of a `StrOrNull`.
+ */
+typedef union StrOrNullValue {
+  /*
+   A string (`QTYPE_QSTRING`).
+   */
+  char *s;
+  /*
+   Null (`QTYPE_QNULL`).
+   */
+  struct QNull *n;
+} StrOrNullValue;
+
+/*
+ A string or JSON null, as the TLS parameters are set.
+ */
+typedef struct StrOrNull {
+  /*
+   `QTYPE_QSTRING` (then `u.s`) or `QTYPE_QNULL`.
+   */
+  enum QType type;
+  /*
+   The value.
+   */
+  union StrOrNullValue u;
+} StrOrNull;
+
+/*
+ The argument of `qmp_migrate_set_parameters`: a member is set when its
+ `has_` flag is. Zero-initialise it and set the members wanted.
+ */
+typedef struct MigrateSetParameters {
+  bool has_announce_initial;
+  uint64_t announce_initial;
+  bool has_announce_max;
+  uint64_t announce_max;
+  bool has_announce_rounds;
+  uint64_t announce_rounds;
+  bool has_announce_step;
+  uint64_t announce_step;
+  bool has_compress_level;
+  uint8_t compress_level;
+  bool has_compress_threads;
+  uint8_t compress_threads;
+  bool has_compress_wait_thread;
+  bool compress_wait_thread;
+  bool has_decompress_threads;
+  uint8_t decompress_threads;
+  bool has_throttle_trigger_threshold;
+  uint8_t throttle_trigger_threshold;
+  bool has_cpu_throttle_initial;
+  uint8_t cpu_throttle_initial;
+  bool has_cpu_throttle_increment;
+  uint8_t cpu_throttle_increment;
+  bool has_cpu_throttle_tailslow;
+  bool cpu_throttle_tailslow;
+  /*
+   Only "" or null (no TLS) is accepted.
+   */
+  bool has_tls_creds;
+  struct StrOrNull *tls_creds;
+  /*
+   Only "" or null is accepted.
+   */
+  bool has_tls_hostname;
+  struct StrOrNull *tls_hostname;
+  /*
+   Only "" or null is accepted.
+   */
+  bool has_tls_authz;
+  struct StrOrNull *tls_authz;
+  /*
+   Bytes per second; 0: unlimited.
+   */
+  bool has_max_bandwidth;
+  uint64_t max_bandwidth;
+  /*
+   Milliseconds, 0 to 2,000,000.
+   */
+  bool has_downtime_limit;
+  uint64_t downtime_limit;
+  bool has_x_checkpoint_delay;
+  uint32_t x_checkpoint_delay;
+  bool has_block_incremental;
+  bool block_incremental;
+  bool has_multifd_channels;
+  uint8_t multifd_channels;
+  /*
+   Bytes: a power of two, at least a page.
+   */
+  bool has_xbzrle_cache_size;
+  uint64_t xbzrle_cache_size;
+  bool has_max_postcopy_bandwidth;
+  uint64_t max_postcopy_bandwidth;
+  bool has_max_cpu_throttle;
+  uint8_t max_cpu_throttle;
+  bool has_multifd_compression;
+  enum MultiFDCompression multifd_compression;
+  bool has_multifd_zlib_level;
+  uint8_t multifd_zlib_level;
+  bool has_multifd_zstd_level;
+  uint8_t multifd_zstd_level;
+  /*
+   Refused when set.
+   */
+  bool has_block_bitmap_mapping;
+  struct BitmapMigrationNodeAliasList *block_bitmap_mapping;
+} MigrateSetParameters;
+
+/*
+ What `qmp_query_migrate_parameters` returns (every `has_` flag set but
+ `has_block_bitmap_mapping`); free it with
+ `qapi_free_MigrationParameters`.
+ */
+typedef struct MigrationParameters {
+  bool has_announce_initial;
+  uint64_t announce_initial;
+  bool has_announce_max;
+  uint64_t announce_max;
+  bool has_announce_rounds;
+  uint64_t announce_rounds;
+  bool has_announce_step;
+  uint64_t announce_step;
+  bool has_compress_level;
+  uint8_t compress_level;
+  bool has_compress_threads;
+  uint8_t compress_threads;
+  bool has_compress_wait_thread;
+  bool compress_wait_thread;
+  bool has_decompress_threads;
+  uint8_t decompress_threads;
+  bool has_throttle_trigger_threshold;
+  uint8_t throttle_trigger_threshold;
+  bool has_cpu_throttle_initial;
+  uint8_t cpu_throttle_initial;
+  bool has_cpu_throttle_increment;
+  uint8_t cpu_throttle_increment;
+  bool has_cpu_throttle_tailslow;
+  bool cpu_throttle_tailslow;
+  /*
+   Always "".
+   */
+  bool has_tls_creds;
+  char *tls_creds;
+  /*
+   Always "".
+   */
+  bool has_tls_hostname;
+  char *tls_hostname;
+  /*
+   Always "".
+   */
+  bool has_tls_authz;
+  char *tls_authz;
+  bool has_max_bandwidth;
+  uint64_t max_bandwidth;
+  bool has_downtime_limit;
+  uint64_t downtime_limit;
+  bool has_x_checkpoint_delay;
+  uint32_t x_checkpoint_delay;
+  bool has_block_incremental;
+  bool block_incremental;
+  bool has_multifd_channels;
+  uint8_t multifd_channels;
+  bool has_xbzrle_cache_size;
+  uint64_t xbzrle_cache_size;
+  bool has_max_postcopy_bandwidth;
+  uint64_t max_postcopy_bandwidth;
+  bool has_max_cpu_throttle;
+  uint8_t max_cpu_throttle;
+  bool has_multifd_compression;
+  enum MultiFDCompression multifd_compression;
+  bool has_multifd_zlib_level;
+  uint8_t multifd_zlib_level;
+  bool has_multifd_zstd_level;
+  uint8_t multifd_zstd_level;
+  /*
+   Always false.
+   */
+  bool has_block_bitmap_mapping;
+  /*
+   Always NULL.
+   */
+  struct BitmapMigrationNodeAliasList *block_bitmap_mapping;
+} MigrationParameters;
 
 /*
  Called when an incoming stream changes the length of a resizable block,
@@ -1146,6 +1365,29 @@ int32_t livemig_incoming_port(void);
  is being handed over.
  */
 bool livemig_incoming_cancel(void);
+
+/*
+ Sets migration parameters, all or none (QEMU 7.2's
+ `migrate-set-parameters`). max-bandwidth, downtime-limit and
+ xbzrle-cache-size act as `qmp_migrate_set_speed`,
+ `qmp_migrate_set_downtime` and `qmp_migrate_set_cache_size` do, a
+ running migration included. The parameters of features livemig does
+ not implement are checked as QEMU 7.2 checks them, kept and reported,
+ and change nothing; TLS other than "" or null, and
+ block-bitmap-mapping, are refused.
+ */
+void qmp_migrate_set_parameters(struct MigrateSetParameters *params, struct Error **errp);
+
+/*
+ Every migration parameter (QEMU 7.2's `query-migrate-parameters`); free
+ with `qapi_free_MigrationParameters`. NULL only on an internal error.
+ */
+struct MigrationParameters *qmp_query_migrate_parameters(struct Error **errp);
+
+/*
+ Frees what `qmp_query_migrate_parameters` returned (NULL is ignored).
+ */
+void qapi_free_MigrationParameters(struct MigrationParameters *p);
 
 /*
  Registers a block of guest RAM as `idstr` (the name in the stream, e.g.

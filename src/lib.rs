@@ -36,6 +36,7 @@ pub mod host;
 pub mod incoming;
 pub mod loadvm;
 pub mod outgoing;
+pub mod parameters;
 pub mod params;
 pub mod qemu_file;
 pub mod ram;

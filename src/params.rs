@@ -178,9 +178,28 @@ pub fn set_speed(value: i64) -> Result<()> {
     if value < 0 {
         return Err(MigError::new(format!("Parameter 'speed' expects a value from 0 to {} bytes/second, got {value}", i64::MAX)));
     }
-    PARAMS.lock().speed = value as u64;
+    set_speed_bytes(value as u64);
+    Ok(())
+}
+
+/// Sets the bandwidth limit in bytes/s (0 lifts it), as QEMU 7.2's
+/// max-bandwidth parameter takes it: any 64-bit value.
+pub fn set_speed_bytes(value: u64) {
+    PARAMS.lock().speed = value;
     // A migration in progress takes it up at once, as in QEMU.
     crate::outgoing::speed_changed();
+}
+
+/// QEMU 7.2's refusal of a downtime-limit parameter out of range.
+pub const DOWNTIME_LIMIT_RANGE: &str = "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms";
+
+/// Sets the downtime limit in whole milliseconds, as QEMU 7.2's
+/// downtime-limit parameter takes it (0 to 2,000,000).
+pub fn set_downtime_ms(ms: u64) -> Result<()> {
+    if ms > MAX_DOWNTIME_NS / 1_000_000 {
+        return Err(MigError::new(DOWNTIME_LIMIT_RANGE));
+    }
+    PARAMS.lock().downtime_ns = ms * 1_000_000;
     Ok(())
 }
 

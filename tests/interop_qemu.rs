@@ -14,11 +14,13 @@
 //!
 //! Tests skip with a message where QEMU is not installed.
 
+#[path = "common/qmp.rs"]
+mod qmp;
 #[path = "common/scratch.rs"]
 mod scratch;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use qmp::Qmp;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -83,67 +85,6 @@ fn random() -> Vec<u8> {
         c.copy_from_slice(&x.to_le_bytes());
     }
     v
-}
-
-struct Qmp(BufReader<UnixStream>);
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("QMP connect {path:?}: {e}"),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp(BufReader::new(s));
-        q.line();
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
-        q
-    }
-    fn line(&mut self) -> serde_json::Value {
-        let mut l = String::new();
-        self.0.read_line(&mut l).expect("QMP read");
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP reply {l:?}: {e}"))
-    }
-    fn cmd(&mut self, c: &str) -> serde_json::Value {
-        self.try_cmd(c).unwrap_or_else(|e| panic!("QMP {c}: {e}"))
-    }
-    /// `cmd`, or the error of a QMP connection QEMU has closed (it exited).
-    fn try_cmd(&mut self, c: &str) -> std::io::Result<serde_json::Value> {
-        self.0.get_mut().write_all(format!("{c}\n").as_bytes())?;
-        loop {
-            let mut l = String::new();
-            if self.0.read_line(&mut l)? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP reply {l:?}: {e}"));
-            if v.get("event").is_none() {
-                assert!(v.get("error").is_none(), "QMP {c}: {v}");
-                return Ok(v["return"].clone());
-            }
-        }
-    }
-    fn wait_migration(&mut self) -> serde_json::Value {
-        self.try_wait_migration().unwrap_or_else(|e| panic!("QMP query-migrate: {e}"))
-    }
-    /// `wait_migration`, or the error of a QMP connection QEMU has closed.
-    fn try_wait_migration(&mut self) -> std::io::Result<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let r = self.try_cmd(r#"{"execute":"query-migrate"}"#)?;
-            match r["status"].as_str() {
-                Some("completed") | Some("failed") | Some("cancelled") => return Ok(r),
-                _ => assert!(Instant::now() < deadline, "QEMU migration did not finish: {r}"),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 fn qemu(dir: &Path, mem: Option<(&str, &Path, bool)>, extra: &[&str]) -> (Child, Qmp) {

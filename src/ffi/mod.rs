@@ -14,6 +14,7 @@ pub mod errors;
 pub mod file;
 pub mod host;
 pub mod migration;
+pub mod parameters;
 pub mod ram;
 pub mod savevm;
 pub mod types;
