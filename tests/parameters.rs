@@ -201,6 +201,9 @@ fn cases() -> Vec<Value> {
     // Refused as a whole: max-bandwidth must not change.
     v.push(json!({"max-bandwidth": 1000, "xbzrle-cache-size": 3}));
     v.push(json!({"downtime-limit": 200, "max-bandwidth": 5000, "multifd-channels": 0}));
+    // Two refused: the first in 7.2's order of checks is the one reported.
+    v.push(json!({"announce-step": 0, "multifd-channels": 0, "compress-level": 10}));
+    v.push(json!({"max-cpu-throttle": 100, "downtime-limit": 2000001, "xbzrle-cache-size": 5}));
     v
 }
 
