@@ -1344,6 +1344,18 @@ void migrate_del_blocker(struct Error *reason);
 void qemu_start_incoming_migration(const char *uri, struct Error **errp);
 
 /*
+ QEMU 7.2's `migrate-incoming`, for a VM started with `-incoming defer`:
+ `qemu_start_incoming_migration` for a VM in the inmigrate run state,
+ refused with 7.2's texts otherwise ("'-incoming' was not specified on
+ the command line"; a host without `runstate_get` tells only whether the
+ VM runs, and a running VM is refused) and while an incoming migration
+ is in progress ("The incoming migration has already been started"). Unlike 7.2, a
+ destination whose incoming migration failed or was cancelled may start
+ another. `fd:N` is livemig's from the call on, as there.
+ */
+void qmp_migrate_incoming(const char *uri, struct Error **errp);
+
+/*
  Loads an incoming migration from a stream the host opened. livemig owns
  `f` from the call on; a refusal (a migration in progress, a running VM)
  is logged and the stream closed. `livemig_incoming_cancel` wakes a read

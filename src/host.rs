@@ -324,6 +324,12 @@ impl Host {
         self.ops.autostart
     }
 
+    /// True when the host tells its exact run state (`runstate_get`), not
+    /// only whether the VM runs.
+    pub fn has_runstate_get(&self) -> bool {
+        self.ops.runstate_get.is_some()
+    }
+
     /// True when the host has a dirty log.
     pub fn has_dirty_log(&self) -> bool {
         self.ops.dirty_log_sync.is_some()

@@ -41,31 +41,57 @@ enum Source {
     File(QemuFile),
 }
 
-/// Starts an incoming migration from `uri`.
+/// How an incoming migration is started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// `qemu_start_incoming_migration`: any VM that is not running.
+    Any,
+    /// QEMU 7.2's `migrate-incoming` (a VM started with `-incoming defer`):
+    /// only a VM in the inmigrate run state, with 7.2's texts.
+    Deferred,
+}
+
+/// Starts an incoming migration from `uri` (`qemu_start_incoming_migration`).
 pub fn start_uri(uri: &str) -> Result<()> {
+    start_uri_as(uri, Start::Any)
+}
+
+/// Starts an incoming migration from `uri`, as `how` says.
+pub fn start_uri_as(uri: &str, how: Start) -> Result<()> {
     let parsed = Uri::parse(uri)?;
     if let Uri::FdNum(_) = parsed {
         // Taken by the call, as `qmp_migrate` takes it: a bad N is refused
         // at once, and N is closed if the start is refused. A cancel fires
         // the channel's own aborter.
         let chan = crate::transport::fd_channel(&parsed, uri)?;
-        return start(chan.aborter(), move |_| Ok(Source::Listener(Listener::Ready(chan))));
+        return start(how, chan.aborter(), move |_| Ok(Source::Listener(Listener::Ready(chan))));
     }
-    start(None, |abort| Ok(Source::Listener(Listener::open(&parsed, uri, abort)?)))
+    start(how, None, |abort| Ok(Source::Listener(Listener::open(&parsed, uri, abort)?)))
 }
 
 /// Starts loading from a stream the host opened (`process_incoming_migration`).
 /// A cancel fires the stream's own aborter, which wakes its reads.
 pub fn start_file(f: QemuFile) -> Result<()> {
-    start(f.aborter(), move |_| Ok(Source::File(f)))
+    start(Start::Any, f.aborter(), move |_| Ok(Source::File(f)))
 }
 
 /// Starts the incoming thread on what `open` sets up with the aborter a
 /// cancel fires (`aborter`, or a new one).
-fn start(aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
+fn start(how: Start, aborter: Option<Aborter>, open: impl FnOnce(&Aborter) -> Result<Source>) -> Result<()> {
     // Asked before START and IN are taken: the incoming thread takes IN
     // while it holds the host lock, which a host's run-state callback may want.
-    if host::get()?.runstate_is_running() {
+    let h = host::get()?;
+    if how == Start::Deferred {
+        if !INCOMING.status().is_idle() {
+            return Err(MigError::new("The incoming migration has already been started"));
+        }
+        // (A host without runstate_get tells only whether the VM runs,
+        // which is checked below.)
+        if h.has_runstate_get() && h.runstate()? != RunState::Inmigrate {
+            return Err(MigError::new("'-incoming' was not specified on the command line"));
+        }
+    }
+    if h.runstate_is_running() {
         // Loading writes guest RAM and device state under running vCPUs.
         return Err(MigError::new("cannot start an incoming migration while the VM is running"));
     }
@@ -358,7 +384,7 @@ mod tests {
         let (entered_tx, entered) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<()>();
         let starter = std::thread::spawn(move || {
-            start(None, move |_| {
+            start(Start::Any, None, move |_| {
                 entered_tx.send(()).unwrap();
                 let _ = go_rx.recv_timeout(Duration::from_secs(20));
                 Err(MigError::new("refused by the test"))

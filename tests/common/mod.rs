@@ -135,6 +135,21 @@ pub fn host_ops(lock: LockFn, unlock: LockFn) -> LivemigHostOps {
     }
 }
 
+unsafe extern "C" fn get(_: *mut c_void) -> RunState {
+    RunState::from_u32(STATE.load(Ordering::SeqCst)).unwrap_or(RunState::Running)
+}
+
+/// This host's table as `host()` registers it.
+pub fn host_ops_plain() -> LivemigHostOps {
+    host_ops(lock, unlock)
+}
+
+/// This host's table with `runstate_get` as well: the exact run state
+/// ([`STATE`]), not only whether the VM runs.
+pub fn host_ops_exact() -> LivemigHostOps {
+    LivemigHostOps { runstate_get: Some(get), ..host_ops(lock, unlock) }
+}
+
 /// Sets the host up once and returns the RAM and a guard serialising tests.
 pub fn host() -> (MutexGuard<'static, ()>, &'static GuestRam) {
     let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
