@@ -232,15 +232,30 @@ static void run_step(const char *uri, const char *expect)
     if (strcmp(expect, "blocked") == 0) {
         MigrationStatus before = query_status(false);
         Error *reason = error_new("device 'gpu0' does not support migration");
+        Error *reason2 = error_new("device 'tpm0' does not support migration");
         CHECK(migrate_add_blocker(reason, &err) == 0, "add blocker: %s", error_get_pretty(err));
+        CHECK(migrate_add_blocker(reason2, &err) == 0, "add blocker: %s", error_get_pretty(err));
         qmp_migrate(uri, false, false, false, false, false, false, &err);
-        CHECK(err && strcmp(error_get_pretty(err), "device 'gpu0' does not support migration") == 0,
-              "qmp_migrate with a blocker: %s", err ? error_get_pretty(err) : "no error");
+        CHECK(err && strcmp(error_get_pretty(err), "device 'tpm0' does not support migration") == 0,
+              "qmp_migrate with blockers: %s", err ? error_get_pretty(err) : "no error");
         error_free(err);
         err = NULL;
         CHECK(query_status(false) == before, "a refused migration changed the state");
+        /* query-migrate lists them, oldest first, as QEMU 7.2 does. */
+        MigrationInfo *info = qmp_query_migrate(&err);
+        CHECK(info && info->has_blocked_reasons && info->blocked_reasons && info->blocked_reasons->next &&
+              !info->blocked_reasons->next->next &&
+              strcmp(info->blocked_reasons->value, "device 'gpu0' does not support migration") == 0 &&
+              strcmp(info->blocked_reasons->next->value, "device 'tpm0' does not support migration") == 0,
+              "blocked_reasons");
+        qapi_free_MigrationInfo(info);
         migrate_del_blocker(reason);
+        migrate_del_blocker(reason2);
         error_free(reason);
+        error_free(reason2);
+        info = qmp_query_migrate(&err);
+        CHECK(info && !info->has_blocked_reasons && !info->blocked_reasons, "blocked_reasons after the blockers went");
+        qapi_free_MigrationInfo(info);
         printf("src: blocked as expected, state unchanged (%s)\n", status_name(before));
         return;
     }

@@ -573,6 +573,20 @@ typedef struct XBZRLECacheStats {
 } XBZRLECacheStats;
 
 /*
+ QAPI's list of strings.
+ */
+typedef struct strList {
+  /*
+   The next node, or NULL.
+   */
+  struct strList *next;
+  /*
+   This node's string.
+   */
+  char *value;
+} strList;
+
+/*
  QAPI `MigrationInfo`: QEMU's field order, newer fields appended.
  Free with `qapi_free_MigrationInfo`. As in QEMU 7.2, the source's
  figures (`ram`, `xbzrle_cache`, the times) are set while ACTIVE or
@@ -658,6 +672,16 @@ typedef struct MigrationInfo {
    Why the migration failed.
    */
   char *error_desc;
+  /*
+   Whether `blocked_reasons` is set: while a blocker is registered
+   (`qmp_query_migrate`, whatever the state, as QEMU 7.2).
+   */
+  bool has_blocked_reasons;
+  /*
+   The registered blockers' texts, oldest first, as QEMU 7.2 lists
+   them (`qmp_migrate` refuses with the newest's).
+   */
+  struct strList *blocked_reasons;
 } MigrationInfo;
 
 /*
@@ -1252,9 +1276,10 @@ void qapi_free_MigrationCapabilityStatusList(struct MigrationCapabilityStatusLis
  The state and figures of the outgoing migration or, if none has run in
  this process, of the incoming one (as QEMU 7.2, whose destination has
  no status while it waits for the stream: `livemig_query_incoming`
- reports that as SETUP). Free with `qapi_free_MigrationInfo`, which frees
- `ram`, `xbzrle_cache` and `error_desc` with it. NULL (with `errp` set)
- only on an internal error.
+ reports that as SETUP), and, whatever the state, the blockers
+ registered (`blocked_reasons`). Free with `qapi_free_MigrationInfo`,
+ which frees `ram`, `xbzrle_cache`, `error_desc` and `blocked_reasons`
+ with it. NULL (with `errp` set) only on an internal error.
  */
 struct MigrationInfo *qmp_query_migrate(struct Error **errp);
 

@@ -168,6 +168,11 @@ pub fn add_blocker(key: usize, msg: String) -> Result<()> {
     Ok(())
 }
 
+/// The registered blockers' texts, oldest first.
+pub fn blocker_reasons() -> Vec<String> {
+    OUT.lock().blockers.iter().map(|(_, m)| m.clone()).collect()
+}
+
 /// Removes the blocker registered under `key`.
 pub fn del_blocker(key: usize) {
     OUT.lock().blockers.retain(|(k, _)| *k != key);

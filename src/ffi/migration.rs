@@ -340,13 +340,31 @@ fn empty_info(status: MigrationStatus) -> MigrationInfo {
         setup_time: 0,
         has_error_desc: false,
         error_desc: null_mut(),
+        has_blocked_reasons: false,
+        blocked_reasons: null_mut(),
     }
+}
+
+/// A C string of `s` (a NUL in it, which C cannot hold, becomes a space).
+fn c_string(s: &str) -> *mut c_char {
+    CString::new(s.replace('\0', " ")).expect("NULs replaced").into_raw()
+}
+
+/// Sets `blocked_reasons` from the registered blockers, as QEMU 7.2 does
+/// in every query-migrate.
+fn set_blocked_reasons(info: &mut MigrationInfo) {
+    let mut head: *mut strList = null_mut();
+    for r in outgoing::blocker_reasons().iter().rev() {
+        head = Box::into_raw(Box::new(strList { next: head, value: c_string(r) }));
+    }
+    info.has_blocked_reasons = !head.is_null();
+    info.blocked_reasons = head;
 }
 
 fn set_error(info: &mut MigrationInfo, status: MigrationStatus, error: Option<String>) {
     if let (MigrationStatus::Failed, Some(e)) = (status, error) {
         info.has_error_desc = true;
-        info.error_desc = CString::new(e.replace('\0', " ")).expect("NULs replaced").into_raw();
+        info.error_desc = c_string(&e);
     }
 }
 
@@ -392,9 +410,10 @@ fn outgoing_info(status: MigrationStatus, st: &OutStats) -> MigrationInfo {
 /// The state and figures of the outgoing migration or, if none has run in
 /// this process, of the incoming one (as QEMU 7.2, whose destination has
 /// no status while it waits for the stream: `livemig_query_incoming`
-/// reports that as SETUP). Free with `qapi_free_MigrationInfo`, which frees
-/// `ram`, `xbzrle_cache` and `error_desc` with it. NULL (with `errp` set)
-/// only on an internal error.
+/// reports that as SETUP), and, whatever the state, the blockers
+/// registered (`blocked_reasons`). Free with `qapi_free_MigrationInfo`,
+/// which frees `ram`, `xbzrle_cache`, `error_desc` and `blocked_reasons`
+/// with it. NULL (with `errp` set) only on an internal error.
 #[no_mangle]
 pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo {
     guard_err("qmp_query_migrate", errp, null_mut(), || {
@@ -405,6 +424,8 @@ pub extern "C" fn qmp_query_migrate(errp: *mut *mut Error) -> *mut MigrationInfo
         } else {
             outgoing::with_stats(outgoing_info)
         };
+        let mut info = info;
+        set_blocked_reasons(&mut info);
         Ok(Box::into_raw(Box::new(info)))
     })
 }
@@ -439,6 +460,14 @@ pub extern "C" fn qapi_free_MigrationInfo(info: *mut MigrationInfo) {
         }
         if !i.error_desc.is_null() {
             drop(CString::from_raw(i.error_desc));
+        }
+        let mut node = i.blocked_reasons;
+        while !node.is_null() {
+            let n = Box::from_raw(node);
+            if !n.value.is_null() {
+                drop(CString::from_raw(n.value));
+            }
+            node = n.next;
         }
     }
 }

@@ -273,6 +273,22 @@ pub struct MigrationInfo {
     pub has_error_desc: bool,
     /// Why the migration failed.
     pub error_desc: *mut c_char,
+    /// Whether `blocked_reasons` is set: while a blocker is registered
+    /// (`qmp_query_migrate`, whatever the state, as QEMU 7.2).
+    pub has_blocked_reasons: bool,
+    /// The registered blockers' texts, oldest first, as QEMU 7.2 lists
+    /// them (`qmp_migrate` refuses with the newest's).
+    pub blocked_reasons: *mut strList,
+}
+
+/// QAPI's list of strings.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+pub struct strList {
+    /// The next node, or NULL.
+    pub next: *mut strList,
+    /// This node's string.
+    pub value: *mut c_char,
 }
 
 /// One capability and its state.
