@@ -577,7 +577,10 @@ pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
 /// the io timeout), holding up no query or cancel made meanwhile, and is
 /// listened on at every address it resolves to, as QEMU does, on one
 /// port (with port 0, the port the first address got); the start fails
-/// only when none can be bound.
+/// only when none can be bound. The source is waited for without the io
+/// timeout, as QEMU waits for it (`livemig_incoming_cancel` ends the
+/// wait): a connection on a socket, the first byte (or the end) of an
+/// `exec:` command's output or of an `fd:`; the state is SETUP meanwhile.
 #[no_mangle]
 pub extern "C" fn qemu_start_incoming_migration(uri: *const c_char, errp: *mut *mut Error) {
     guard_err("qemu_start_incoming_migration", errp, (), || incoming::start_uri(cstr(uri, "uri")?))

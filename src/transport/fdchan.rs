@@ -257,6 +257,22 @@ impl Channel for FdChannel {
         }
     }
 
+    fn wait_readable(&self) -> io::Result<()> {
+        self.abort.check()?;
+        // A read of no bytes consumes nothing and returns at once, but
+        // fails on a descriptor that cannot be read at all (the write end
+        // of a pipe): that is reported now, not waited on forever.
+        let mut none = [0u8; 0];
+        // SAFETY: a read of 0 bytes into a live (empty) buffer.
+        if unsafe { libc::read(self.raw(), none.as_mut_ptr().cast(), 0) } < 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
+                return Err(e);
+            }
+        }
+        wait_ready(self.raw(), libc::POLLIN, &self.abort, None)
+    }
+
     fn peer_closed(&self) -> bool {
         if !self.is_socket {
             return false;

@@ -100,6 +100,11 @@ pub trait Channel: Send {
     fn exit_note(&mut self) -> Option<String> {
         None
     }
+    /// Waits until there is something to read (or the end of the stream),
+    /// without the stall timeout: only the aborter ends the wait.
+    fn wait_readable(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Wakes and fails every blocking operation of the channels it was given
@@ -300,11 +305,19 @@ impl Listener {
         }
     }
 
-    /// Waits for the source (interruptible by the aborter).
+    /// Waits for the source (interruptible by the aborter), without the
+    /// stall timeout: a listening socket for a connection; an `exec:`
+    /// command or an `fd:` for the first byte (or the end of the stream),
+    /// as QEMU's destination waits for it. The source may come long after
+    /// the destination was set up: a command such as `nc -l PORT` waits
+    /// for the source itself.
     pub fn accept(self) -> Result<Box<dyn Channel>> {
         match self {
             Listener::Socket(l) => l.accept(),
-            Listener::Ready(c) => Ok(c),
+            Listener::Ready(c) => {
+                c.wait_readable().map_err(|e| MigError::io(format!("{}: waiting for the source", c.describe()), e))?;
+                Ok(c)
+            }
         }
     }
 }

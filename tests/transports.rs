@@ -1,0 +1,139 @@
+//! Transports and URIs at their edges, both directions: how long a
+//! destination waits for its source, what a refused or failed start leaves
+//! behind (state, error text, descriptors, processes).
+
+mod common;
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::IntoRawFd;
+use std::ptr::null_mut;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use livemig::ffi::errors::{error_free, error_get_pretty, Error};
+use livemig::ffi::host::livemig_fd_add;
+use livemig::ffi::migration as api;
+use livemig::host::RunState;
+use livemig::state::{MigrationStatus, INCOMING};
+
+fn take_err(err: *mut Error) -> String {
+    if err.is_null() {
+        return String::new();
+    }
+    // SAFETY: a live error from livemig; its text is a C string it owns.
+    let s = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(err)) }.to_string_lossy().into_owned();
+    error_free(err);
+    s
+}
+
+/// qemu_start_incoming_migration(uri): its error text ("" for none).
+fn incoming(uri: &str) -> String {
+    let c = CString::new(uri).unwrap();
+    let mut err = null_mut();
+    api::qemu_start_incoming_migration(c.as_ptr(), &mut err);
+    take_err(err)
+}
+
+/// The child processes of this process.
+fn children() -> Vec<String> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        v.extend(c.split_whitespace().map(str::to_string));
+    }
+    v
+}
+
+/// Asserts that the incoming migration stays waiting (SETUP, not failed)
+/// for `d`, well past the 1 s io timeout.
+fn still_waiting_after(d: Duration, what: &str) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        assert_eq!(INCOMING.status(), MigrationStatus::Setup, "{what}: {:?}", livemig::incoming::error());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An `exec:` source that starts sending later than the io timeout (as
+/// `nc -l PORT` does when the source connects late) is waited for, as
+/// QEMU's destination waits for it: the migration completes.
+#[test]
+fn an_exec_source_that_starts_late_is_waited_for() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let d = tmpdir("late-exec");
+    let s = d.join("s.bin");
+    std::fs::write(&s, valid_stream()).unwrap();
+    // The command starts writing after 2.5 io timeouts.
+    assert_eq!(incoming(&format!("exec:sleep 2.5; cat {}", s.display())), "");
+    still_waiting_after(Duration::from_millis(2000), "exec: source not yet sending");
+    assert_eq!(wait_final(true, 30), MigrationStatus::Completed, "{:?}", livemig::incoming::error());
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}
+
+/// The same for an `fd:` whose writer starts late; the destination sets
+/// the VM running once it has the stream.
+#[test]
+fn an_fd_source_that_starts_late_is_waited_for() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let (r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+    let name = CString::new("late-src").unwrap();
+    let mut err = null_mut();
+    assert!(livemig_fd_add(name.as_ptr(), r.into_raw_fd(), &mut err), "{}", take_err(err));
+    assert_eq!(incoming("fd:late-src"), "");
+    still_waiting_after(Duration::from_millis(2500), "fd: source not yet sending");
+    let stream = valid_stream();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&stream);
+    });
+    assert_eq!(wait_final(true, 30), MigrationStatus::Completed, "{:?}", livemig::incoming::error());
+    writer.join().unwrap();
+    assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32);
+}
+
+/// An `fd:` that cannot be read (the write end of a pipe) is not waited
+/// on: the migration fails at once with the reason.
+#[test]
+fn an_fd_that_cannot_be_read_fails_at_once() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let mut p = [0; 2];
+    // SAFETY: pipe(2) fills two descriptors.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    let name = CString::new("wrong-end").unwrap();
+    let mut err = null_mut();
+    assert!(livemig_fd_add(name.as_ptr(), p[1], &mut err), "{}", take_err(err));
+    assert_eq!(incoming("fd:wrong-end"), "");
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(livemig::incoming::error().unwrap(), "fd:wrong-end: waiting for the source: Bad file descriptor");
+    // SAFETY: the read end is this test's.
+    unsafe { libc::close(p[0]) };
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}
+
+/// A cancel ends the wait for a late `exec:` source: FAILED with the
+/// reason, the command and everything it started killed, no descriptor
+/// left open.
+#[test]
+fn an_incoming_cancel_ends_the_wait_for_an_exec_source() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let before = counts();
+    let uri = "exec:sleep 60; echo never";
+    assert_eq!(incoming(uri), "");
+    still_waiting_after(Duration::from_millis(1500), "exec: source silent");
+    assert!(!children().is_empty(), "the command runs");
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_eq!(
+        livemig::incoming::error().unwrap(),
+        format!("incoming migration cancelled: {uri}: waiting for the source: Operation canceled")
+    );
+    wait_until(10, "the command reaped", || children().is_empty());
+    assert_no_leak(before, "cancelled exec: source");
+    assert_ne!(STATE.load(Ordering::SeqCst), RunState::Running as u32, "the VM is not started");
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}
