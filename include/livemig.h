@@ -1386,8 +1386,10 @@ void qmp_migrate_incoming(const char *uri, struct Error **errp);
 /*
  Loads an incoming migration from a stream the host opened. livemig owns
  `f` from the call on; a refusal (a migration in progress, a running VM)
- is logged and the stream closed. `livemig_incoming_cancel` wakes a read
- it waits in.
+ is logged and the stream closed. The source's first byte is waited for
+ without the io timeout (the state is SETUP meanwhile), as
+ `qemu_start_incoming_migration` waits for its source.
+ `livemig_incoming_cancel` wakes a read it waits in.
  */
 void process_incoming_migration(struct QEMUFile *f);
 

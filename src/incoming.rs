@@ -227,7 +227,8 @@ fn run(host: Host, source: Source) {
         notify(S::Setup, true);
     }
     let file = match source {
-        Source::File(f) => Ok(f),
+        // Waited for without the io timeout (see `Listener::accept`).
+        Source::File(f) => f.wait_for_source().map(|()| f),
         Source::Listener(l) => l.accept().map(|c| QemuFile::new(c, Direction::Read)),
     };
     // The listener is closed once the source is accepted (or the wait for

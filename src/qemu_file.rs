@@ -425,6 +425,16 @@ impl QemuFile {
         Ok(true)
     }
 
+    /// Waits, without the stall timeout, until the stream has something to
+    /// read or has ended (a destination's source may start long after it
+    /// was set up, as QEMU waits for it); only the aborter ends the wait.
+    pub fn wait_for_source(&self) -> Result<()> {
+        if self.rpos < self.rlen || self.error.is_some() {
+            return Ok(());
+        }
+        self.chan.wait_readable().map_err(|e| MigError::io(format!("{}: waiting for the source", self.chan.describe()), e))
+    }
+
     /// True when the peer of a socket has closed or shut down its side.
     pub fn peer_closed(&self) -> bool {
         self.chan.peer_closed()

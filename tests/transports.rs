@@ -137,3 +137,38 @@ fn an_incoming_cancel_ends_the_wait_for_an_exec_source() {
     assert_ne!(STATE.load(Ordering::SeqCst), RunState::Running as u32, "the VM is not started");
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
 }
+
+/// A stream the host opened (`process_incoming_migration`) whose writer
+/// starts late is waited for as well, and a cancel ends that wait.
+#[test]
+fn process_incoming_migration_waits_for_a_late_source() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let mode = CString::new("rb").unwrap();
+    // A late source: loaded once it sends.
+    let (r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+    let f = livemig::ffi::file::qemu_fdopen(r.into_raw_fd(), mode.as_ptr());
+    assert!(!f.is_null());
+    api::process_incoming_migration(f);
+    still_waiting_after(Duration::from_millis(2500), "host stream not yet sending");
+    let stream = valid_stream();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&stream);
+    });
+    assert_eq!(wait_final(true, 30), MigrationStatus::Completed, "{:?}", livemig::incoming::error());
+    writer.join().unwrap();
+    // A source that never comes: the cancel ends the wait.
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let before = counts();
+    let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+    let f = livemig::ffi::file::qemu_fdopen(r.into_raw_fd(), mode.as_ptr());
+    api::process_incoming_migration(f);
+    still_waiting_after(Duration::from_millis(1500), "host stream silent");
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    let e = livemig::incoming::error().unwrap();
+    assert!(e.starts_with("incoming migration cancelled: ") && e.ends_with(": waiting for the source: Operation canceled"), "{e}");
+    drop(w);
+    assert_no_leak(before, "cancelled host stream");
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}
