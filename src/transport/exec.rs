@@ -30,36 +30,77 @@ pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<B
 /// Waits for the command to exit, bounded by the stall timeout, by
 /// `deadline` (the channel's, e.g. the switchover's: the command's exit is
 /// part of it) and by the aborter; a command still running then is killed.
-pub(super) fn wait_child(child: &mut Child, abort: &Aborter, deadline: Option<Instant>) -> io::Result<ExitStatus> {
+/// `Ok(None)`: it exited, but how is not known (see [`try_reap`]).
+pub(super) fn wait_child(child: &mut Child, abort: &Aborter, deadline: Option<Instant>) -> io::Result<Option<ExitStatus>> {
     let stall = Instant::now() + super::stall_timeout();
     let deadline = deadline.map_or(stall, |d| d.min(stall));
     loop {
-        if let Some(st) = child.try_wait()? {
+        if let Some(st) = try_reap(child)? {
             return Ok(st);
         }
         if abort.is_aborted() {
             kill(child);
-            let st = child.wait()?;
-            return Err(io::Error::other(format!("command did not finish, killed ({st})")));
+            let st = reap(child)?;
+            return Err(io::Error::other(format!("command did not finish, killed{}", in_parens(st))));
         }
         if Instant::now() >= deadline {
             kill(child);
-            let st = child.wait()?;
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("the command did not exit within the io timeout, killed ({st})")));
+            let st = reap(child)?;
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the command did not exit within the io timeout, killed{}", in_parens(st)),
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
 }
 
+fn in_parens(st: Option<ExitStatus>) -> String {
+    st.map_or_else(String::new, |st| format!(" ({st})"))
+}
+
+/// The command's exit: `None` while it runs, `Some(None)` once it has
+/// exited where its status is gone. A host that ignores SIGCHLD (SIG_IGN
+/// or SA_NOCLDWAIT, as daemons do to leave no zombies) has the kernel
+/// reap its children as they exit: waitpid then fails with ECHILD, and
+/// that means the command has exited, not that the stream failed (QEMU,
+/// too, completes a migration whose command it cannot reap).
+pub(super) fn try_reap(child: &mut Child) -> io::Result<Option<Option<ExitStatus>>> {
+    match child.try_wait() {
+        Ok(st) => Ok(st.map(Some)),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(Some(None)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits for the command's exit (see [`try_reap`] for `None`).
+fn reap(child: &mut Child) -> io::Result<Option<ExitStatus>> {
+    match child.wait() {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Kills the command and whatever it started in its process group (a
 /// pipeline's other stages, a command run in the background): killing the
-/// shell alone would leave them running. Called before the child is
-/// waited for, so its pid (the group's id) cannot have been reused.
+/// shell alone would leave them running. Only while the command's pid is
+/// still ours (running, or exited but not reaped): one reaped already (by
+/// an earlier wait, or by the kernel in a host that ignores SIGCHLD) may
+/// have been reused by another process, which must not be signalled.
 pub(super) fn kill(child: &mut Child) {
-    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) with a negative pid signals that process group;
-        // no memory is involved.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else { return };
+    // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with WNOWAIT only inspects the child (it reaps
+    // nothing) and fills `info`.
+    if unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) } != 0 {
+        // ECHILD: reaped already.
+        return;
     }
+    // SAFETY: kill(2) with a negative pid signals that process group (its
+    // id is the command's pid, held by the command, even as a zombie);
+    // no memory is involved.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
     let _ = child.kill();
 }

@@ -219,9 +219,10 @@ impl Channel for FdChannel {
             // EPIPE), then reap it. (Closing takes no new descriptor: it
             // works in a process at its RLIMIT_NOFILE.)
             self.fd = None;
-            let status = super::exec::wait_child(&mut child, &self.abort, self.deadline)?;
-            if !status.success() {
-                return Err(io::Error::other(format!("command exited with {status}")));
+            match super::exec::wait_child(&mut child, &self.abort, self.deadline)? {
+                Some(status) if !status.success() => return Err(io::Error::other(format!("command exited with {status}"))),
+                Some(_) => {}
+                None => log::info!("{}: the command has exited; its status is unknown (SIGCHLD is ignored)", self.name),
             }
         }
         Ok(())
@@ -249,8 +250,9 @@ impl Channel for FdChannel {
         let child = self.child.as_mut()?;
         let deadline = Instant::now() + std::time::Duration::from_millis(100);
         loop {
-            match child.try_wait() {
-                Ok(Some(st)) => return (!st.success()).then(|| format!("the command exited with {st}")),
+            match super::exec::try_reap(child) {
+                Ok(Some(Some(st))) => return (!st.success()).then(|| format!("the command exited with {st}")),
+                Ok(Some(None)) => return None,
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
                 _ => return None,
             }
