@@ -91,7 +91,7 @@ fn start_dst(net: Net, name: &str) -> String {
 
 fn connect(uri: &str) -> Conn {
     match Uri::parse(uri).unwrap() {
-        Uri::Tcp { host, port } => Conn::Tcp(TcpStream::connect((host.as_str(), port)).unwrap()),
+        Uri::Tcp { host, port, .. } => Conn::Tcp(TcpStream::connect((host.as_str(), port)).unwrap()),
         Uri::Unix(p) => Conn::Unix(UnixStream::connect(p).unwrap()),
         _ => unreachable!(),
     }

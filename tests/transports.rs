@@ -36,6 +36,28 @@ fn incoming(uri: &str) -> String {
     take_err(err)
 }
 
+/// qmp_migrate(uri): its error text ("" for none).
+fn migrate(uri: &str) -> String {
+    let c = CString::new(uri).unwrap();
+    let mut err = null_mut();
+    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
+    take_err(err)
+}
+
+/// qmp_query_migrate: (status, error_desc).
+fn query() -> (MigrationStatus, Option<String>) {
+    let i = api::qmp_query_migrate(null_mut());
+    assert!(!i.is_null());
+    // SAFETY: a MigrationInfo from livemig, freed right after; error_desc
+    // is a C string when has_error_desc is set.
+    let r = unsafe {
+        let e = (*i).has_error_desc.then(|| std::ffi::CStr::from_ptr((*i).error_desc).to_string_lossy().into_owned());
+        ((*i).status, e)
+    };
+    api::qapi_free_MigrationInfo(i);
+    r
+}
+
 /// The child processes of this process.
 fn children() -> Vec<String> {
     let mut v = Vec::new();
@@ -171,4 +193,64 @@ fn process_incoming_migration_waits_for_a_late_source() {
     drop(w);
     assert_no_leak(before, "cancelled host stream");
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}
+
+/// QEMU 7.2's `tcp:` options: `,to=` tries the next ports when the first
+/// is taken, `,ipv4`/`,ipv6` keep to one family, unknown ones are
+/// ignored; both directions.
+#[test]
+fn tcp_options_are_read_as_qemu_reads_them() {
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    // Incoming: the port asked is taken, the next one is listened on.
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = taken.local_addr().unwrap().port();
+    let before = counts();
+    let mut got = None;
+    for q in p + 1..p.saturating_add(20) {
+        // A port after `p` that is free now.
+        if std::net::TcpListener::bind(("127.0.0.1", q)).is_ok() {
+            got = Some(q);
+            break;
+        }
+    }
+    let q = got.expect("a free port after the taken one");
+    assert_eq!(incoming(&format!("tcp:127.0.0.1:{p},to={q},keep-alive")), "");
+    assert_eq!(api::livemig_incoming_port(), i32::from(q), "the first free port of the range");
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    assert_no_leak(before, "a range listener");
+    assert_eq!(
+        incoming(&format!("tcp:127.0.0.1:{p},to={p}")),
+        format!("Failed to bind socket for 'tcp:127.0.0.1:{p},to={p}': Address already in use")
+    );
+    // Incoming, IPv4 only on every address: IPv4 sources only.
+    assert_eq!(incoming("tcp::0,ipv4"), "");
+    let port = api::livemig_incoming_port() as u16;
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        assert!(std::net::TcpStream::connect(("::1", port)).is_err(), "not listening on IPv6");
+    }
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    // Outgoing: the family filters the addresses; a destination that
+    // reads the whole stream gets it.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let reader = std::thread::spawn(move || {
+        let (mut c, _) = sink.accept().unwrap();
+        std::io::copy(&mut c, &mut std::io::sink()).unwrap()
+    });
+    assert_eq!(migrate(&format!("tcp:127.0.0.1:{port},ipv4,to=9")), "");
+    assert_eq!(wait_final(false, 60), MigrationStatus::Completed, "{:?}", query());
+    assert!(reader.join().unwrap() > RAM_SIZE as u64 / 2);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    assert_eq!(migrate(&format!("tcp:127.0.0.1:{port},ipv6")), "");
+    assert_eq!(wait_final(false, 10), MigrationStatus::Failed);
+    assert_eq!(query().1.unwrap(), format!("Failed to connect to '127.0.0.1:{port}': Address family for hostname not supported"));
+    assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32);
+    // A bad option value is refused with QEMU's text.
+    assert_eq!(migrate("tcp:127.0.0.1:1,ipv4=foo"), "invalid migration uri 'tcp:127.0.0.1:1,ipv4=foo': error parsing 'ipv4' flag '=foo'");
+    drop(taken);
 }

@@ -12,6 +12,9 @@
 //! - `tcp:HOST:PORT` — IPv4, `[IPv6]`, or a host name; on the incoming side
 //!   an empty host binds every address, IPv4 and IPv6 (as QEMU's
 //!   `tcp::PORT`), and port 0 binds a free port (see [`Listener::local_port`]);
+//!   QEMU's options after the port: `,ipv4`/`,ipv6` (`=on`/`=off`) keep to
+//!   one address family, `,to=PORT` on the incoming side takes the first
+//!   free port up to PORT, others are ignored ([`TcpOpts`]);
 //! - `unix:PATH`;
 //! - `exec:COMMAND` — run by `/bin/sh -c`; outgoing writes to its stdin,
 //!   incoming reads its stdout;
@@ -161,11 +164,74 @@ impl Aborter {
     }
 }
 
+/// The address families a `tcp:` URI asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    /// IPv4 and IPv6.
+    #[default]
+    Any,
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+}
+
+/// The options of a `tcp:` URI after its port, as QEMU 7.2 reads them
+/// (`,to=PORT`, `,ipv4[=on|off]`, `,ipv6[=on|off]`, `,keep-alive[=on|off]`;
+/// others are ignored, as QEMU ignores them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpOpts {
+    /// Incoming: the highest port to try when PORT is taken.
+    pub to: Option<u16>,
+    /// The address families to connect to or listen on.
+    pub family: Family,
+}
+
+impl TcpOpts {
+    /// Parses `opts` (what follows the port, from its first ','), with
+    /// QEMU 7.2's messages (`inet_parse`, `inet_parse_flag`,
+    /// `inet_ai_family_from_address`).
+    fn parse(opts: &str) -> std::result::Result<TcpOpts, String> {
+        let flag = |name: &str| -> std::result::Result<Option<bool>, String> {
+            let Some(i) = opts.find(&format!(",{name}")) else { return Ok(None) };
+            let v = &opts[i + 1 + name.len()..];
+            let v = match v.find(',') {
+                Some(j) if v[j + 1..].starts_with(',') => return Err(format!("error parsing '{name}' flag '{v}'")),
+                Some(j) => &v[..j],
+                None => v,
+            };
+            match v {
+                "" | "=on" => Ok(Some(true)),
+                "=off" => Ok(Some(false)),
+                _ => Err(format!("error parsing '{name}' flag '{v}'")),
+            }
+        };
+        let to = match opts.find(",to=") {
+            Some(i) => {
+                let v = &opts[i + 4..];
+                let v = &v[..v.find(',').unwrap_or(v.len())];
+                Some(v.parse::<u16>().map_err(|_| "error parsing to= argument".to_string())?)
+            }
+            None => None,
+        };
+        flag("keep-alive")?; // always on in livemig
+        let family = match (flag("ipv4")?, flag("ipv6")?) {
+            (Some(false), Some(false)) => return Err("Cannot disable IPv4 and IPv6 at same time".into()),
+            (Some(true), Some(true)) => Family::Any,
+            (_, Some(true)) | (Some(false), _) => Family::V6,
+            (Some(true), _) | (_, Some(false)) => Family::V4,
+            (None, None) => Family::Any,
+        };
+        Ok(TcpOpts { to, family })
+    }
+}
+
 /// A parsed migration URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Uri {
-    /// `tcp:HOST:PORT` (host without brackets; empty on incoming = any).
-    Tcp { host: String, port: u16 },
+    /// `tcp:HOST:PORT[,OPTIONS]` (host without brackets; empty on incoming
+    /// = any).
+    Tcp { host: String, port: u16, opts: TcpOpts },
     /// `unix:PATH`.
     Unix(String),
     /// `exec:COMMAND`.
@@ -192,8 +258,10 @@ impl Uri {
                     }
                     host
                 };
+                let (port, opts) = port.split_at(port.find(',').unwrap_or(port.len()));
                 let port: u16 = port.parse().map_err(|_| bad(&format!("port '{port}' is not a number from 0 to 65535")))?;
-                Ok(Uri::Tcp { host: host.to_string(), port })
+                let opts = TcpOpts::parse(opts).map_err(|why| bad(&why))?;
+                Ok(Uri::Tcp { host: host.to_string(), port, opts })
             }
             "unix" if !rest.is_empty() => Ok(Uri::Unix(rest.to_string())),
             "unix" => Err(bad("empty socket path")),
@@ -261,7 +329,7 @@ fn take_fd(uri: &Uri) -> Result<OwnedFd> {
 /// `abort` interrupts a pending connect).
 pub fn connect(uri: &Uri, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
     match uri {
-        Uri::Tcp { host, port } => socket::connect_tcp(host, *port, text, abort),
+        Uri::Tcp { host, port, opts } => socket::connect_tcp(host, *port, opts.family, text, abort),
         Uri::Unix(path) => socket::connect_unix(path, text, abort),
         Uri::Exec(cmd) => exec::spawn(cmd, true, text, abort),
         Uri::FdNum(_) | Uri::FdName(_) => Ok(Box::new(FdChannel::new(take_fd(uri)?, text.to_string(), abort.clone())?)),
@@ -288,7 +356,7 @@ impl Listener {
     /// blocks on the network).
     pub fn open(uri: &Uri, text: &str, abort: &Aborter) -> Result<Listener> {
         match uri {
-            Uri::Tcp { host, port } => Ok(Listener::Socket(socket::listen_tcp(host, *port, text, abort)?)),
+            Uri::Tcp { host, port, opts } => Ok(Listener::Socket(socket::listen_tcp(host, *port, *opts, text, abort)?)),
             Uri::Unix(path) => Ok(Listener::Socket(socket::listen_unix(path, text, abort)?)),
             Uri::Exec(cmd) => Ok(Listener::Ready(exec::spawn(cmd, false, text, abort)?)),
             Uri::FdNum(_) | Uri::FdName(_) => {
@@ -328,14 +396,40 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        assert_eq!(Uri::parse("tcp:127.0.0.1:4444").unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 4444 });
-        assert_eq!(Uri::parse("tcp:[::1]:0").unwrap(), Uri::Tcp { host: "::1".into(), port: 0 });
-        assert_eq!(Uri::parse("tcp:localhost:1").unwrap(), Uri::Tcp { host: "localhost".into(), port: 1 });
-        assert_eq!(Uri::parse("tcp::5").unwrap(), Uri::Tcp { host: "".into(), port: 5 });
+        let none = TcpOpts::default();
+        assert_eq!(Uri::parse("tcp:127.0.0.1:4444").unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 4444, opts: none });
+        assert_eq!(Uri::parse("tcp:[::1]:0").unwrap(), Uri::Tcp { host: "::1".into(), port: 0, opts: none });
+        assert_eq!(Uri::parse("tcp:localhost:1").unwrap(), Uri::Tcp { host: "localhost".into(), port: 1, opts: none });
+        assert_eq!(Uri::parse("tcp::5").unwrap(), Uri::Tcp { host: "".into(), port: 5, opts: none });
         assert_eq!(Uri::parse("unix:/tmp/x.sock").unwrap(), Uri::Unix("/tmp/x.sock".into()));
         assert_eq!(Uri::parse("exec:cat > f").unwrap(), Uri::Exec("cat > f".into()));
         assert_eq!(Uri::parse("fd:7").unwrap(), Uri::FdNum(7));
         assert_eq!(Uri::parse("fd:mig").unwrap(), Uri::FdName("mig".into()));
+    }
+
+    /// QEMU 7.2's `tcp:` options: read as it reads them, unknown ones
+    /// ignored, bad values refused with its messages.
+    #[test]
+    fn parses_tcp_options_as_qemu() {
+        let opts = |uri: &str| match Uri::parse(uri) {
+            Ok(Uri::Tcp { opts, .. }) => Ok(opts),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let o = |to, family| Ok(TcpOpts { to, family });
+        assert_eq!(opts("tcp:h:1,to=9"), o(Some(9), Family::Any));
+        assert_eq!(opts("tcp:h:1,ipv4"), o(None, Family::V4));
+        assert_eq!(opts("tcp:h:1,ipv6=on,to=3"), o(Some(3), Family::V6));
+        assert_eq!(opts("tcp:h:1,ipv4=off"), o(None, Family::V6));
+        assert_eq!(opts("tcp:h:1,ipv6=off"), o(None, Family::V4));
+        assert_eq!(opts("tcp:h:1,ipv4,ipv6"), o(None, Family::Any));
+        assert_eq!(opts("tcp:[::1]:1,keep-alive,foo"), o(None, Family::Any));
+        let bad = |uri: &str, why: &str| assert_eq!(opts(uri), Err(format!("invalid migration uri '{uri}': {why}")));
+        bad("tcp:h:1,to=x", "error parsing to= argument");
+        bad("tcp:h:1,ipv4=foo", "error parsing 'ipv4' flag '=foo'");
+        bad("tcp:h:1,ipv6=on,,x", "error parsing 'ipv6' flag '=on,,x'");
+        bad("tcp:h:1,ipv4=off,ipv6=off", "Cannot disable IPv4 and IPv6 at same time");
+        bad("tcp:h:x,ipv4", "port 'x' is not a number from 0 to 65535");
     }
 
     #[test]

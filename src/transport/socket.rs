@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 
 use super::fdchan::{set_nonblocking, wait_fd, wait_ready};
-use super::{Aborter, Channel, FdChannel};
+use super::{Aborter, Channel, Family, FdChannel, TcpOpts};
 use crate::error::{MigError, Result};
 
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) {
@@ -114,10 +114,28 @@ fn resolve(host: &str, port: u16, abort: &Aborter) -> io::Result<Vec<SocketAddr>
     }
 }
 
-/// Connects to `host:port`, trying each resolved address in turn.
-pub fn connect_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
+/// The addresses of `family` among `addrs`; none is an error, with
+/// getaddrinfo's text (EAI_ADDRFAMILY), as QEMU 7.2 reports it.
+fn of_family(addrs: Vec<SocketAddr>, family: Family) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| match family {
+            Family::Any => true,
+            Family::V4 => a.is_ipv4(),
+            Family::V6 => a.is_ipv6(),
+        })
+        .collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "Address family for hostname not supported"));
+    }
+    Ok(addrs)
+}
+
+/// Connects to `host:port`, trying each resolved address of `family` in
+/// turn.
+pub fn connect_tcp(host: &str, port: u16, family: Family, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
     let fail = |e: io::Error| MigError::io(format!("Failed to connect to '{host}:{port}'"), e);
-    let addrs = resolve(host, port, abort).map_err(fail)?;
+    let addrs = resolve(host, port, abort).and_then(|a| of_family(a, family)).map_err(fail)?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for addr in &addrs {
         match connect_one(addr, abort, text) {
@@ -282,23 +300,44 @@ fn file_id(path: &str) -> io::Result<(u64, u64)> {
 
 /// Binds `host:port` (empty host: every address, IPv4 and IPv6, as QEMU's
 /// `tcp::PORT` listens; a name: every address it resolves to, as QEMU
-/// listens on each; port 0: any free port).
-pub fn listen_tcp(host: &str, port: u16, text: &str, abort: &Aborter) -> Result<SocketListener> {
+/// listens on each; port 0: any free port), of the families `opts` asks
+/// for; with `opts.to`, the first port from `port` to `to` that is free,
+/// as QEMU's `,to=` does.
+pub fn listen_tcp(host: &str, port: u16, opts: TcpOpts, text: &str, abort: &Aborter) -> Result<SocketListener> {
     let fail = |e: io::Error| MigError::io(format!("Failed to bind socket for '{text}'"), e);
-    let bound = if host.is_empty() {
-        // One IPv6 socket that takes IPv4 too; IPv4 alone where that
-        // cannot be had (no IPv6), unless the port is the problem.
-        listen_any_dual_stack(port)
-            .or_else(|e| match e.raw_os_error() {
-                Some(libc::EADDRINUSE | libc::EACCES) => Err(e),
-                _ => TcpListener::bind(("0.0.0.0", port)),
-            })
-            .map(|l| vec![l])
-    } else {
-        // Looked up as for a connect: the stall timeout ends a resolver
-        // that hangs (a cancel cannot: the start has not left idle yet, and
-        // no cancel reaches its aborter).
-        resolve(host, port, abort).and_then(|addrs| bind_each(&addrs))
+    // Looked up once, as for a connect: the stall timeout ends a resolver
+    // that hangs (a cancel cannot: the start has not left idle yet, and no
+    // cancel reaches its aborter).
+    let addrs =
+        if host.is_empty() { None } else { Some(resolve(host, port, abort).and_then(|a| of_family(a, opts.family)).map_err(fail)?) };
+    let bind_at = |p: u16| -> io::Result<Vec<TcpListener>> {
+        match &addrs {
+            None => match opts.family {
+                // One IPv6 socket that takes IPv4 too; IPv4 alone where
+                // that cannot be had (no IPv6), unless the port is the
+                // problem.
+                Family::Any => listen_any_v6(p, false)
+                    .or_else(|e| match e.raw_os_error() {
+                        Some(libc::EADDRINUSE | libc::EACCES) => Err(e),
+                        _ => TcpListener::bind(("0.0.0.0", p)),
+                    })
+                    .map(|l| vec![l]),
+                Family::V4 => TcpListener::bind(("0.0.0.0", p)).map(|l| vec![l]),
+                Family::V6 => listen_any_v6(p, true).map(|l| vec![l]),
+            },
+            Some(addrs) => bind_each(&addrs.iter().map(|a| SocketAddr::new(a.ip(), p)).collect::<Vec<_>>()),
+        }
+    };
+    let last = opts.to.unwrap_or(port);
+    if last < port {
+        return Err(fail(io::Error::new(io::ErrorKind::InvalidInput, format!("no port from {port} to {last}"))));
+    }
+    let mut p = port;
+    let bound = loop {
+        match bind_at(p) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && p < last && port != 0 => p += 1,
+            r => break r,
+        }
     };
     let listeners = bound.map_err(fail)?;
     let port = listeners[0].local_addr().map_err(|e| MigError::io("getsockname", e))?.port();
@@ -365,9 +404,10 @@ fn bind_each_with(addrs: &[SocketAddr], bind: &mut dyn FnMut(SocketAddr) -> io::
     }
 }
 
-/// A listener on every IPv6 and IPv4 address (`[::]` with IPV6_V6ONLY off,
-/// whatever the system default), with std's SO_REUSEADDR and backlog.
-fn listen_any_dual_stack(port: u16) -> io::Result<TcpListener> {
+/// A listener on every IPv6 address (`[::]`) and, unless `v6only`, every
+/// IPv4 one (IPV6_V6ONLY set as asked, whatever the system default), with
+/// std's SO_REUSEADDR and backlog.
+fn listen_any_v6(port: u16, v6only: bool) -> io::Result<TcpListener> {
     // SAFETY: plain socket(2); the descriptor is owned at once below.
     let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
@@ -376,14 +416,14 @@ fn listen_any_dual_stack(port: u16) -> io::Result<TcpListener> {
     // SAFETY: a descriptor just returned by socket(2), owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
-    let off: i32 = 0;
+    let only: i32 = v6only.into();
     // SAFETY: passes a pointer to a live i32 and its size.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::IPPROTO_IPV6,
             libc::IPV6_V6ONLY,
-            (&off as *const i32).cast(),
+            (&only as *const i32).cast(),
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
@@ -478,7 +518,7 @@ mod tests {
     #[test]
     fn an_empty_host_listens_on_ipv4_and_ipv6() {
         let abort = Aborter::new().expect("aborter");
-        let l = listen_tcp("", 0, "tcp::0", &abort).expect("listen");
+        let l = listen_tcp("", 0, TcpOpts::default(), "tcp::0", &abort).expect("listen");
         let port = l.port.expect("a tcp port");
         std::net::TcpStream::connect(("127.0.0.1", port)).expect("IPv4 connect");
         if std::net::TcpListener::bind("[::1]:0").is_ok() {
