@@ -1183,7 +1183,9 @@ int64_t migrate_xbzrle_cache_size(void);
  (the call never waits). `exec:CMD` runs `/bin/sh -c CMD` in a process
  group of its own: a command killed (on a cancel, or when it outlasts
  the io timeout) is killed with every process it started, and it does
- not get the terminal's signals (Ctrl-C) meant for the host. In a host
+ not get the terminal's signals (Ctrl-C) meant for the host. It gets
+ stdin, stdout and stderr only (on both sides): none of the host's
+ other descriptors, also those without FD_CLOEXEC. In a host
  that ignores SIGCHLD the command's exit status is lost (the kernel
  reaps it): a command that took the whole stream then counts as
  successful, as in QEMU.

@@ -254,3 +254,44 @@ fn tcp_options_are_read_as_qemu_reads_them() {
     assert_eq!(migrate("tcp:127.0.0.1:1,ipv4=foo"), "invalid migration uri 'tcp:127.0.0.1:1,ipv4=foo': error parsing 'ipv4' flag '=foo'");
     drop(taken);
 }
+
+/// An `exec:` command gets stdin, stdout and stderr, and none of the
+/// host's other descriptors, also those it left without close-on-exec
+/// (guest RAM, disk images, KVM's): a command QEMU spawns through glib
+/// gets none either. Both directions, each command's descriptors read
+/// while it runs.
+#[test]
+fn an_exec_command_inherits_none_of_the_hosts_descriptors() {
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    let path = CString::new("/dev/null").unwrap();
+    // SAFETY: open(2) of a NUL-terminated path, without O_CLOEXEC.
+    let host_fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+    assert!(host_fd > 2);
+    // The descriptors of the one command running (the shell exec'd it).
+    let command_fds = || -> Vec<String> {
+        wait_until(10, "the command", || children().len() == 1);
+        let pid = &children()[0];
+        wait_until(10, "the shell to exec sleep", || {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
+        let mut v: Vec<String> =
+            std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    assert_eq!(migrate("exec:exec sleep 30"), "");
+    assert_eq!(command_fds(), ["0", "1", "2"], "the outgoing command's descriptors");
+    api::qmp_migrate_cancel(null_mut());
+    assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
+    STATE.store(RunState::Inmigrate as u32, Ordering::SeqCst);
+    assert_eq!(incoming("exec:exec sleep 30"), "");
+    assert_eq!(command_fds(), ["0", "1", "2"], "the incoming command's descriptors");
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(wait_final(true, 10), MigrationStatus::Failed);
+    wait_until(10, "the commands reaped", || children().is_empty());
+    // SAFETY: closes the descriptor opened above.
+    unsafe { libc::close(host_fd) };
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+}

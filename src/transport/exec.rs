@@ -11,11 +11,15 @@ use crate::error::{MigError, Result};
 /// Runs `cmd` with `/bin/sh -c`; `outgoing` pipes its stdin (its stdout
 /// goes nowhere, not to the host's: QEMU keeps it too), else its stdout.
 /// The shell leads a process group of its own, so that a command killed
-/// (see [`kill`]) takes the processes it started with it.
+/// (see [`kill`]) takes the processes it started with it. It gets stdin,
+/// stdout and stderr only (see [`no_inherited_fds`]).
 pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<Box<dyn Channel>> {
     use std::os::unix::process::CommandExt;
     let mut c = Command::new("/bin/sh");
     c.arg("-c").arg(cmd).process_group(0);
+    // SAFETY: the closure makes only async-signal-safe system calls, as a
+    // child between fork and exec may.
+    unsafe { c.pre_exec(no_inherited_fds) };
     if outgoing {
         c.stdin(Stdio::piped()).stdout(Stdio::null());
     } else {
@@ -25,6 +29,30 @@ pub fn spawn(cmd: &str, outgoing: bool, text: &str, abort: &Aborter) -> Result<B
     let fd: OwnedFd =
         if outgoing { child.stdin.take().expect("stdin was piped").into() } else { child.stdout.take().expect("stdout was piped").into() };
     Ok(Box::new(FdChannel::new(fd, text.to_string(), abort.clone())?.with_child(child)))
+}
+
+/// In the child, before exec: every descriptor above stderr is marked
+/// close-on-exec, so that the command inherits none of the host's (guest
+/// RAM, disk images, KVM's, sockets) that the host left without
+/// FD_CLOEXEC; as a command QEMU spawns through glib inherits none. (Marked
+/// rather than closed: the pipe through which the child reports a failed
+/// exec to `spawn` must stay open until the exec.) Only async-signal-safe
+/// calls, no allocation: this runs between fork and exec.
+fn no_inherited_fds() -> io::Result<()> {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if r == 0 {
+        return Ok(());
+    }
+    // A kernel before 5.11: each descriptor up to the limit, in turn.
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
+    let max = if max > 0 { max.min(1 << 20) as i32 } else { 1024 };
+    for fd in 3..max {
+        // SAFETY: fcntl on a descriptor number; one not open fails (EBADF).
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
 }
 
 /// Waits for the command to exit, bounded by the stall timeout, by
