@@ -295,3 +295,19 @@ fn an_exec_command_inherits_none_of_the_hosts_descriptors() {
     unsafe { libc::close(host_fd) };
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
 }
+
+/// A `unix:` path too long for a socket address fails the migration with
+/// QEMU 7.2's words (as the destination refuses it), the VM running.
+#[test]
+fn a_unix_path_too_long_to_connect_is_reported_as_qemu_reports_it() {
+    let (_g, _ram) = host();
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    let path = format!("/tmp/{}", "a".repeat(120));
+    assert_eq!(migrate(&format!("unix:{path}")), "");
+    assert_eq!(wait_final(false, 10), MigrationStatus::Failed);
+    assert_eq!(
+        query().1.unwrap(),
+        format!("Failed to connect to '{path}': UNIX socket path '{path}' is too long (a socket path must be shorter than 108 bytes)")
+    );
+    assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32);
+}

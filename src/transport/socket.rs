@@ -170,7 +170,9 @@ fn connect_unix_fd(path: &str, abort: &Aborter, text: &str) -> io::Result<OwnedF
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "the path contains a NUL byte"));
     }
     if bytes.len() >= sun.sun_path.len() {
-        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        // QEMU 7.2's words, and the limit (as `listen_unix` says it).
+        let why = format!("UNIX socket path '{path}' is too long (a socket path must be shorter than {} bytes)", sun.sun_path.len());
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
     }
     for (d, &b) in sun.sun_path.iter_mut().zip(bytes) {
         *d = b as libc::c_char;
