@@ -65,9 +65,24 @@ impl SaveVmHandler for GlobalState {
         let end = field.iter().position(|&b| b == 0).unwrap_or(RUNSTATE_FIELD);
         let name = String::from_utf8_lossy(&field[..end]).into_owned();
         let state = RunState::from_name(&name).ok_or_else(|| MigError::new(format!("invalid parameter value: {name}")))?;
+        if !enterable_from_inmigrate(state) {
+            // 7.2 takes the name here and aborts (the whole process) when
+            // it later sets that state. Refused while loading instead, so
+            // that the host is never put in it and a source with a return
+            // path is told the load failed (7.2's abort drops the
+            // connection, which fails the source too).
+            return Err(MigError::new(format!("invalid runstate transition: 'inmigrate' -> '{name}'")));
+        }
         *STORED.lock() = Some(state);
         Ok(())
     }
+}
+
+/// Whether a destination in `inmigrate` may be put in `state` once the
+/// load is over: QEMU 7.2's `runstate_transitions_def` from inmigrate,
+/// and inmigrate itself (setting the current state is no transition).
+fn enterable_from_inmigrate(state: RunState) -> bool {
+    !matches!(state, RunState::Debug | RunState::RestoreVm | RunState::SaveVm)
 }
 
 /// Registers the "globalstate" section (once).

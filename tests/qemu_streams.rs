@@ -381,6 +381,46 @@ fn running_source_globalstate_is_running() {
     assert_eq!(livemig::globalstate::received(), Some(RunState::Running));
 }
 
+/// A "globalstate" carrying a run state that QEMU 7.2 cannot enter from
+/// inmigrate is refused with 7.2's text, and nothing is recorded for the
+/// host to be put in: a 7.2 destination (`-machine none -m 64M -S`)
+/// loaded such a stream and then aborted with "invalid runstate
+/// transition: 'inmigrate' -> 'debug'" (likewise save-vm, restore-vm).
+/// Every other run state loads, as 7.2 sets it (inmigrate included,
+/// which 7.2 keeps: setting the current state is no transition).
+#[test]
+fn globalstate_run_states_7_2_cannot_enter_are_refused() {
+    let _g = serial();
+    let _m = Machine::none("ram");
+    let stream = |name: &str| {
+        let mut s = b"QEVM\0\0\0\x03\x07\0\0\0\x04none\x04\0\0\0\x04\x0bglobalstate\0\0\0\0\0\0\0\x01".to_vec();
+        s.extend((name.len() as u32 + 1).to_be_bytes());
+        let mut field = [0u8; 100];
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        s.extend(field);
+        s.extend([0x7e, 0, 0, 0, 4, 0]);
+        s
+    };
+    for state in RunState::all() {
+        let name = state.name();
+        // What an earlier load left must not be taken for this one's.
+        livemig::globalstate::store(RunState::Running);
+        let got = load(stream(name));
+        if matches!(state, RunState::Debug | RunState::SaveVm | RunState::RestoreVm) {
+            assert_eq!(
+                got.unwrap_err(),
+                format!(
+                    "error while loading state for instance 0x0 of device 'globalstate': invalid runstate transition: 'inmigrate' -> '{name}'"
+                )
+            );
+            assert_eq!(livemig::globalstate::received(), None, "{name}: no run state recorded");
+        } else {
+            got.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(livemig::globalstate::received(), Some(state));
+        }
+    }
+}
+
 /// A device of a captured pc or q35 stream: its state skipped, sized
 /// from the stream's own vmdesc.
 struct Opaque(usize);
