@@ -307,6 +307,37 @@ fn load_command(f: &mut QemuFile, advised: &mut bool) -> Result<bool> {
             16 => Err(MigError::new("RAM postcopy is disabled but have 16 byte advise")),
             n => Err(MigError::new(format!("CMD_POSTCOPY_ADVISE invalid length ({n})"))),
         },
+        // POSTCOPY_RESUME outside a postcopy recovery: 7.2 reports it and
+        // goes on ("Don't fail the load, only for this").
+        9 => {
+            log::warn!("loadvm_postcopy_handle_resume: illegal resume received");
+            Ok(false)
+        }
+        10 => load_recv_bitmap(f, len).map(|()| false),
         _ => Err(MigError::with_errno(format!("MIG_CMD 0x{cmd:x} ({name}: postcopy/COLO) is not supported"), libc::ENOTSUP)),
     }
+}
+
+/// RECV_BITMAP (`len` bytes: a counted block name) outside a postcopy
+/// recovery, as 7.2's `loadvm_handle_recv_bitmap` takes it: the name is
+/// checked (read, its length against `len`, the block looked up as the C
+/// string it is read into), then the request is reported and dropped, as
+/// only a recovering destination answers it; the load goes on.
+fn load_recv_bitmap(f: &mut QemuFile, len: u16) -> Result<()> {
+    const WHERE: &str = "loadvm_handle_recv_bitmap";
+    let name = f.get_counted_bytes();
+    f.check()?;
+    if name.is_empty() {
+        return Err(MigError::new(format!("{WHERE}: failed to read block name")));
+    }
+    if usize::from(len) != name.len() + 1 {
+        return Err(MigError::new(format!("{WHERE}: invalid payload length ({len})")));
+    }
+    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+    let shown = String::from_utf8_lossy(name);
+    if !crate::ram::blocks().iter().any(|b| b.idstr.as_bytes() == name) {
+        return Err(MigError::new(format!("{WHERE}: block '{shown}' not found")));
+    }
+    log::warn!("migrate_send_rp_recv_bitmap: MSG_RP_RECV_BITMAP only used for recovery (block '{shown}')");
+    Ok(())
 }

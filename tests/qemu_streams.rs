@@ -421,6 +421,57 @@ fn globalstate_run_states_7_2_cannot_enter_are_refused() {
     }
 }
 
+/// POSTCOPY_RESUME and RECV_BITMAP in a precopy stream, as a 7.2
+/// destination (`-machine none -m 64M -S`) took them: it reported each
+/// ("illegal resume received", "MSG_RP_RECV_BITMAP only used for
+/// recovery") and loaded the rest of the stream; a RECV_BITMAP naming no
+/// block, with a length that is not its name's, or naming an unknown
+/// block failed the load with these messages. The name is compared as
+/// the C string 7.2 reads it into ("ram\0x" is "ram").
+#[test]
+fn postcopy_recovery_commands_in_a_precopy_stream_as_7_2() {
+    let _g = serial();
+    let m = Machine::none("ram");
+    let cmd = |c: u16, data: &[u8], len: u16| {
+        let mut v = vec![8];
+        v.extend(c.to_be_bytes());
+        v.extend(len.to_be_bytes());
+        v.extend(data);
+        v
+    };
+    let stream = |cmds: &[Vec<u8>]| {
+        let mut s = b"QEVM\0\0\0\x03\x07\0\0\0\x04none".to_vec();
+        cmds.iter().for_each(|c| s.extend(c));
+        s.extend(b"\x01\0\0\0\x02\x03ram\0\0\0\0\0\0\0\x04");
+        s.extend((MIB64 | 4).to_be_bytes());
+        s.extend(b"\x03ram");
+        s.extend(MIB64.to_be_bytes());
+        s.extend((0x1000u64 | 8).to_be_bytes());
+        s.extend(b"\x03ram");
+        s.extend([0x33; 4096]);
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2, 0]);
+        s
+    };
+    let resume = cmd(9, &[], 0);
+    let bitmap = |name: &[u8], len: u16| {
+        let mut d = vec![name.len() as u8];
+        d.extend(name);
+        cmd(10, &d, len)
+    };
+    m.blocks[0].1.clear();
+    load(stream(&[bitmap(b"ram", 4), resume.clone(), resume, bitmap(b"ram\0x", 6)])).unwrap();
+    assert!(m.ram()[0x1000..0x2000].iter().all(|&b| b == 0x33), "the pages after the commands are loaded");
+    for (c, want) in [
+        (bitmap(b"", 1), "loadvm_handle_recv_bitmap: failed to read block name"),
+        (bitmap(b"ram", 5), "loadvm_handle_recv_bitmap: invalid payload length (5)"),
+        (bitmap(b"foo", 4), "loadvm_handle_recv_bitmap: block 'foo' not found"),
+        (cmd(9, &[0], 1), "POSTCOPY_RESUME received with bad length - expecting 0, got 1"),
+    ] {
+        assert_eq!(load(stream(&[c])).unwrap_err(), want);
+    }
+}
+
 /// A device of a captured pc or q35 stream: its state skipped, sized
 /// from the stream's own vmdesc.
 struct Opaque(usize);
