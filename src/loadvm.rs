@@ -177,6 +177,17 @@ fn check_footer(f: &mut QemuFile, section_id: u32, idstr: &str) -> Result<()> {
     Ok(())
 }
 
+/// The bytes of `b` up to its first NUL: what 7.2 compares of a name it
+/// read into a C string.
+fn c_str(b: &[u8]) -> &[u8] {
+    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
+}
+
+/// The configuration record, read as 7.2's vmstate reads its
+/// "configuration" description: the name, then the subsections (their
+/// versions kept in a `uint8_t`, their names compared as C strings), and
+/// only then (its `post_load`) the checks of the machine name, the target
+/// page bits and the validated capabilities, in that order.
 fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
     let len = f.get_be32();
     f.check()?;
@@ -186,11 +197,9 @@ fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
     let mut name = vec![0u8; len as usize];
     f.get_buffer(&mut name);
     f.check()?;
-    let rx = String::from_utf8_lossy(&name).into_owned();
-    // QEMU compares only the received length (strncmp): a prefix passes.
-    if !local.as_bytes().starts_with(&name) {
-        return Err(MigError::new(format!("Machine type received is '{rx}' and local is '{local}'")));
-    }
+    // Without the subsection, the source has the minimum (12 on x86).
+    let mut target_page_bits = 12;
+    let mut ignore_shared = false;
     // Subsections: consumed only while the name has the parent's prefix.
     const PREFIX: &[u8] = b"configuration";
     while let Some(head) = f.peek(2) {
@@ -203,54 +212,71 @@ fn load_configuration(f: &mut QemuFile, local: &str) -> Result<()> {
         if nlen < PREFIX.len() + 1 || !sub.starts_with(PREFIX) {
             break;
         }
+        let sub = String::from_utf8_lossy(c_str(&sub)).into_owned();
+        if !["configuration/target-page-bits", "configuration/capabilities", "configuration/uuid"].contains(&sub.as_str()) {
+            // Left unread, as 7.2 leaves it (its only message is ENOENT's).
+            return Err(MigError::with_errno(format!("configuration: unknown subsection '{sub}'"), libc::ENOENT));
+        }
         f.skip(2 + nlen);
-        let sub = String::from_utf8_lossy(&sub).into_owned();
-        let version = f.get_be32();
+        // Read as a be32 into 7.2's `uint8_t version_id`.
+        let version = f.get_be32() as u8;
         f.check()?;
-        if version != 1 {
-            return Err(MigError::new(format!("{sub}: unsupported subsection version {version}")));
+        if version > 1 {
+            return Err(MigError::new(format!("{sub}: incoming version_id {version} is too new for local version_id 1")));
+        }
+        if version < 1 {
+            return Err(MigError::new(format!("{sub}: incoming version_id {version} is too old for local minimum version_id  1")));
         }
         match sub.as_str() {
             "configuration/target-page-bits" => {
-                let bits = f.get_be32();
+                target_page_bits = f.get_be32();
                 f.check()?;
-                if bits != 12 {
-                    return Err(MigError::new(format!("Received TARGET_PAGE_BITS is {bits} but local is 12")));
-                }
             }
             "configuration/capabilities" => {
                 // As 7.2: every entry is read, a name that is no capability
-                // of 7.2 refused as it is read; then the validated ones
-                // (only x-ignore-shared, which livemig does not implement)
-                // must agree. Any other capability named is accepted.
+                // of 7.2 refused as it is read; the list (the last one
+                // sent) is validated after the subsections. Any other
+                // capability named is accepted.
                 let count = f.get_be32();
                 f.check()?;
-                let mut ignore_shared = false;
+                ignore_shared = false;
                 for _ in 0..count {
                     let cap = f.get_counted_bytes();
                     f.check()?;
                     // Compared as the C string it is read into.
-                    let cap = &cap[..cap.iter().position(|&b| b == 0).unwrap_or(cap.len())];
+                    let cap = c_str(&cap);
                     match MigrationCapability::all().into_iter().find(|c| c.name().as_bytes() == cap) {
                         Some(MigrationCapability::XIgnoreShared) => ignore_shared = true,
                         Some(_) => {}
                         None => return Err(MigError::new(format!("Received unknown capability {}", String::from_utf8_lossy(cap)))),
                     }
                 }
-                if ignore_shared {
-                    let cap = MigrationCapability::XIgnoreShared.name();
-                    return Err(MigError::new(format!("Capability {cap} is off, but received capability is on")));
-                }
             }
-            "configuration/uuid" => {
+            _ => {
                 f.skip(16);
                 f.check()?;
                 log::warn!("configuration: the source sent a UUID; this side has none to compare");
             }
-            other => return Err(MigError::with_errno(format!("configuration: unknown subsection '{other}'"), libc::ENOENT)),
         }
     }
-    f.check()
+    f.check()?;
+    // 7.2 compares only the received length, with strncmp: a prefix
+    // passes, and the name ends at a NUL (then the local one must too).
+    let rx = c_str(&name);
+    let local_c = [local.as_bytes(), &[0]].concat();
+    if !local_c.starts_with(rx) || (rx.len() < name.len() && local.len() != rx.len()) {
+        let rx = String::from_utf8_lossy(rx);
+        return Err(MigError::new(format!("Machine type received is '{rx}' and local is '{local}'")));
+    }
+    if target_page_bits != 12 {
+        return Err(MigError::new(format!("Received TARGET_PAGE_BITS is {target_page_bits} but local is 12")));
+    }
+    if ignore_shared {
+        // The only capability 7.2 validates; livemig does not implement it.
+        let cap = MigrationCapability::XIgnoreShared.name();
+        return Err(MigError::new(format!("Capability {cap} is off, but received capability is on")));
+    }
+    Ok(())
 }
 
 /// Reads a command; `Ok(true)` when it opens the return path.

@@ -472,6 +472,71 @@ fn postcopy_recovery_commands_in_a_precopy_stream_as_7_2() {
     }
 }
 
+/// The configuration record as a 7.2 destination (`-machine none -m 64M`)
+/// read each of these: subsection versions kept in a byte (0x101 is 1,
+/// 0x100 is 0) with vmstate's too-new and too-old messages; names compared
+/// as the C strings 7.2 reads them into; the machine name, the target
+/// page bits and the capabilities checked after every subsection is read,
+/// in that order (a capability 7.2 does not know fails first, then a
+/// wrong machine, then the page bits); the last capabilities list counts.
+#[test]
+fn configuration_read_as_7_2_reads_it() {
+    let _g = serial();
+    let _m = Machine::none("ram");
+    let cfg = |name: &[u8], subs: &[(&[u8], u32, Vec<u8>)]| {
+        let mut s = b"QEVM\0\0\0\x03\x07".to_vec();
+        s.extend((name.len() as u32).to_be_bytes());
+        s.extend(name);
+        for (sub, version, data) in subs {
+            s.push(5);
+            s.push(sub.len() as u8);
+            s.extend(*sub);
+            s.extend(version.to_be_bytes());
+            s.extend(data);
+        }
+        s.push(0); // EOF
+        s
+    };
+    let caps = |names: &[&str]| {
+        let mut d = (names.len() as u32).to_be_bytes().to_vec();
+        names.iter().for_each(|n| d.extend([&[n.len() as u8], n.as_bytes()].concat()));
+        d
+    };
+    const TPB: &[u8] = b"configuration/target-page-bits";
+    const CAPS: &[u8] = b"configuration/capabilities";
+    let bits = |b: u32| b.to_be_bytes().to_vec();
+    let ok: Vec<Vec<u8>> = vec![
+        cfg(b"none", &[(TPB, 0x101, bits(12))]),
+        cfg(b"none\0", &[]),
+        cfg(b"none\0\0junk", &[]),
+        cfg(b"none", &[(b"configuration/uuid\0x", 1, vec![0; 16])]),
+        cfg(b"none", &[(CAPS, 1, caps(&["x-ignore-shared"])), (CAPS, 1, caps(&["xbzrle"]))]),
+        cfg(b"none", &[(TPB, 1, bits(12)), (TPB, 1, bits(12))]),
+    ];
+    for s in ok {
+        load(s.clone()).unwrap_or_else(|e| panic!("{s:02x?}: {e}"));
+    }
+    let refused: Vec<(Vec<u8>, &str)> = vec![
+        (cfg(b"none", &[(TPB, 2, bits(12))]), "configuration/target-page-bits: incoming version_id 2 is too new for local version_id 1"),
+        (
+            cfg(b"none", &[(TPB, 0x100, bits(12))]),
+            "configuration/target-page-bits: incoming version_id 0 is too old for local minimum version_id  1",
+        ),
+        (cfg(b"none", &[(CAPS, 2, caps(&[]))]), "configuration/capabilities: incoming version_id 2 is too new for local version_id 1"),
+        (
+            cfg(b"none", &[(b"configuration/uuid", 0, vec![0; 16])]),
+            "configuration/uuid: incoming version_id 0 is too old for local minimum version_id  1",
+        ),
+        (cfg(b"no\0e", &[]), "Machine type received is 'no' and local is 'none'"),
+        (cfg(b"pc", &[(CAPS, 1, caps(&["bogus"]))]), "Received unknown capability bogus"),
+        (cfg(b"pc", &[(TPB, 1, bits(13))]), "Machine type received is 'pc' and local is 'none'"),
+        (cfg(b"none", &[(TPB, 1, bits(13)), (CAPS, 1, caps(&["x-ignore-shared"]))]), "Received TARGET_PAGE_BITS is 13 but local is 12"),
+    ];
+    for (s, want) in refused {
+        assert_eq!(load(s).unwrap_err(), want);
+    }
+}
+
 /// A device of a captured pc or q35 stream: its state skipped, sized
 /// from the stream's own vmdesc.
 struct Opaque(usize);
