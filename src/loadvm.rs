@@ -92,7 +92,8 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
                 let instance_id = f.get_be32();
                 let version_id = f.get_be32();
                 f.check()?;
-                let idstr = String::from_utf8_lossy(&idstr).into_owned();
+                // Looked up (and shown) as the C string 7.2 reads it into.
+                let idstr = String::from_utf8_lossy(c_str(&idstr)).into_owned();
                 let l = loaded.iter_mut().find(|l| l.entry.idstr == idstr && l.entry.instance_id == instance_id).ok_or_else(|| {
                     MigError::new(format!(
                         "Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
@@ -178,8 +179,9 @@ fn check_footer(f: &mut QemuFile, section_id: u32, idstr: &str) -> Result<()> {
 }
 
 /// The bytes of `b` up to its first NUL: what 7.2 compares of a name it
-/// read into a C string.
-fn c_str(b: &[u8]) -> &[u8] {
+/// read into a C string (section idstrs, RAM block names, the
+/// configuration's names).
+pub(crate) fn c_str(b: &[u8]) -> &[u8] {
     &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
 }
 

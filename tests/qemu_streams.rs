@@ -537,6 +537,43 @@ fn configuration_read_as_7_2_reads_it() {
     }
 }
 
+/// Section idstrs and RAM block names are looked up, and shown, as the C
+/// strings 7.2 reads them into: a 7.2 destination (`-machine none -m 64M`)
+/// loaded "ram\0zz", "timer\0" and block "ram\0q" as ram, timer and
+/// block ram, and named "rax\0y" and "foo\0bar" "rax" and "foo".
+#[test]
+fn names_are_read_as_7_2_s_c_strings() {
+    let _g = serial();
+    let m = Machine::none("ram");
+    m.blocks[0].1.clear();
+    let head = b"QEVM\0\0\0\x03\x07\0\0\0\x04none";
+    let mut s = head.to_vec();
+    s.extend(b"\x01\0\0\0\x02\x06ram\0zz\0\0\0\0\0\0\0\x04");
+    s.extend((MIB64 | 4).to_be_bytes());
+    s.extend(b"\x05ram\0q");
+    s.extend(MIB64.to_be_bytes());
+    s.extend((0x1000u64 | 8).to_be_bytes());
+    s.extend(b"\x05ram\0y");
+    s.extend([0x66; 4096]);
+    s.extend(0x10u64.to_be_bytes());
+    s.extend(b"\x7e\0\0\0\x02\x04\0\0\0\0\x06timer\0\0\0\0\0\0\0\0\x02");
+    s.extend([0; 24]);
+    s.extend(b"\x7e\0\0\0\0\0");
+    load(s).unwrap();
+    assert!(m.ram()[0x1000..0x2000].iter().all(|&b| b == 0x66), "the page named by \"ram\\0y\" is loaded");
+
+    let mut s = head.to_vec();
+    s.extend(b"\x01\0\0\0\x02\x03ram\0\0\0\0\0\0\0\x04");
+    s.extend((0x1000u64 | 8).to_be_bytes());
+    s.extend(b"\x05rax\0y");
+    let e = load(s).unwrap_err();
+    assert_eq!(e, "error while loading state for instance 0x0 of device 'ram': Can't find block rax: Illegal RAM offset 1000");
+    let mut s = head.to_vec();
+    s.extend(b"\x04\0\0\0\0\x07foo\0bar\0\0\0\0\0\0\0\x02");
+    let e = load(s).unwrap_err();
+    assert!(e.starts_with("Unknown savevm section or instance 'foo' 0. Make sure"), "{e}");
+}
+
 /// A device of a captured pc or q35 stream: its state skipped, sized
 /// from the stream's own vmdesc.
 struct Opaque(usize);

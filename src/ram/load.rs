@@ -35,7 +35,10 @@ impl Loader {
         Loader { blocks, last_block: None, page: Box::new([0; PAGE]), enc: Box::new([0; PAGE]), residency: Residency::default() }
     }
 
+    /// The block named `name`, compared as the C string 7.2 reads a name
+    /// into (it ends at a NUL).
     fn find(&self, name: &[u8]) -> Option<usize> {
+        let name = crate::loadvm::c_str(name);
         self.blocks.iter().position(|b| b.idstr.as_bytes() == name)
     }
 
@@ -47,9 +50,9 @@ impl Loader {
         }
         let name = f.get_counted_bytes();
         f.check()?;
-        let b = self
-            .find(&name)
-            .ok_or_else(|| MigError::new(format!("Can't find block {}: Illegal RAM offset {addr:x}", String::from_utf8_lossy(&name))))?;
+        let b = self.find(&name).ok_or_else(|| {
+            MigError::new(format!("Can't find block {}: Illegal RAM offset {addr:x}", String::from_utf8_lossy(crate::loadvm::c_str(&name))))
+        })?;
         self.last_block = Some(b);
         Ok(b)
     }
@@ -130,7 +133,7 @@ impl Loader {
             let name = f.get_counted_bytes();
             let len = f.get_be64();
             f.check()?;
-            let name_s = String::from_utf8_lossy(&name).into_owned();
+            let name_s = String::from_utf8_lossy(crate::loadvm::c_str(&name)).into_owned();
             let b = self.find(&name).ok_or_else(|| MigError::new(format!("Unknown ramblock \"{name_s}\", cannot accept migration")))?;
             self.blocks[b].resize(len)?;
             left = left
