@@ -75,23 +75,27 @@ impl Loader {
             f.check()?;
             let addr = header & !(PAGE as u64 - 1);
             let flg = header & (PAGE as u64 - 1);
-            if flg & (flags::HOOK | flags::COMPRESS_PAGE) != 0 {
+            if flg & flags::COMPRESS_PAGE != 0 {
                 // As 7.2 without the compress capability: a compressed page
                 // is refused whatever flags come with it, before anything
                 // else is looked at.
-                if flg & flags::COMPRESS_PAGE != 0 {
-                    return Err(MigError::new("Received an unexpected compressed page"));
-                }
-                return Err(MigError::new("RAM_SAVE_FLAG_HOOK (RDMA) is not supported"));
+                return Err(MigError::new("Received an unexpected compressed page"));
             }
-            match flg & !flags::CONTINUE {
-                flags::MEM_SIZE => self.load_mem_size(f, addr)?,
-                flags::ZERO => {
-                    let i = self.block_for(f, flg, addr)?;
+            // As 7.2: a record with a page flag names its page (the block
+            // read and found, the offset checked) before its flags are
+            // looked at as a whole.
+            let target = if flg & (flags::ZERO | flags::PAGE | flags::XBZRLE) != 0 {
+                let i = self.block_for(f, flg, addr)?;
+                Some((i, Self::page_ptr(&self.blocks[i], addr)?))
+            } else {
+                None
+            };
+            match (flg & !flags::CONTINUE, target) {
+                (flags::MEM_SIZE, _) => self.load_mem_size(f, addr)?,
+                (flags::ZERO, Some((i, p))) => {
                     let fill = f.get_u8();
                     f.check()?;
                     let b = &self.blocks[i];
-                    let p = Self::page_ptr(b, addr)?;
                     let page = (addr / PAGE as u64) as usize;
                     if fill == 0 && self.residency.reads_as_zero(b, page) {
                         continue; // untouched memory: left untouched
@@ -105,23 +109,21 @@ impl Loader {
                         }
                     }
                 }
-                flags::PAGE => {
-                    let i = self.block_for(f, flg, addr)?;
-                    let b = &self.blocks[i];
-                    let p = Self::page_ptr(b, addr)?;
-                    self.residency.before_write(b, (addr / PAGE as u64) as usize);
+                (flags::PAGE, Some((i, p))) => {
+                    self.residency.before_write(&self.blocks[i], (addr / PAGE as u64) as usize);
                     // SAFETY: as above; `get_guest` writes exactly one page.
                     unsafe { f.get_guest(p, PAGE) };
                     f.check()?;
                 }
-                flags::XBZRLE => {
-                    let i = self.block_for(f, flg, addr)?;
-                    let p = Self::page_ptr(&self.blocks[i], addr)?;
+                (flags::XBZRLE, Some((i, p))) => {
                     self.load_xbzrle(f, p, addr)?;
                     self.residency.written(&self.blocks[i], (addr / PAGE as u64) as usize);
                 }
                 // With or without CONTINUE, as in QEMU.
-                flags::EOS => return Ok(()),
+                (flags::EOS, _) => return Ok(()),
+                // 7.2 hands any other record with the hook flag to the RDMA
+                // hook, which fails without a message on other channels.
+                _ if flg & flags::HOOK != 0 => return Err(MigError::new("RAM_SAVE_FLAG_HOOK (RDMA) is not supported")),
                 _ => return Err(MigError::new(format!("Unknown combination of migration flags: {flg:#x}"))),
             }
         }
@@ -305,6 +307,41 @@ mod tests {
             assert_eq!(e.to_string(), "Received an unexpected compressed page", "flags {flg:#x}");
             assert_eq!(f.get_u8(), 0xee, "flags {flg:#x}: nothing read after the header");
         }
+    }
+
+    /// A record with a page flag (ZERO, PAGE, XBZRLE) among others names
+    /// its page first, as in 7.2: a block not found or an offset outside
+    /// it is what is reported (what a 7.2 destination printed for each),
+    /// and only a page that exists gets "Unknown combination".
+    #[test]
+    fn a_page_is_resolved_before_the_flags_are_judged() {
+        let mut mem = vec![0u8; 2 * PAGE];
+        let block = Arc::new(RamBlock::for_test("ram", mem.as_mut_ptr(), mem.len() as u64));
+        let rec = |header: u64, name: &[u8]| {
+            let mut s = header.to_be_bytes().to_vec();
+            if !name.is_empty() {
+                s.push(name.len() as u8);
+                s.extend_from_slice(name);
+            }
+            s.push(0);
+            s
+        };
+        for (s, want) in [
+            (rec(0x100a, b"nosuch"), "Can't find block nosuch: Illegal RAM offset 1000"),
+            (rec(0x200a, b"ram"), "Illegal RAM offset 2000"),
+            (rec(0x1082, b"nosuch"), "Can't find block nosuch: Illegal RAM offset 1000"),
+            (rec(0x1032, b""), "Ack, bad migration stream! Illegal RAM offset 1000"),
+            (rec(0x2048, b"ram"), "Illegal RAM offset 2000"),
+            (rec(0x100a, b"ram"), "Unknown combination of migration flags: 0xa"),
+            (rec(0x1012, b"ram"), "Unknown combination of migration flags: 0x12"),
+            (rec(0x1082, b"ram"), "RAM_SAVE_FLAG_HOOK (RDMA) is not supported"),
+            (rec(0x84, b""), "RAM_SAVE_FLAG_HOOK (RDMA) is not supported"),
+        ] {
+            let mut f = QemuFile::new(Box::new(MemChannel::source(s.clone())), Direction::Read);
+            let e = Loader::with_blocks(vec![block.clone()]).load(&mut f, 4).expect_err("refused");
+            assert_eq!(e.to_string(), want, "{s:02x?}");
+        }
+        assert!(mem.iter().all(|&b| b == 0), "nothing written");
     }
 
     /// EOS ends the section with CONTINUE set too (QEMU switches on the
