@@ -57,12 +57,13 @@ impl SaveVmHandler for GlobalState {
             return Err(MigError::new(format!("globalstate: incoming version_id {version_id} is too old for local minimum version_id  1")));
         }
         // `size` is loaded and never used, as in 7.2 (a plain uint32
-        // field): the name ends at the first NUL, or at the field's end.
+        // field): the name ends at the first NUL.
         let _size = f.get_be32();
         let mut field = [0u8; RUNSTATE_FIELD];
         f.get_buffer(&mut field);
         f.check()?;
-        let end = field.iter().position(|&b| b == 0).unwrap_or(RUNSTATE_FIELD);
+        // Without a NUL, 7.2 puts one in the field's last byte.
+        let end = field.iter().position(|&b| b == 0).unwrap_or(RUNSTATE_FIELD - 1);
         let name = String::from_utf8_lossy(&field[..end]).into_owned();
         let state = RunState::from_name(&name).ok_or_else(|| MigError::new(format!("invalid parameter value: {name}")))?;
         if !enterable_from_inmigrate(state) {
@@ -125,6 +126,14 @@ mod tests {
         let mut f = QemuFile::new(Box::new(MemChannel::source(bogus)), Direction::Read);
         let e = GlobalState.load(&mut f, 1, SectionKind::Full).unwrap_err();
         assert_eq!(e.to_string(), "invalid parameter value: bogus");
+
+        // A field without a NUL: its last byte is dropped, as 7.2 does
+        // (its message shows 99 bytes).
+        let mut s = vec![0, 0, 0, 8];
+        s.extend_from_slice(&[b'r'; 100]);
+        let mut f = QemuFile::new(Box::new(MemChannel::source(s)), Direction::Read);
+        let e = GlobalState.load(&mut f, 1, SectionKind::Full).unwrap_err();
+        assert_eq!(e.to_string(), format!("invalid parameter value: {}", "r".repeat(99)));
 
         // The size field is not checked (7.2 loads it into a plain uint32
         // and never uses it): only the NUL-terminated name counts. (Here,
