@@ -248,7 +248,8 @@ def main():
     limits = dict(l.split("=") for l in lim.split())
     lines.append(f"machine: {os.cpu_count()} cores; single-thread memcpy {limits['memcpy_GBps']} GB/s; "
                  f"one loopback TCP stream {limits['loopback_tcp_GBps']} GB/s (1 MiB buffer, in cache; "
-                 f"{limits['loopback_tcp_ram_GBps']} GB/s moving 1 GiB between faulted-in buffers); "
+                 f"{limits['loopback_tcp_ram_GBps']} GB/s moving 1 GiB between faulted-in buffers, "
+                 f"for {limits['loopback_tcp_ram_cpu_s']} CPU s of its sender and receiver); "
                  + (f"source processes on CPU {PIN[0]}, destination processes on CPU {PIN[1]} (both sides alike)" if PIN
                     else "processes not pinned"))
 
