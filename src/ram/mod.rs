@@ -526,17 +526,6 @@ pub struct RamCounters {
     pub xbzrle_encoding_rate: AtomicU64,
 }
 
-impl RamCounters {
-    /// Adds `n` to a counter. Only the migration thread writes the
-    /// counters while a migration runs (they are reset before it starts),
-    /// so this is a plain load and store: a locked add per page is a full
-    /// barrier that waits for the page's loads to complete.
-    #[inline]
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-    }
-}
-
 /// The counters.
 pub static COUNTERS: once_cell::sync::Lazy<RamCounters> = once_cell::sync::Lazy::new(RamCounters::default);
 

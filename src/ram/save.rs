@@ -23,7 +23,7 @@ use super::backing::{Backing, ZeroPages};
 use super::load::Loader;
 use super::page_cache::PageCache;
 use super::scan::{is_zero_raw, DirtyBitmap};
-use super::{flags, RamBlock, RamCounters, COUNTERS, PAGE};
+use super::{flags, RamBlock, COUNTERS, PAGE};
 use crate::error::{MigError, Result};
 use crate::host::Host;
 use crate::params::{self, MigrationCapability};
@@ -304,7 +304,7 @@ impl Saver {
         self.cur_page = page + 1;
         self.rate_sent += 1;
         if self.rounds > 0 {
-            RamCounters::add(&COUNTERS.resent, 1);
+            COUNTERS.resent.fetch_add(1, Ordering::Relaxed);
         }
         let ptr = self.blocks[bi].block.page_ptr(page);
         let addr = self.blocks[bi].base + (page * PAGE) as u64;
@@ -320,8 +320,8 @@ impl Saver {
         if untouched || unsafe { is_zero_raw(ptr, PAGE) } {
             let n = self.record_header(f, bi, page, flags::ZERO);
             f.put_u8(0);
-            RamCounters::add(&c.duplicate, 1);
-            RamCounters::add(&c.transferred, n + 1);
+            c.duplicate.fetch_add(1, Ordering::Relaxed);
+            c.transferred.fetch_add(n + 1, Ordering::Relaxed);
             if self.xbzrle_enabled {
                 if let Some(x) = &mut self.xbzrle {
                     x.cache.insert(addr, &[0u8; PAGE], generation);
@@ -341,18 +341,18 @@ impl Saver {
                     f.put_u8(flags::ENCODING_FLAG_XBZRLE);
                     f.put_be16(len as u16);
                     f.put_buffer(&x.enc[..len]);
-                    RamCounters::add(&c.xbzrle_pages, 1);
+                    c.xbzrle_pages.fetch_add(1, Ordering::Relaxed);
                     // As QEMU 7.2: the page's bytes less 8 of its header.
-                    RamCounters::add(&c.xbzrle_bytes, n - 8 + 3 + len as u64);
-                    RamCounters::add(&c.transferred, n + 3 + len as u64);
+                    c.xbzrle_bytes.fetch_add(n - 8 + 3 + len as u64, Ordering::Relaxed);
+                    c.transferred.fetch_add(n + 3 + len as u64, Ordering::Relaxed);
                 }
                 Xbz::Raw => {
                     // Not encoded: send the private copy taken for the attempt.
                     let n = self.record_header(f, bi, page, flags::PAGE);
                     let x = self.xbzrle.as_ref().expect("enabled implies a cache");
                     f.put_buffer(&x.page[..]);
-                    RamCounters::add(&c.normal, 1);
-                    RamCounters::add(&c.transferred, n + PAGE as u64);
+                    c.normal.fetch_add(1, Ordering::Relaxed);
+                    c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
                 }
             }
             return false;
@@ -360,8 +360,8 @@ impl Saver {
         let n = self.record_header(f, bi, page, flags::PAGE);
         // SAFETY: as above: a page inside the registered block.
         unsafe { f.put_guest(ptr, PAGE) };
-        RamCounters::add(&c.normal, 1);
-        RamCounters::add(&c.transferred, n + PAGE as u64);
+        c.normal.fetch_add(1, Ordering::Relaxed);
+        c.transferred.fetch_add(n + PAGE as u64, Ordering::Relaxed);
         false
     }
 
@@ -378,7 +378,7 @@ impl Saver {
         unsafe { std::ptr::copy_nonoverlapping(ptr, x.page.as_mut_ptr(), PAGE) };
         x.lookups += 1;
         if !x.cache.is_cached(addr, generation) {
-            RamCounters::add(&c.xbzrle_cache_miss, 1);
+            c.xbzrle_cache_miss.fetch_add(1, Ordering::Relaxed);
             if !last_stage {
                 x.cache.insert(addr, &x.page[..], generation);
             }
@@ -388,17 +388,17 @@ impl Saver {
         let old = x.cache.get(addr).expect("is_cached");
         match super::xbzrle::encode_prefetching(old, &x.page[..], &mut x.enc[..], ahead) {
             None => {
-                RamCounters::add(&c.xbzrle_overflow, 1);
+                c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed);
                 // As QEMU 7.2: an overflow counts a whole page into the
                 // encoded bytes (the encoding rate then shows it).
-                RamCounters::add(&c.xbzrle_bytes, PAGE as u64);
+                c.xbzrle_bytes.fetch_add(PAGE as u64, Ordering::Relaxed);
                 if !last_stage {
                     x.cache.insert(addr, &x.page[..], generation);
                 }
                 Xbz::Raw
             }
             Some(0) => {
-                RamCounters::add(&c.skipped, 1);
+                c.skipped.fetch_add(1, Ordering::Relaxed);
                 Xbz::Unchanged
             }
             Some(len) => {
@@ -453,14 +453,14 @@ impl Saver {
         if let Some(t) = zero_run {
             zero_time += t.elapsed();
         }
-        RamCounters::add(&COUNTERS.zero_scan_ns, zero_time.as_nanos() as u64);
+        COUNTERS.zero_scan_ns.fetch_add(zero_time.as_nanos() as u64, Ordering::Relaxed);
         let secs = self.sent_start.elapsed().as_secs_f64();
         if secs >= RATE_PERIOD.as_secs_f64() {
             COUNTERS.pages_per_second.store((self.rate_sent as f64 / secs) as u64, Ordering::Relaxed);
             (self.sent_start, self.rate_sent) = (Instant::now(), 0);
         }
         f.put_be64(flags::EOS);
-        RamCounters::add(&COUNTERS.transferred, 8);
+        COUNTERS.transferred.fetch_add(8, Ordering::Relaxed);
         COUNTERS.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
         f.check()?;
         Ok(done)
@@ -511,7 +511,7 @@ impl Saver {
             f.check()?;
         }
         f.put_be64(flags::EOS);
-        RamCounters::add(&COUNTERS.transferred, 8);
+        COUNTERS.transferred.fetch_add(8, Ordering::Relaxed);
         COUNTERS.remaining.store(0, Ordering::Relaxed);
         f.check()
     }
