@@ -10,7 +10,8 @@
 #   demo.sh [--transport tcp|unix] [--out DIR] [minivmm options...]
 # Options are passed to both sides (e.g. --no-kvm, --ram 512) except the
 # source-only ones (--speed, --downtime-ms, --xbzrle, --cache-size,
-# --run-ms, --raise-speed-after-syncs). Exit status 0 only if all passed.
+# --run-ms, --raise-speed-after-syncs). --pin-src CPU / --pin-dst CPU run
+# that side on one CPU (taskset). Exit status 0 only if all passed.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 M="$here/../build/minivmm"
@@ -18,12 +19,16 @@ transport=tcp
 out="$here/../build/demo"
 both=()
 src_only=()
+src_pin=()
+dst_pin=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --transport) transport=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --speed|--downtime-ms|--cache-size|--run-ms|--raise-speed-after-syncs) src_only+=("$1" "$2"); shift 2 ;;
     --xbzrle) src_only+=("$1"); shift ;;
+    --pin-src) src_pin=(taskset -c "$2"); shift 2 ;;
+    --pin-dst) dst_pin=(taskset -c "$2"); shift 2 ;;
     --ram|--dirty-rate) both+=("$1" "$2"); shift 2 ;;
     *) both+=("$1"); shift ;;
     esac
@@ -38,7 +43,7 @@ unix) dst_uri="unix:$T/migrate.sock" ;;
 *) echo "unknown transport $transport"; exit 2 ;;
 esac
 
-timeout 600 "$M" --incoming "$dst_uri" --port-file "$T/port" "${both[@]}" >"$T/dst.log" 2>&1 &
+timeout 600 "${dst_pin[@]}" "$M" --incoming "$dst_uri" --port-file "$T/port" "${both[@]}" >"$T/dst.log" 2>&1 &
 dst=$!
 for _ in $(seq 1 2000); do
     { [ -s "$T/port" ] || [ -S "$T/migrate.sock" ]; } && break
@@ -51,7 +56,7 @@ else
     src_uri="unix:$T/migrate.sock"
 fi
 echo "== source: migrating to $src_uri =="
-timeout 600 "$M" --migrate "$src_uri" --csv "$out/timeline.csv" "${both[@]}" "${src_only[@]}" | tee "$T/src.log"
+timeout 600 "${src_pin[@]}" "$M" --migrate "$src_uri" --csv "$out/timeline.csv" "${both[@]}" "${src_only[@]}" | tee "$T/src.log"
 src_status=${PIPESTATUS[0]}
 wait $dst
 dst_status=$?
