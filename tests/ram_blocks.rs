@@ -12,7 +12,7 @@ use std::ptr::null_mut;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use common::{host, wait_final, wait_until, STATE};
+use common::{host, migrate, wait_final, wait_until, STATE};
 use livemig::ffi::errors::{error_free, error_get_pretty};
 use livemig::ffi::migration as api;
 use livemig::host::RunState;
@@ -82,19 +82,6 @@ unsafe extern "C" fn resized(_: *mut std::ffi::c_void, idstr: *const std::ffi::c
 fn add_resizable(m: &Mem, used: u64) {
     let r = livemig::ram::Resized { f: resized, opaque: 0 };
     livemig::ram::block_add_resizable(ACPI, m.ptr(), used, m.len as u64, Some(r)).unwrap();
-}
-
-fn migrate(uri: &str) -> String {
-    let c = CString::new(uri).unwrap();
-    let mut err = null_mut();
-    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
-    if err.is_null() {
-        return String::new();
-    }
-    // SAFETY: a live error from livemig.
-    let s = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(err)) }.to_string_lossy().into_owned();
-    error_free(err);
-    s
 }
 
 fn load(bytes: Vec<u8>) -> Result<(), String> {

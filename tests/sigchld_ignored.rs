@@ -6,28 +6,13 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::ptr::null_mut;
 use std::sync::atomic::Ordering;
 
 use common::*;
-use livemig::ffi::errors::{error_free, error_get_pretty};
 use livemig::ffi::migration as api;
 use livemig::host::RunState;
 use livemig::state::MigrationStatus;
-
-fn migrate(uri: &str) -> String {
-    let c = CString::new(uri).unwrap();
-    let mut err = null_mut();
-    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
-    if err.is_null() {
-        return String::new();
-    }
-    // SAFETY: a live error from livemig; its text is a C string it owns.
-    let s = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(err)) }.to_string_lossy().into_owned();
-    error_free(err);
-    s
-}
 
 #[test]
 fn exec_migrations_work_when_the_host_ignores_sigchld() {

@@ -36,14 +36,6 @@ fn incoming(uri: &str) -> String {
     take_err(err)
 }
 
-/// qmp_migrate(uri): its error text ("" for none).
-fn migrate(uri: &str) -> String {
-    let c = CString::new(uri).unwrap();
-    let mut err = null_mut();
-    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
-    take_err(err)
-}
-
 /// qmp_query_migrate: (status, error_desc).
 fn query() -> (MigrationStatus, Option<String>) {
     let i = api::qmp_query_migrate(null_mut());

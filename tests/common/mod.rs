@@ -282,3 +282,17 @@ pub fn valid_stream() -> Vec<u8> {
     // SAFETY: initialised above and never written again.
     unsafe { (*std::ptr::addr_of!(STREAM)).clone().unwrap() }
 }
+
+/// `qmp_migrate(uri)`: its error text, or "" when it was accepted.
+pub fn migrate(uri: &str) -> String {
+    let c = std::ffi::CString::new(uri).unwrap();
+    let mut err = std::ptr::null_mut();
+    livemig::ffi::migration::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
+    if err.is_null() {
+        return String::new();
+    }
+    // SAFETY: a live error from livemig; its text is a C string it owns.
+    let s = unsafe { std::ffi::CStr::from_ptr(livemig::ffi::errors::error_get_pretty(err)) }.to_string_lossy().into_owned();
+    livemig::ffi::errors::error_free(err);
+    s
+}
