@@ -327,7 +327,16 @@ pub fn listen_tcp(host: &str, port: u16, opts: TcpOpts, text: &str, abort: &Abor
                 Family::V4 => TcpListener::bind(("0.0.0.0", p)).map(|l| vec![l]),
                 Family::V6 => listen_any_v6(p, true).map(|l| vec![l]),
             },
-            Some(addrs) => bind_each(&addrs.iter().map(|a| SocketAddr::new(a.ip(), p)).collect::<Vec<_>>()),
+            // An IPv6 address takes IPv4 sources too unless `,ipv6` was
+            // asked for (IPV6_V6ONLY set as QEMU 7.2's try_bind sets it,
+            // whatever the system's default): `[::]` is every address.
+            Some(addrs) => bind_each_with(&addrs.iter().map(|a| SocketAddr::new(a.ip(), p)).collect::<Vec<_>>(), &mut |a| {
+                if a.is_ipv6() {
+                    listen_v6(a, opts.family == Family::V6)
+                } else {
+                    TcpListener::bind(a)
+                }
+            }),
         }
     };
     let last = opts.to.unwrap_or(port);
@@ -355,22 +364,16 @@ pub fn listen_tcp(host: &str, port: u16, opts: TcpOpts, text: &str, abort: &Abor
     Ok(SocketListener { fds, name, abort: abort.clone(), port: Some(port), unix_path: None })
 }
 
-/// Binds each of `addrs` that can be bound, at least one (the last error
-/// otherwise); port 0 binds the first on a free port and the others on
-/// that same port, so that one port number reaches them all. Where
-/// another socket holds that port on a later address, it starts over on
-/// another free port (up to [`PORT_ATTEMPTS`] times; the last attempt's
-/// addresses otherwise): a source given the port must not reach that
-/// other socket.
-fn bind_each(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
-    bind_each_with(addrs, &mut |a| TcpListener::bind(a))
-}
-
-/// Attempts of [`bind_each`] at a port all of a name's addresses have free.
+/// Attempts of [`bind_each_with`] at a port all of a name's addresses have free.
 const PORT_ATTEMPTS: usize = 8;
 
-/// [`bind_each`] with `bind` binding one address (a test chooses the
-/// port a port-0 bind takes).
+/// Binds each of `addrs` that can be bound with `bind`, at least one (the
+/// last error otherwise); port 0 binds the first on a free port and the
+/// others on that same port, so that one port number reaches them all.
+/// Where another socket holds that port on a later address, it starts
+/// over on another free port (up to [`PORT_ATTEMPTS`] times; the last
+/// attempt's addresses otherwise): a source given the port must not
+/// reach that other socket.
 fn bind_each_with(addrs: &[SocketAddr], bind: &mut dyn FnMut(SocketAddr) -> io::Result<TcpListener>) -> io::Result<Vec<TcpListener>> {
     let mut attempt = 1;
     loop {
@@ -407,9 +410,15 @@ fn bind_each_with(addrs: &[SocketAddr], bind: &mut dyn FnMut(SocketAddr) -> io::
 }
 
 /// A listener on every IPv6 address (`[::]`) and, unless `v6only`, every
-/// IPv4 one (IPV6_V6ONLY set as asked, whatever the system default), with
-/// std's SO_REUSEADDR and backlog.
+/// IPv4 one.
 fn listen_any_v6(port: u16, v6only: bool) -> io::Result<TcpListener> {
+    listen_v6(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)), v6only)
+}
+
+/// A listener on the IPv6 address `addr` with IPV6_V6ONLY set as asked,
+/// whatever the system default (`[::]` without it takes IPv4 sources
+/// too), with std's SO_REUSEADDR and backlog.
+fn listen_v6(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     // SAFETY: plain socket(2); the descriptor is owned at once below.
     let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
@@ -432,7 +441,7 @@ fn listen_any_v6(port: u16, v6only: bool) -> io::Result<TcpListener> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    let (ss, len) = sockaddr_of(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
+    let (ss, len) = sockaddr_of(&addr);
     // SAFETY: `ss` holds a sockaddr_in6 of `len` bytes.
     if unsafe { libc::bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
@@ -514,6 +523,43 @@ pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketList
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bind_each(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+        bind_each_with(addrs, &mut |a| TcpListener::bind(a))
+    }
+
+    /// `[::]` takes IPv4 sources too, whatever the system's default, and
+    /// `,ipv6` only IPv6 ones: IPV6_V6ONLY as QEMU 7.2 sets it.
+    #[test]
+    fn every_ipv6_address_takes_ipv4_unless_ipv6_only_is_asked() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("skipped: no IPv6 on this host");
+            return;
+        }
+        let abort = Aborter::new().expect("aborter");
+        let v6only = |l: &SocketListener| {
+            let mut v: i32 = -1;
+            let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+            // SAFETY: getsockopt into a live i32 of `len` bytes.
+            let r = unsafe {
+                libc::getsockopt(l.fds[0].as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&mut v as *mut i32).cast(), &mut len)
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        let both = listen_tcp("::", 0, TcpOpts::default(), "tcp:[::]:0", &abort).expect("listen");
+        assert_eq!(v6only(&both), 0);
+        let port = both.port.expect("a tcp port");
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("IPv4 connect");
+        std::net::TcpStream::connect(("::1", port)).expect("IPv6 connect");
+        let opts = TcpOpts { family: Family::V6, ..TcpOpts::default() };
+        let six = listen_tcp("::", 0, opts, "tcp:[::]:0,ipv6", &abort).expect("listen");
+        assert_eq!(v6only(&six), 1);
+        let port = six.port.expect("a tcp port");
+        std::net::TcpStream::connect(("::1", port)).expect("IPv6 connect");
+        let e = std::net::TcpStream::connect(("127.0.0.1", port)).expect_err("no IPv4 on an IPv6-only listener");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
 
     /// An empty host takes sources on IPv4 and, where the host has it,
     /// IPv6, as QEMU's `tcp::PORT` does.
