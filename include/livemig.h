@@ -1013,23 +1013,23 @@ void qemu_put_be64(struct QEMUFile *f, uint64_t v);
 void qemu_put_buffer(struct QEMUFile *f, const uint8_t *buf, size_t size);
 
 /*
- Reads one byte (0 once the stream has an error: check
- `qemu_file_get_error`).
+ Reads one byte (0 once the stream has an error, and from a NULL
+ stream: check `qemu_file_get_error`).
  */
 int qemu_get_byte(struct QEMUFile *f);
 
 /*
- Reads a big-endian 16-bit value.
+ Reads a big-endian 16-bit value (0 as for `qemu_get_byte`).
  */
 uint32_t qemu_get_be16(struct QEMUFile *f);
 
 /*
- Reads a big-endian 32-bit value.
+ Reads a big-endian 32-bit value (0 as for `qemu_get_byte`).
  */
 uint32_t qemu_get_be32(struct QEMUFile *f);
 
 /*
- Reads a big-endian 64-bit value.
+ Reads a big-endian 64-bit value (0 as for `qemu_get_byte`).
  */
 uint64_t qemu_get_be64(struct QEMUFile *f);
 
@@ -1041,7 +1041,8 @@ uint64_t qemu_get_be64(struct QEMUFile *f);
 size_t qemu_get_buffer(struct QEMUFile *f, uint8_t *buf, size_t size);
 
 /*
- 0, or the stream's first error as a negative errno.
+ 0, or the stream's first error as a negative errno (-EINVAL for a
+ NULL stream).
  */
 int qemu_file_get_error(struct QEMUFile *f);
 
@@ -1051,7 +1052,7 @@ int qemu_file_get_error(struct QEMUFile *f);
 void qemu_file_set_error(struct QEMUFile *f, int ret);
 
 /*
- Bytes written or read so far.
+ Bytes written or read so far (-1 for a NULL stream).
  */
 int64_t qemu_ftell(struct QEMUFile *f);
 
@@ -1066,7 +1067,8 @@ struct QEMUFile *qemu_fdopen(int fd, const char *mode);
 
 /*
  Flushes and closes a stream from `qemu_fdopen` that was not handed to
- livemig; 0 or a negative errno.
+ livemig, and its descriptor; 0 or a negative errno (-EINVAL for NULL).
+ The stream is freed either way.
  */
 int qemu_fclose(struct QEMUFile *f);
 
@@ -1095,12 +1097,15 @@ bool livemig_set_machine_name(const char *name, struct Error **errp);
 /*
  Registers `fd` as `name` for a later `fd:NAME` URI; livemig owns the
  descriptor from a successful call on (and closes it when used or
- removed).
+ removed). Refused, the descriptor left open and the caller's, for a
+ NULL, empty or numeric `name`, a name already registered, and a
+ descriptor that is not open.
  */
 bool livemig_fd_add(const char *name, int32_t fd, struct Error **errp);
 
 /*
- Closes and forgets the fd registered as `name`.
+ Closes and forgets the fd registered as `name`; false, with an error,
+ when none is (also once a migration has taken it).
  */
 bool livemig_fd_remove(const char *name, struct Error **errp);
 
@@ -1340,14 +1345,16 @@ void remove_migration_state_change_notifier(struct Notifier *notify);
 
 /*
  Registers a migration blocker: while it is registered `qmp_migrate`
- fails with `reason`'s message. The caller keeps `reason` and passes the
- same pointer to `migrate_del_blocker`. Refused (-EBUSY) while a
- migration runs.
+ fails with `reason`'s message. The caller keeps `reason` (also when the
+ call is refused), passes the same pointer to `migrate_del_blocker`,
+ and frees it after that. Returns 0, or a negative errno with `errp`
+ set: -EBUSY while a migration runs, -EINVAL for a NULL `reason`.
  */
 int32_t migrate_add_blocker(struct Error *reason, struct Error **errp);
 
 /*
- Removes a blocker registered with `migrate_add_blocker`.
+ Removes a blocker registered with `migrate_add_blocker` (one not
+ registered, or NULL, is ignored); `reason` stays the caller's to free.
  */
 void migrate_del_blocker(struct Error *reason);
 

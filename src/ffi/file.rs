@@ -91,26 +91,26 @@ pub extern "C" fn qemu_put_buffer(f: *mut QemuFile, buf: *const u8, size: usize)
     })
 }
 
-/// Reads one byte (0 once the stream has an error: check
-/// `qemu_file_get_error`).
+/// Reads one byte (0 once the stream has an error, and from a NULL
+/// stream: check `qemu_file_get_error`).
 #[no_mangle]
 pub extern "C" fn qemu_get_byte(f: *mut QemuFile) -> c_int {
     with_dir("qemu_get_byte", f, Direction::Read, 0, |f| f.get_u8() as c_int)
 }
 
-/// Reads a big-endian 16-bit value.
+/// Reads a big-endian 16-bit value (0 as for `qemu_get_byte`).
 #[no_mangle]
 pub extern "C" fn qemu_get_be16(f: *mut QemuFile) -> u32 {
     with_dir("qemu_get_be16", f, Direction::Read, 0, |f| f.get_be16() as u32)
 }
 
-/// Reads a big-endian 32-bit value.
+/// Reads a big-endian 32-bit value (0 as for `qemu_get_byte`).
 #[no_mangle]
 pub extern "C" fn qemu_get_be32(f: *mut QemuFile) -> u32 {
     with_dir("qemu_get_be32", f, Direction::Read, 0, |f| f.get_be32())
 }
 
-/// Reads a big-endian 64-bit value.
+/// Reads a big-endian 64-bit value (0 as for `qemu_get_byte`).
 #[no_mangle]
 pub extern "C" fn qemu_get_be64(f: *mut QemuFile) -> u64 {
     with_dir("qemu_get_be64", f, Direction::Read, 0, |f| f.get_be64())
@@ -146,7 +146,8 @@ pub extern "C" fn qemu_get_buffer(f: *mut QemuFile, buf: *mut u8, size: usize) -
     got
 }
 
-/// 0, or the stream's first error as a negative errno.
+/// 0, or the stream's first error as a negative errno (-EINVAL for a
+/// NULL stream).
 #[no_mangle]
 pub extern "C" fn qemu_file_get_error(f: *mut QemuFile) -> c_int {
     with("qemu_file_get_error", f, -libc::EINVAL, |f| f.error().map_or(0, |e| -e.errno()))
@@ -162,7 +163,7 @@ pub extern "C" fn qemu_file_set_error(f: *mut QemuFile, ret: c_int) {
     })
 }
 
-/// Bytes written or read so far.
+/// Bytes written or read so far (-1 for a NULL stream).
 #[no_mangle]
 pub extern "C" fn qemu_ftell(f: *mut QemuFile) -> i64 {
     with("qemu_ftell", f, -1, |f| f.tell() as i64)
@@ -210,7 +211,8 @@ pub extern "C" fn qemu_fdopen(fd: c_int, mode: *const c_char) -> *mut QemuFile {
 }
 
 /// Flushes and closes a stream from `qemu_fdopen` that was not handed to
-/// livemig; 0 or a negative errno.
+/// livemig, and its descriptor; 0 or a negative errno (-EINVAL for NULL).
+/// The stream is freed either way.
 #[no_mangle]
 pub extern "C" fn qemu_fclose(f: *mut QemuFile) -> c_int {
     guard("qemu_fclose", -libc::EINVAL, || {

@@ -61,7 +61,9 @@ pub extern "C" fn livemig_set_machine_name(name: *const c_char, errp: *mut *mut 
 
 /// Registers `fd` as `name` for a later `fd:NAME` URI; livemig owns the
 /// descriptor from a successful call on (and closes it when used or
-/// removed).
+/// removed). Refused, the descriptor left open and the caller's, for a
+/// NULL, empty or numeric `name`, a name already registered, and a
+/// descriptor that is not open.
 #[no_mangle]
 pub extern "C" fn livemig_fd_add(name: *const c_char, fd: i32, errp: *mut *mut Error) -> bool {
     guard_err("livemig_fd_add", errp, false, || {
@@ -82,7 +84,8 @@ pub extern "C" fn livemig_fd_add(name: *const c_char, fd: i32, errp: *mut *mut E
     })
 }
 
-/// Closes and forgets the fd registered as `name`.
+/// Closes and forgets the fd registered as `name`; false, with an error,
+/// when none is (also once a migration has taken it).
 #[no_mangle]
 pub extern "C" fn livemig_fd_remove(name: *const c_char, errp: *mut *mut Error) -> bool {
     guard_err("livemig_fd_remove", errp, false, || {

@@ -543,13 +543,12 @@ pub extern "C" fn remove_migration_state_change_notifier(notify: *mut Notifier) 
 }
 
 /// Registers a migration blocker: while it is registered `qmp_migrate`
-/// fails with `reason`'s message. The caller keeps `reason` and passes the
-/// same pointer to `migrate_del_blocker`. Refused (-EBUSY) while a
-/// migration runs.
+/// fails with `reason`'s message. The caller keeps `reason` (also when the
+/// call is refused), passes the same pointer to `migrate_del_blocker`,
+/// and frees it after that. Returns 0, or a negative errno with `errp`
+/// set: -EBUSY while a migration runs, -EINVAL for a NULL `reason`.
 #[no_mangle]
 pub extern "C" fn migrate_add_blocker(reason: *mut Error, errp: *mut *mut Error) -> i32 {
-    // The result is 0 or the error's negative errno (-EBUSY while a
-    // migration runs, -EINVAL for a NULL reason).
     guard_err("migrate_add_blocker", errp, -libc::EINVAL, || {
         let msg = Error::message(reason).ok_or_else(|| MigError::new("migrate_add_blocker: reason must not be NULL"))?;
         outgoing::add_blocker(reason as usize, msg).map(|()| 0).or_else(|e| {
@@ -559,7 +558,8 @@ pub extern "C" fn migrate_add_blocker(reason: *mut Error, errp: *mut *mut Error)
     })
 }
 
-/// Removes a blocker registered with `migrate_add_blocker`.
+/// Removes a blocker registered with `migrate_add_blocker` (one not
+/// registered, or NULL, is ignored); `reason` stays the caller's to free.
 #[no_mangle]
 pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
     guard("migrate_del_blocker", (), || outgoing::del_blocker(reason as usize))
