@@ -1271,9 +1271,10 @@ int64_t qmp_query_migrate_cache_size(struct Error **errp);
 struct MigrationCapabilityStatusList *qmp_query_migrate_capabilities(struct Error **errp);
 
 /*
- Applies a list of capability states, all or none. Refused while a
- migration runs, for capabilities livemig does not implement, and for a
- list of more than 4096 nodes.
+ Applies a list of capability states, all or none. Refused while an
+ outgoing migration is in progress (a destination reads none: they may
+ change while an incoming migration runs), for capabilities livemig
+ does not implement, and for a list of more than 4096 nodes.
  */
 void qmp_migrate_set_capabilities(struct MigrationCapabilityStatusList *params, struct Error **errp);
 
@@ -1348,7 +1349,8 @@ void remove_migration_state_change_notifier(struct Notifier *notify);
  fails with `reason`'s message. The caller keeps `reason` (also when the
  call is refused), passes the same pointer to `migrate_del_blocker`,
  and frees it after that. Returns 0, or a negative errno with `errp`
- set: -EBUSY while a migration runs, -EINVAL for a NULL `reason`.
+ set: -EBUSY while an outgoing migration is in progress (as in QEMU
+ 7.2, an incoming one does not refuse it), -EINVAL for a NULL `reason`.
  */
 int32_t migrate_add_blocker(struct Error *reason, struct Error **errp);
 

@@ -192,3 +192,32 @@ fn calls_with_nothing_to_act_on() {
     api::qapi_free_MigrationCapabilityStatusList(std::ptr::null_mut());
     api::qapi_free_MigrationInfo(std::ptr::null_mut());
 }
+
+/// A blocker and the capabilities are refused (-EBUSY, "in progress")
+/// only while an outgoing migration is in progress, as in QEMU 7.2: an
+/// incoming one reads neither, and both may change while it waits.
+#[test]
+fn blockers_and_capabilities_change_while_an_incoming_migration_waits() {
+    use livemig::ffi::types::{MigrationCapabilityStatus, MigrationCapabilityStatusList};
+    use livemig::params::MigrationCapability;
+    use livemig::state::MigrationStatus;
+    let (_g, _ram) = common::host();
+    let mut err: *mut Error = std::ptr::null_mut();
+    common::STATE.store(livemig::host::RunState::Inmigrate as u32, std::sync::atomic::Ordering::SeqCst);
+    api::qemu_start_incoming_migration(c"tcp:127.0.0.1:0".as_ptr(), &mut err);
+    assert_eq!(take_err(&mut err), None);
+    let reason = error_new(c"device being hot-plugged".as_ptr());
+    assert_eq!(api::migrate_add_blocker(reason, &mut err), 0, "{:?}", take_err(&mut err));
+    api::migrate_del_blocker(reason);
+    error_free(reason);
+    for on in [true, false] {
+        let mut cap = MigrationCapabilityStatus { capability: MigrationCapability::Xbzrle, state: on };
+        let mut node = MigrationCapabilityStatusList { next: std::ptr::null_mut(), value: &mut cap };
+        api::qmp_migrate_set_capabilities(&mut node, &mut err);
+        assert_eq!(take_err(&mut err), None);
+        assert_eq!(api::migrate_use_xbzrle(), on);
+    }
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(common::wait_final(true, 10), MigrationStatus::Failed);
+    common::STATE.store(livemig::host::RunState::Running as u32, std::sync::atomic::Ordering::SeqCst);
+}

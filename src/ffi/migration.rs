@@ -259,9 +259,10 @@ pub extern "C" fn qmp_query_migrate_capabilities(errp: *mut *mut Error) -> *mut 
 /// loops back on itself.
 const MAX_CAPABILITY_NODES: usize = 4096;
 
-/// Applies a list of capability states, all or none. Refused while a
-/// migration runs, for capabilities livemig does not implement, and for a
-/// list of more than 4096 nodes.
+/// Applies a list of capability states, all or none. Refused while an
+/// outgoing migration is in progress (a destination reads none: they may
+/// change while an incoming migration runs), for capabilities livemig
+/// does not implement, and for a list of more than 4096 nodes.
 #[no_mangle]
 pub extern "C" fn qmp_migrate_set_capabilities(params: *mut MigrationCapabilityStatusList, errp: *mut *mut Error) {
     guard_err("qmp_migrate_set_capabilities", errp, (), || {
@@ -546,7 +547,8 @@ pub extern "C" fn remove_migration_state_change_notifier(notify: *mut Notifier) 
 /// fails with `reason`'s message. The caller keeps `reason` (also when the
 /// call is refused), passes the same pointer to `migrate_del_blocker`,
 /// and frees it after that. Returns 0, or a negative errno with `errp`
-/// set: -EBUSY while a migration runs, -EINVAL for a NULL `reason`.
+/// set: -EBUSY while an outgoing migration is in progress (as in QEMU
+/// 7.2, an incoming one does not refuse it), -EINVAL for a NULL `reason`.
 #[no_mangle]
 pub extern "C" fn migrate_add_blocker(reason: *mut Error, errp: *mut *mut Error) -> i32 {
     guard_err("migrate_add_blocker", errp, -libc::EINVAL, || {
