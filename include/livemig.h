@@ -22,6 +22,37 @@
  */
 #define LIVEMIG_HOST_OPS_VERSION 1
 
+/*
+ Conventions of every call below (README.md, "The C API in brief", has
+ the whole threading contract).
+
+ Errors: an `Error **errp` may be NULL (the error is then dropped);
+ `*errp` is set only on failure, and only while it is still NULL (the
+ first error is kept); the caller frees it with `error_free`.
+
+ Threads and locks: the host may make every call from any of its
+ threads, with or without its own lock held. None blocks on the
+ network, joins a migration thread or calls a notifier, but for
+ `qemu_start_incoming_migration` and `qmp_migrate_incoming`, which look
+ a `tcp:` host name up on the calling thread (within the io timeout),
+ the `qemu_get_*`/`qemu_put_*`/`qemu_fclose` calls on a stream the host
+ opened, which wait for its channel (within the io timeout), and
+ `remove_migration_state_change_notifier`, which waits for a call of
+ that notifier in progress on another thread. livemig's threads
+ ("livemig-out", "livemig-in") take the host lock for the switchover,
+ for device loads and for every notifier call; notifiers run there, once
+ per transition and in order, and may call the query functions,
+ `qmp_migrate_cancel`, `migrate_fd_error`, and add or remove notifiers.
+ livemig never takes the host lock while it holds a lock of its own.
+ `LivemigHostOps` and `SaveVMHandlers` say which lock each callback
+ runs under.
+
+ Streams: the `QEMUFile *` a handler is given is livemig's, valid for
+ that call only; the handler must not close it. Its errors are sticky:
+ after one, writes do nothing and reads return 0, and
+ `qemu_file_get_error` reports it.
+ */
+
 
 /*
  The VM run state, numbered as QEMU 7.2's QAPI `RunState`.

@@ -221,3 +221,20 @@ fn blockers_and_capabilities_change_while_an_incoming_migration_waits() {
     assert_eq!(common::wait_final(true, 10), MigrationStatus::Failed);
     common::STATE.store(livemig::host::RunState::Running as u32, std::sync::atomic::Ordering::SeqCst);
 }
+
+/// An `errp` that already holds an error keeps it (the first error is
+/// kept); one left NULL by a call that succeeds stays NULL.
+#[test]
+fn errp_keeps_the_first_error_and_is_set_only_on_failure() {
+    let first = error_new(c"first".as_ptr());
+    let mut err: *mut Error = first;
+    assert!(!livemig_fd_remove(c"contract-none".as_ptr(), &mut err));
+    assert_eq!(err, first);
+    assert_eq!(text(err), "first");
+    error_free(err);
+    let mut err: *mut Error = std::ptr::null_mut();
+    assert!(livemig::ffi::host::livemig_set_io_timeout(1000, &mut err));
+    assert!(err.is_null());
+    assert!(!livemig::ffi::host::livemig_set_io_timeout(99, &mut err));
+    assert!(take_err(&mut err).unwrap().contains("out of range"));
+}
