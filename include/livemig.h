@@ -1159,7 +1159,8 @@ struct MigrationState *migrate_get_current(void);
 
 /*
  True while the migration is ACTIVE (as QEMU 7.2: not in setup, nor
- cancelling).
+ cancelling). `s` is `migrate_get_current()` or a notifier's argument;
+ this and the other `migration_*` predicates answer false for NULL.
  */
 bool migration_is_active(struct MigrationState *s);
 

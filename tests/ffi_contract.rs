@@ -182,6 +182,9 @@ fn calls_with_nothing_to_act_on() {
     assert!(!api::migrate_get_current().is_null());
     assert_eq!(api::livemig_migration_status(std::ptr::null()), livemig::state::MigrationStatus::None);
     assert!(!api::livemig_migration_is_incoming(std::ptr::null()));
+    let null = std::ptr::null_mut();
+    assert!(!api::migration_is_active(null) && !api::migration_in_setup(null));
+    assert!(!api::migration_has_finished(null) && !api::migration_has_failed(null));
     // A NULL notifier is ignored; removing one never added is harmless.
     api::add_migration_state_change_notifier(std::ptr::null_mut());
     api::remove_migration_state_change_notifier(std::ptr::null_mut());
@@ -237,4 +240,31 @@ fn errp_keeps_the_first_error_and_is_set_only_on_failure() {
     assert!(err.is_null());
     assert!(!livemig::ffi::host::livemig_set_io_timeout(99, &mut err));
     assert!(take_err(&mut err).unwrap().contains("out of range"));
+}
+
+/// The host table cannot change while a migration of either direction is
+/// in progress (here an incoming one waiting for its source), nor be
+/// registered with a size smaller than this version's; the table in
+/// place stays.
+#[test]
+fn host_ops_are_refused_while_a_migration_is_in_progress() {
+    use livemig::ffi::host::livemig_set_host_ops;
+    use livemig::state::MigrationStatus;
+    let (_g, _ram) = common::host();
+    let mut err: *mut Error = std::ptr::null_mut();
+    let ops = common::host_ops_plain();
+    let small = livemig::ffi::types::LivemigHostOps { size: 8, ..ops };
+    assert!(!livemig_set_host_ops(&small, std::ptr::null_mut(), &mut err));
+    assert!(take_err(&mut err).unwrap().contains("size 8"));
+    assert!(!livemig_set_host_ops(std::ptr::null(), std::ptr::null_mut(), &mut err));
+    assert!(take_err(&mut err).unwrap().contains("must not be NULL"));
+    common::STATE.store(livemig::host::RunState::Inmigrate as u32, std::sync::atomic::Ordering::SeqCst);
+    api::qemu_start_incoming_migration(c"tcp:127.0.0.1:0".as_ptr(), &mut err);
+    assert_eq!(take_err(&mut err), None);
+    assert!(!livemig_set_host_ops(&ops, std::ptr::null_mut(), &mut err));
+    assert!(take_err(&mut err).unwrap().contains("while a migration is in progress"));
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(common::wait_final(true, 10), MigrationStatus::Failed);
+    common::STATE.store(livemig::host::RunState::Running as u32, std::sync::atomic::Ordering::SeqCst);
+    assert!(livemig_set_host_ops(&ops, std::ptr::null_mut(), &mut err), "{:?}", take_err(&mut err));
 }

@@ -28,7 +28,8 @@ fn status_of(s: *const MigrationState) -> Option<MigrationStatus> {
 }
 
 /// True while the migration is ACTIVE (as QEMU 7.2: not in setup, nor
-/// cancelling).
+/// cancelling). `s` is `migrate_get_current()` or a notifier's argument;
+/// this and the other `migration_*` predicates answer false for NULL.
 #[no_mangle]
 pub extern "C" fn migration_is_active(s: *mut MigrationState) -> bool {
     status_of(s) == Some(MigrationStatus::Active)
