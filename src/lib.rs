@@ -9,7 +9,10 @@
 //!
 //! - The host calls the `qmp_*` and `livemig_*` functions from any of its
 //!   threads, with or without its own lock held. None of them blocks on the
-//!   network, joins a running migration thread, or calls a notifier.
+//!   network, joins a running migration thread, or calls a notifier, but
+//!   `qmp_migrate_incoming`, which (as `qemu_start_incoming_migration`)
+//!   looks a `tcp:` host name up on the calling thread, within the io
+//!   timeout.
 //! - "livemig-out" (one per outgoing migration) connects, runs setup and
 //!   iteration without the host lock, and takes the host lock for the
 //!   switchover (VM stopped, END/FULL sections written) and for every
@@ -19,7 +22,7 @@
 //!   straight into registered blocks without it.
 //! - Notifiers run only on these threads, with the host lock held, once per
 //!   state transition and in order. A notifier may call any query function,
-//!   `qmp_migrate_cancel`, and add or remove notifiers.
+//!   `qmp_migrate_cancel`, `migrate_fd_error`, and add or remove notifiers.
 //! - Transitions made by livemig's threads happen under the host lock
 //!   together with their notifiers, so a host that reads the state with
 //!   its lock held never sees a state whose notifiers have not run yet
