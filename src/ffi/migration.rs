@@ -571,7 +571,9 @@ pub extern "C" fn migrate_del_blocker(reason: *mut Error) {
 /// Starts an incoming migration from `uri` (`tcp:HOST:PORT`, port 0 for any
 /// free port, with QEMU's `,to=LAST` for the first free port up to LAST
 /// and `,ipv4`/`,ipv6` for one address family (`qmp_migrate` takes those
-/// two as well), `unix:PATH`, `exec:CMD`, `fd:N`/`fd:NAME`). Listens (or spawns)
+/// two as well; an IPv6 address, `[::]` included, takes IPv4 sources too
+/// unless `,ipv6` is given, as in QEMU, whatever the system's
+/// `bindv6only`), `unix:PATH`, `exec:CMD`, `fd:N`/`fd:NAME`). Listens (or spawns)
 /// and returns; a livemig thread loads the stream, then starts the VM or
 /// sets its run state. Errors in the URI or binding are reported here, and
 /// so is a VM that is running (loading would write under its vCPUs; a VM
