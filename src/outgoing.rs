@@ -791,9 +791,14 @@ fn switchover(
 ) -> Result<()> {
     let lock = host.lock();
     // A cancel made while this thread waited for the lock (the host calls
-    // qmp_migrate_cancel under it) is honoured before the VM stops.
+    // qmp_migrate_cancel under it) is honoured before the VM stops; so is
+    // an error the host reported then (`migrate_fd_error`): no device
+    // completes into a migration that has failed.
     if OUTGOING.status() != S::Active {
         return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+    }
+    if OUT.lock().host_error.is_some() {
+        return Err(MigError::with_errno("migration aborted", libc::ECANCELED));
     }
     host.system_wakeup_request();
     let was = host.runstate()?;

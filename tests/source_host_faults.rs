@@ -1,0 +1,216 @@
+//! The source side when the host misbehaves around the switchover:
+//!
+//! - an error the host reports (`migrate_fd_error`) while the switchover
+//!   waits for the host lock fails the migration before the VM is stopped
+//!   and before any handler's complete runs, as a cancel made then is
+//!   honoured: the VM never stops, and the next migration completes.
+//!
+//! The host here is its own (a lock that counts its waiters, a stop and a
+//! start that count their calls, a device that counts its completes); the
+//! tests run one at a time.
+
+use std::ffi::{c_void, CString};
+use std::os::raw::c_int;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use livemig::error::Result;
+use livemig::ffi::errors::{error_free, error_get_pretty, error_new, Error};
+use livemig::ffi::migration as api;
+use livemig::ffi::types::LivemigHostOps;
+use livemig::host::RunState;
+use livemig::qemu_file::QemuFile;
+use livemig::savevm::{Priority, SaveVmHandler, SectionKind};
+use livemig::state::{MigrationStatus, OUTGOING};
+use parking_lot::lock_api::RawMutex as _;
+
+const RAM_SIZE: usize = 4 << 20;
+const PAGE: usize = 4096;
+const OWNER: usize = 0x5f_a017;
+
+static LOCK: parking_lot::RawMutex = parking_lot::RawMutex::INIT;
+/// Threads waiting in the host's lock.
+static WAITERS: AtomicU32 = AtomicU32::new(0);
+static STATE: AtomicU32 = AtomicU32::new(RunState::Running as u32);
+static STARTS: AtomicU32 = AtomicU32::new(0);
+static STOPS: AtomicU32 = AtomicU32::new(0);
+/// Calls of the "dev" handler's complete.
+static COMPLETES: AtomicU32 = AtomicU32::new(0);
+
+unsafe extern "C" fn lock(_: *mut c_void) {
+    WAITERS.fetch_add(1, Ordering::SeqCst);
+    LOCK.lock();
+    WAITERS.fetch_sub(1, Ordering::SeqCst);
+}
+unsafe extern "C" fn unlock(_: *mut c_void) {
+    // SAFETY: livemig pairs every unlock with its own earlier lock.
+    unsafe { LOCK.unlock() };
+}
+unsafe extern "C" fn stop(_: *mut c_void, st: RunState) -> c_int {
+    STATE.store(st as u32, Ordering::SeqCst);
+    STOPS.fetch_add(1, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn start(_: *mut c_void) -> c_int {
+    STARTS.fetch_add(1, Ordering::SeqCst);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    0
+}
+unsafe extern "C" fn is_running(_: *mut c_void) -> bool {
+    STATE.load(Ordering::SeqCst) == RunState::Running as u32
+}
+unsafe extern "C" fn set(_: *mut c_void, st: RunState) {
+    STATE.store(st as u32, Ordering::SeqCst);
+}
+unsafe extern "C" fn get(_: *mut c_void) -> RunState {
+    state()
+}
+
+fn state() -> RunState {
+    RunState::all()[STATE.load(Ordering::SeqCst) as usize]
+}
+
+/// A live device with a little state, whose completes are counted.
+struct Dev;
+
+impl SaveVmHandler for Dev {
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
+        COMPLETES.fetch_add(1, Ordering::SeqCst);
+        f.put_be32(0xde7);
+        f.check()
+    }
+    fn load(&mut self, f: &mut QemuFile, _v: u32, _k: SectionKind) -> Result<()> {
+        f.check()
+    }
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Sets the host up once (4 MiB of RAM, every page non-zero, a live
+/// device) and returns a guard serialising the tests, with the VM running.
+fn host() -> MutexGuard<'static, ()> {
+    static SETUP: Once = Once::new();
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    SETUP.call_once(|| {
+        let ops = LivemigHostOps {
+            version: 1,
+            size: std::mem::size_of::<LivemigHostOps>() as u32,
+            iothread_lock: Some(lock),
+            iothread_unlock: Some(unlock),
+            vm_stop_force_state: Some(stop),
+            vm_start: Some(start),
+            runstate_is_running: Some(is_running),
+            runstate_set: Some(set),
+            runstate_get: Some(get),
+            system_wakeup_request: None,
+            announce_self: None,
+            dirty_log_start: None,
+            dirty_log_sync: None,
+            dirty_log_stop: None,
+            autostart: true,
+        };
+        livemig::host::set(ops, null_mut()).unwrap();
+        // SAFETY: a fresh private anonymous mapping, never unmapped.
+        let ram = unsafe {
+            let p = libc::mmap(null_mut(), RAM_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            std::slice::from_raw_parts_mut(p.cast::<u8>(), RAM_SIZE)
+        };
+        for (i, page) in ram.chunks_mut(PAGE).enumerate() {
+            page.fill(i as u8 | 1);
+        }
+        livemig::ram::block_add("ram", ram.as_mut_ptr(), RAM_SIZE as u64).unwrap();
+        livemig::savevm::register("dev", 0, 1, Box::new(Dev), OWNER, Priority::Default).unwrap();
+        livemig::transport::set_stall_timeout(10_000).unwrap();
+    });
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    g
+}
+
+/// Waits (bounded) until `f` holds.
+fn wait_until(secs: u64, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits (bounded) for the outgoing migration's final state.
+fn wait_final(secs: u64) -> MigrationStatus {
+    wait_until(secs, "a final state", || {
+        matches!(OUTGOING.status(), MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
+    });
+    OUTGOING.status()
+}
+
+/// Takes `err`'s text and frees it ("" for none).
+fn take_err(err: &mut *mut Error) -> String {
+    if err.is_null() {
+        return String::new();
+    }
+    // SAFETY: a live error from livemig; its text is a C string it owns.
+    let s = unsafe { std::ffi::CStr::from_ptr(error_get_pretty(*err)) }.to_string_lossy().into_owned();
+    error_free(*err);
+    *err = null_mut();
+    s
+}
+
+/// qmp_migrate(uri): its error text ("" for none).
+fn migrate(uri: &str) -> String {
+    let c = CString::new(uri).unwrap();
+    let mut err = null_mut();
+    api::qmp_migrate(c.as_ptr(), false, false, false, false, false, false, &mut err);
+    take_err(&mut err)
+}
+
+/// Takes the host lock once the migration is ACTIVE, and keeps it until
+/// the migration thread waits for it (the switchover is the only place
+/// it takes the lock once ACTIVE); then runs `f` with it held and releases
+/// it. False if the thread never got there.
+fn at_switchover_lock_wait(f: impl FnOnce()) -> bool {
+    wait_until(10, "ACTIVE", || OUTGOING.status() == MigrationStatus::Active);
+    LOCK.lock();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while WAITERS.load(Ordering::SeqCst) == 0 && OUTGOING.status() == MigrationStatus::Active && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let waiting = WAITERS.load(Ordering::SeqCst) > 0;
+    f();
+    // SAFETY: locked above by this thread.
+    unsafe { LOCK.unlock() };
+    waiting
+}
+
+/// `migrate_fd_error` made while the switchover waits for the host lock
+/// (a host reports its errors under its lock) fails the migration with
+/// the host's error before the VM stops and before any handler completes,
+/// as a cancel made then does. It used to stop the VM, run the devices'
+/// completes into the aborted stream, and start the VM again.
+#[test]
+fn migrate_fd_error_while_the_switchover_waits_for_the_host_lock_never_stops_the_vm() {
+    let _g = host();
+    let (stops, starts, completes) = (STOPS.load(Ordering::SeqCst), STARTS.load(Ordering::SeqCst), COMPLETES.load(Ordering::SeqCst));
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let waiting = at_switchover_lock_wait(|| {
+        let e = error_new(c"disk gone".as_ptr());
+        api::migrate_fd_error(api::migrate_get_current(), e);
+        error_free(e);
+    });
+    assert!(waiting, "the migration thread did not reach the switchover ({})", OUTGOING.status().name());
+    assert_eq!(wait_final(30), MigrationStatus::Failed);
+    assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
+    assert_eq!(STOPS.load(Ordering::SeqCst) - stops, 0, "the VM was stopped");
+    assert_eq!(STARTS.load(Ordering::SeqCst) - starts, 0, "the VM was started again");
+    assert_eq!(COMPLETES.load(Ordering::SeqCst) - completes, 0, "a device completed into a failed migration");
+    assert_eq!(state(), RunState::Running);
+    // The next migration completes.
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+    assert_eq!(state(), RunState::Postmigrate);
+}
