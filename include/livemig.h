@@ -1254,7 +1254,9 @@ void migrate_fd_error(struct MigrationState *s, const struct Error *error);
 
 /*
  Requests a cancel: the migration thread stops, cancels the handlers,
- restarts the VM and ends in CANCELLED. No effect when nothing runs or the
+ restarts the VM and ends in CANCELLED (or, when the VM cannot be
+ started again, in FAILED with that reason: CANCELLED means the VM
+ runs here again). No effect when nothing runs or the
  migration already completed, nor once the switchover has sent all but
  the end of the stream: from then on the destination may load it and
  start the VM, so the source must not run it again (the cancel is

@@ -984,7 +984,15 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
         Some(was) if was != RunState::Running && !host.runstate_is_running() => host.runstate_set(was),
         _ => {}
     }
-    let mut msg = host_err.unwrap_or_else(|| err.to_string());
+    let mut msg = match host_err {
+        Some(m) => m,
+        // (The error a cancel leaves is that of whatever it interrupted.)
+        None if cancelled => "migration cancelled".to_string(),
+        None => err.to_string(),
+    };
+    // CANCELLED says the VM runs here again: a cancelled migration whose
+    // VM could not be started again fails instead, with that reason.
+    let fails = !cancelled || restart_failed.is_some();
     if let Some(e) = restart_failed {
         // The VM is left stopped: the host must know it was not restarted.
         msg = format!("{msg}; the VM could not be started again: {e}");
@@ -995,16 +1003,19 @@ fn finish(host: &Host, err: MigError, outcome: Outcome, mut p: Progress) {
         if let Some(start) = o.start {
             o.stats.total_time_ms = start.elapsed().as_millis() as u64;
         }
-        if !cancelled {
+        if fails {
             o.stats.error = Some(msg.clone());
         }
     }
-    if cancelled {
+    if !fails {
         OUTGOING.cas(S::Cancelling, S::Cancelled);
         log::info!("migration cancelled");
         notify(S::Cancelled, false);
     } else if let Some(from) = OUTGOING.cas_any(&[S::Setup, S::Active], S::Failed) {
         log::error!("migration failed (in {}): {msg}", from.name());
+        notify(S::Failed, false);
+    } else if cancelled && OUTGOING.cas(S::Cancelling, S::Failed) {
+        log::error!("migration failed (in cancelling): {msg}");
         notify(S::Failed, false);
     } else if OUTGOING.cas(S::Cancelling, S::Cancelled) {
         notify(S::Cancelled, false);

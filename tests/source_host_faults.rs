@@ -3,7 +3,9 @@
 //! - an error the host reports (`migrate_fd_error`) while the switchover
 //!   waits for the host lock fails the migration before the VM is stopped
 //!   and before any handler's complete runs, as a cancel made then is
-//!   honoured: the VM never stops, and the next migration completes.
+//!   honoured: the VM never stops, and the next migration completes;
+//! - a cancelled migration whose VM cannot be started again ends FAILED
+//!   with that reason (notifiers: cancelling, then failed), not CANCELLED.
 //!
 //! The host here is its own (a lock that counts its waiters, a stop and a
 //! start that count their calls, a device that counts its completes); the
@@ -12,7 +14,7 @@
 use std::ffi::{c_void, CString};
 use std::os::raw::c_int;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,11 @@ static STARTS: AtomicU32 = AtomicU32::new(0);
 static STOPS: AtomicU32 = AtomicU32::new(0);
 /// Calls of the "dev" handler's complete.
 static COMPLETES: AtomicU32 = AtomicU32::new(0);
+/// When set, the "dev" handler's complete cancels the migration (as a
+/// host thread may while the VM is stopped for the switchover).
+static CANCEL_IN_COMPLETE: AtomicBool = AtomicBool::new(false);
+/// The states the notifier was told of, in order.
+static EVENTS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
 unsafe extern "C" fn lock(_: *mut c_void) {
     WAITERS.fetch_add(1, Ordering::SeqCst);
@@ -53,8 +60,13 @@ unsafe extern "C" fn stop(_: *mut c_void, st: RunState) -> c_int {
     STOPS.fetch_add(1, Ordering::SeqCst);
     0
 }
+/// When set, `vm_start` fails with EIO and leaves the VM as it was.
+static START_FAILS: AtomicBool = AtomicBool::new(false);
 unsafe extern "C" fn start(_: *mut c_void) -> c_int {
     STARTS.fetch_add(1, Ordering::SeqCst);
+    if START_FAILS.load(Ordering::SeqCst) {
+        return -libc::EIO;
+    }
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
     0
 }
@@ -81,6 +93,11 @@ impl SaveVmHandler for Dev {
     }
     fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
         COMPLETES.fetch_add(1, Ordering::SeqCst);
+        if CANCEL_IN_COMPLETE.load(Ordering::SeqCst) {
+            let mut err = null_mut();
+            api::qmp_migrate_cancel(&mut err);
+            assert_eq!(take_err(&mut err), "");
+        }
         f.put_be32(0xde7);
         f.check()
     }
@@ -129,7 +146,16 @@ fn host() -> MutexGuard<'static, ()> {
         livemig::transport::set_stall_timeout(10_000).unwrap();
     });
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    START_FAILS.store(false, Ordering::SeqCst);
+    CANCEL_IN_COMPLETE.store(false, Ordering::SeqCst);
     g
+}
+
+/// Records the outgoing states it is told of in EVENTS.
+unsafe extern "C" fn record_state(_n: *mut livemig::ffi::types::Notifier, s: *mut c_void) {
+    if !api::livemig_migration_is_incoming(s.cast()) {
+        EVENTS.lock().unwrap_or_else(|e| e.into_inner()).push(api::livemig_migration_status(s.cast()).name());
+    }
 }
 
 /// Waits (bounded) until `f` holds.
@@ -213,4 +239,47 @@ fn migrate_fd_error_while_the_switchover_waits_for_the_host_lock_never_stops_the
     assert_eq!(migrate("exec:cat > /dev/null"), "");
     assert_eq!(wait_final(30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
     assert_eq!(state(), RunState::Postmigrate);
+}
+
+/// A cancel made while the VM is stopped for the switchover, whose VM
+/// then cannot be started again, ends FAILED with that reason: CANCELLED
+/// says the VM runs here again, and it does not (it is left as the failed
+/// start left it). It used to end CANCELLED, the failed start only logged.
+#[test]
+fn a_cancelled_migration_whose_vm_cannot_be_started_again_fails_with_that_reason() {
+    let _g = host();
+    let mut n = livemig::ffi::types::Notifier { notify: Some(record_state), le_next: null_mut(), le_prev: null_mut() };
+    api::add_migration_state_change_notifier(&mut n);
+    EVENTS.lock().unwrap().clear();
+    CANCEL_IN_COMPLETE.store(true, Ordering::SeqCst);
+    START_FAILS.store(true, Ordering::SeqCst);
+    let starts = STARTS.load(Ordering::SeqCst);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let end = wait_final(30);
+    api::remove_migration_state_change_notifier(&mut n);
+    START_FAILS.store(false, Ordering::SeqCst);
+    CANCEL_IN_COMPLETE.store(false, Ordering::SeqCst);
+    let e = livemig::outgoing::stats().error.unwrap_or_default();
+    assert_eq!(end, MigrationStatus::Failed, "{e}");
+    assert_eq!(e, "migration cancelled; the VM could not be started again: the host failed to start the VM (-5)");
+    assert_eq!(STARTS.load(Ordering::SeqCst) - starts, 1, "one start was tried");
+    assert_eq!(state(), RunState::FinishMigrate, "left as the failed start left it");
+    let events = EVENTS.lock().unwrap().clone();
+    assert_eq!(events, ["setup", "active", "cancelling", "failed"]);
+    // The query shows why.
+    let mut err = null_mut();
+    let info = api::qmp_query_migrate(&mut err);
+    assert_eq!(take_err(&mut err), "");
+    // SAFETY: a live MigrationInfo from livemig; error_desc, when present,
+    // is a C string it owns.
+    let desc = unsafe {
+        assert!((*info).has_error_desc);
+        std::ffi::CStr::from_ptr((*info).error_desc).to_string_lossy().into_owned()
+    };
+    api::qapi_free_MigrationInfo(info);
+    assert_eq!(desc, e);
+    // Once the host has its VM running again, a migration completes.
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
 }

@@ -189,7 +189,9 @@ pub extern "C" fn migrate_fd_error(s: *mut MigrationState, error: *const Error) 
 }
 
 /// Requests a cancel: the migration thread stops, cancels the handlers,
-/// restarts the VM and ends in CANCELLED. No effect when nothing runs or the
+/// restarts the VM and ends in CANCELLED (or, when the VM cannot be
+/// started again, in FAILED with that reason: CANCELLED means the VM
+/// runs here again). No effect when nothing runs or the
 /// migration already completed, nor once the switchover has sent all but
 /// the end of the stream: from then on the destination may load it and
 /// start the VM, so the source must not run it again (the cancel is
