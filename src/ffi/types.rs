@@ -77,9 +77,11 @@ pub struct LivemigHostOps {
     /// the used length of a resizable block) written since the last sync
     /// into `bitmap` (4 KiB pages; bit i of word i/64 = page i, as
     /// KVM_GET_DIRTY_LOG) and clears the host's log; 0 or a negative
-    /// errno. `bitmap` is livemig's and holds pages still to send: OR into
-    /// it, never clear it. Without this callback, only
-    /// `livemig_ram_mark_dirty` marks pages. It may call
+    /// errno. `bitmap` (one word per 64 pages, rounded up) comes zeroed
+    /// and is OR-ed into the pages still to send after the call, so the
+    /// host may as well write its log over it (KVM_GET_DIRTY_LOG straight
+    /// into it); bits past the block's last page are ignored. Without
+    /// this callback, only `livemig_ram_mark_dirty` marks pages. It may call
     /// `livemig_ram_mark_dirty` for any block (a log shared by all blocks):
     /// the marks are taken once every block's log has been synced, also
     /// at the last sync.

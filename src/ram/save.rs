@@ -117,6 +117,12 @@ pub struct Saver {
     /// A sync in `pending` failed: the writes the host's log held may be
     /// lost, so the next iterate or complete fails the migration.
     sync_error: Option<MigError>,
+    /// What the host's dirty-log sync of one block writes into, zeroed
+    /// before each call and then OR-ed into the block's bitmap: a host
+    /// may write its log over the buffer (as `KVM_GET_DIRTY_LOG` does),
+    /// which must not clear pages still to send. As many words as the
+    /// largest block's bitmap (none without a dirty log).
+    log: Vec<u64>,
 }
 
 impl Saver {
@@ -155,6 +161,7 @@ impl Saver {
             None
         };
         let dirty_pages = blocks.iter().map(|b| b.pages() as u64).sum();
+        let log_words = if host.is_some_and(|h| h.has_dirty_log()) { blocks.iter().map(|b| b.bitmap.words().len()).max() } else { None };
         Ok(Saver {
             blocks,
             host,
@@ -174,6 +181,7 @@ impl Saver {
             rounds: 0,
             syncs: 0,
             sync_error: None,
+            log: vec![0; log_words.unwrap_or(0)],
         })
     }
 
@@ -209,9 +217,12 @@ impl Saver {
         let before = self.dirty_pages;
         let started = Instant::now();
         self.syncs += 1;
-        if let Some(h) = &self.host {
+        if let Some(h) = self.host.filter(Host::has_dirty_log) {
             for b in &mut self.blocks {
-                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.length(), b.bitmap.words_mut())?;
+                let log = &mut self.log[..b.bitmap.words().len()];
+                log.fill(0);
+                h.dirty_log_sync(&b.block.idstr, b.block.host_ptr(), b.length(), log)?;
+                b.bitmap.or_words(log);
             }
         }
         for b in &mut self.blocks {

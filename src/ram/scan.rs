@@ -223,6 +223,19 @@ impl DirtyBitmap {
         &mut self.words
     }
 
+    /// ORs `log`, words in this layout (a host's dirty log of the same
+    /// pages), into the bitmap; bits past `pages()` are ignored, as are
+    /// words past the bitmap's.
+    pub fn or_words(&mut self, log: &[u64]) {
+        for (d, s) in self.words.iter_mut().zip(log) {
+            *d |= s;
+        }
+        let mask = self.last_mask();
+        if let Some(last) = self.words.last_mut() {
+            *last &= mask;
+        }
+    }
+
     /// The raw words, read-only.
     pub fn words(&self) -> &[u64] {
         &self.words
@@ -401,5 +414,14 @@ mod tests {
                 assert_eq!(b.find_next(pages - 1), Some(pages - 1));
             }
         }
+    }
+
+    #[test]
+    fn or_words_keeps_what_was_dirty_and_drops_bits_past_the_end() {
+        let mut b = DirtyBitmap::new(70);
+        b.set(3);
+        b.or_words(&[1 << 5, (1 << 5) | (1 << 10) | (1 << 63), 7]);
+        assert_eq!(b.words(), &[(1 << 3) | (1 << 5), 1 << 5]);
+        assert_eq!((b.count(), b.find_next(4), b.find_next(6)), (3, Some(5), Some(69)));
     }
 }
