@@ -437,8 +437,17 @@ fn migrate(host: &Host, mut f: QemuFile, p: &mut Progress, aborter: &Aborter) ->
         // transition of this thread: a host reading the state under its
         // lock never sees ACTIVE before its notifiers ran.
         let _l = host.lock();
-        if !OUTGOING.cas(S::Setup, S::Active) {
-            return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+        {
+            // Under OUT, where the host's error is recorded: one reported
+            // during setup fails the migration from SETUP (no notifier is
+            // told of ACTIVE after it), one reported later from ACTIVE.
+            let o = OUT.lock();
+            if o.host_error.is_some() {
+                return Err(MigError::with_errno("migration aborted", libc::ECANCELED));
+            }
+            if !OUTGOING.cas(S::Setup, S::Active) {
+                return Err(MigError::with_errno("migration cancelled", libc::ECANCELED));
+            }
         }
         notify(S::Active, false);
     }

@@ -4,6 +4,8 @@
 //!   waits for the host lock fails the migration before the VM is stopped
 //!   and before any handler's complete runs, as a cancel made then is
 //!   honoured: the VM never stops, and the next migration completes;
+//! - an error the host reports during setup fails the migration without
+//!   a move to ACTIVE (notifiers: setup, then failed);
 //! - a cancelled migration whose VM cannot be started again ends FAILED
 //!   with that reason (notifiers: cancelling, then failed), not CANCELLED.
 //!
@@ -43,6 +45,9 @@ static COMPLETES: AtomicU32 = AtomicU32::new(0);
 /// When set, the "dev" handler's complete cancels the migration (as a
 /// host thread may while the VM is stopped for the switchover).
 static CANCEL_IN_COMPLETE: AtomicBool = AtomicBool::new(false);
+/// When set, the "dev" handler's setup reports a host error (as a host
+/// thread may while the migration sets up), and succeeds.
+static ERROR_IN_SETUP: AtomicBool = AtomicBool::new(false);
 /// The states the notifier was told of, in order.
 static EVENTS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
@@ -90,6 +95,13 @@ struct Dev;
 impl SaveVmHandler for Dev {
     fn is_live(&self) -> bool {
         true
+    }
+    fn setup(&mut self, f: &mut QemuFile) -> Result<()> {
+        if ERROR_IN_SETUP.load(Ordering::SeqCst) {
+            report_disk_gone();
+        }
+        f.put_be32(1);
+        f.check()
     }
     fn complete(&mut self, f: &mut QemuFile) -> Result<()> {
         COMPLETES.fetch_add(1, Ordering::SeqCst);
@@ -148,7 +160,15 @@ fn host() -> MutexGuard<'static, ()> {
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
     START_FAILS.store(false, Ordering::SeqCst);
     CANCEL_IN_COMPLETE.store(false, Ordering::SeqCst);
+    ERROR_IN_SETUP.store(false, Ordering::SeqCst);
     g
+}
+
+/// `migrate_fd_error` with "disk gone".
+fn report_disk_gone() {
+    let e = error_new(c"disk gone".as_ptr());
+    api::migrate_fd_error(api::migrate_get_current(), e);
+    error_free(e);
 }
 
 /// Records the outgoing states it is told of in EVENTS.
@@ -223,11 +243,7 @@ fn migrate_fd_error_while_the_switchover_waits_for_the_host_lock_never_stops_the
     let _g = host();
     let (stops, starts, completes) = (STOPS.load(Ordering::SeqCst), STARTS.load(Ordering::SeqCst), COMPLETES.load(Ordering::SeqCst));
     assert_eq!(migrate("exec:cat > /dev/null"), "");
-    let waiting = at_switchover_lock_wait(|| {
-        let e = error_new(c"disk gone".as_ptr());
-        api::migrate_fd_error(api::migrate_get_current(), e);
-        error_free(e);
-    });
+    let waiting = at_switchover_lock_wait(report_disk_gone);
     assert!(waiting, "the migration thread did not reach the switchover ({})", OUTGOING.status().name());
     assert_eq!(wait_final(30), MigrationStatus::Failed);
     assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
@@ -280,6 +296,31 @@ fn a_cancelled_migration_whose_vm_cannot_be_started_again_fails_with_that_reason
     assert_eq!(desc, e);
     // Once the host has its VM running again, a migration completes.
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    assert_eq!(wait_final(30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
+}
+
+/// `migrate_fd_error` made while the migration sets up fails it from
+/// SETUP: the notifiers are not told of an ACTIVE after the host reported
+/// the error (a QEMU host's error moves the state to FAILED at once). They
+/// used to see setup, active, failed.
+#[test]
+fn migrate_fd_error_during_setup_fails_without_going_active() {
+    let _g = host();
+    let mut n = livemig::ffi::types::Notifier { notify: Some(record_state), le_next: null_mut(), le_prev: null_mut() };
+    api::add_migration_state_change_notifier(&mut n);
+    EVENTS.lock().unwrap().clear();
+    ERROR_IN_SETUP.store(true, Ordering::SeqCst);
+    let (stops, starts) = (STOPS.load(Ordering::SeqCst), STARTS.load(Ordering::SeqCst));
+    assert_eq!(migrate("exec:cat > /dev/null"), "");
+    let end = wait_final(30);
+    api::remove_migration_state_change_notifier(&mut n);
+    ERROR_IN_SETUP.store(false, Ordering::SeqCst);
+    assert_eq!(end, MigrationStatus::Failed);
+    assert_eq!(livemig::outgoing::stats().error.as_deref(), Some("disk gone"));
+    assert_eq!(*EVENTS.lock().unwrap(), ["setup", "failed"]);
+    assert_eq!((STOPS.load(Ordering::SeqCst) - stops, STARTS.load(Ordering::SeqCst) - starts), (0, 0));
+    assert_eq!(state(), RunState::Running);
     assert_eq!(migrate("exec:cat > /dev/null"), "");
     assert_eq!(wait_final(30), MigrationStatus::Completed, "{:?}", livemig::outgoing::stats().error);
 }
