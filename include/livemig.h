@@ -1580,10 +1580,23 @@ int livemig_register_savevm_live(struct DeviceState *dev, const char *idstr, int
 int register_savevm(struct DeviceState *dev, const char *idstr, int instance_id, int version_id, SaveStateHandler save_state, LoadStateHandler load_state, void *opaque);
 
 /*
- Removes the handlers registered as `idstr` with `opaque`. Do not call
- while a migration that uses them is in progress.
+ Removes the handlers registered as `idstr` with `opaque`. A migration
+ in progress calls them from its own copy of the list until it ends, so
+ what they use must stay valid until then: a host that frees it at once
+ (a device unplugged) calls `livemig_unregister_savevm`, which refuses
+ while a migration is in progress, as QEMU 7.2 refuses `device_del`.
  */
 void unregister_savevm(struct DeviceState *dev, const char *idstr, void *opaque);
+
+/*
+ Removes the handlers registered as `idstr` with `opaque`, or refuses:
+ -EBUSY while a migration (outgoing or incoming) is in progress, since it
+ still calls them; -ENOENT when nothing is registered so; -EINVAL for a
+ NULL `idstr`. Returns 0 on success; `errp` is set on failure. After a
+ success no migration calls the handlers, and the host may free what
+ they use.
+ */
+int livemig_unregister_savevm(const char *idstr, void *opaque, struct Error **errp);
 
 #ifdef __cplusplus
 }  // extern "C"

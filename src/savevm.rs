@@ -243,10 +243,37 @@ pub(crate) fn builtin_owner() -> usize {
 
 /// Removes the handlers registered as `idstr` by `owner`; returns how many.
 pub fn unregister(idstr: &str, owner: usize) -> usize {
+    REGISTRY.lock().remove(idstr, owner)
+}
+
+/// [`unregister`], refused (EBUSY) while a migration is in progress: it
+/// calls the handlers from its own copy of the entries until it ends, so
+/// a host that freed what they use would have them called on freed
+/// memory (QEMU 7.2 refuses `device_del` while migrating, for the same
+/// reason). Checked under the registry's lock, as `register` checks.
+/// Refused too (ENOENT) when nothing is registered as `idstr` with `owner`.
+pub fn unregister_checked(idstr: &str, owner: usize) -> Result<()> {
     let mut r = REGISTRY.lock();
-    let before = r.entries.len();
-    r.entries.retain(|e| !(e.idstr == idstr && e.owner == owner));
-    before - r.entries.len()
+    if crate::state::OUTGOING.status().is_active() || crate::state::INCOMING.status().is_active() {
+        return Err(MigError::with_errno(
+            format!("savevm: '{idstr}' cannot be unregistered while a migration is in progress: the migration still calls its handlers"),
+            libc::EBUSY,
+        ));
+    }
+    match r.remove(idstr, owner) {
+        0 => Err(MigError::with_errno(format!("savevm: '{idstr}' is not registered with this opaque pointer"), libc::ENOENT)),
+        _ => Ok(()),
+    }
+}
+
+impl Registry {
+    /// Removes the entries registered as `idstr` by `owner`; how many.
+    fn remove(&mut self, idstr: &str, owner: usize) -> usize {
+        let r = self;
+        let before = r.entries.len();
+        r.entries.retain(|e| !(e.idstr == idstr && e.owner == owner));
+        before - r.entries.len()
+    }
 }
 
 /// The registered entries in send order (a snapshot for one migration).

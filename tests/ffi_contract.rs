@@ -283,3 +283,39 @@ fn host_ops_are_refused_while_a_migration_is_in_progress() {
     common::STATE.store(livemig::host::RunState::Running as u32, std::sync::atomic::Ordering::SeqCst);
     assert!(livemig_set_host_ops(&ops, std::ptr::null_mut(), &mut err), "{:?}", take_err(&mut err));
 }
+
+unsafe extern "C" fn dev_save(_f: *mut livemig::qemu_file::QemuFile, _opaque: *mut std::ffi::c_void) {}
+unsafe extern "C" fn dev_load(_f: *mut livemig::qemu_file::QemuFile, _opaque: *mut std::ffi::c_void, _v: c_int) -> c_int {
+    0
+}
+
+/// `livemig_unregister_savevm` refuses (-EBUSY) while a migration is in
+/// progress, which would still call the handlers (here an incoming one
+/// waiting for its source); once it has ended the device goes, and a
+/// second call finds nothing (-ENOENT).
+#[test]
+fn a_device_is_not_unregistered_while_a_migration_may_call_it() {
+    use livemig::ffi::savevm::livemig_unregister_savevm;
+    use livemig::state::MigrationStatus;
+    let (_g, _ram) = common::host();
+    let mut err: *mut Error = std::ptr::null_mut();
+    let mut opaque = 7u8;
+    let op: *mut std::ffi::c_void = (&mut opaque as *mut u8).cast();
+    let id = register_savevm(std::ptr::null_mut(), c"contract-unplug".as_ptr(), 0, 1, Some(dev_save), Some(dev_load), op);
+    assert!(id >= 0, "register: {id}");
+    common::STATE.store(livemig::host::RunState::Inmigrate as u32, std::sync::atomic::Ordering::SeqCst);
+    api::qemu_start_incoming_migration(c"tcp:127.0.0.1:0".as_ptr(), &mut err);
+    assert_eq!(take_err(&mut err), None);
+    assert_eq!(livemig_unregister_savevm(c"contract-unplug".as_ptr(), op, &mut err), -libc::EBUSY);
+    assert_eq!(
+        take_err(&mut err).as_deref(),
+        Some("savevm: 'contract-unplug' cannot be unregistered while a migration is in progress: the migration still calls its handlers")
+    );
+    assert!(api::livemig_incoming_cancel());
+    assert_eq!(common::wait_final(true, 10), MigrationStatus::Failed);
+    common::STATE.store(livemig::host::RunState::Running as u32, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(livemig_unregister_savevm(c"contract-unplug".as_ptr(), op, &mut err), 0, "{:?}", take_err(&mut err));
+    assert_eq!(livemig_unregister_savevm(c"contract-unplug".as_ptr(), op, &mut err), -libc::ENOENT);
+    assert_eq!(take_err(&mut err).as_deref(), Some("savevm: 'contract-unplug' is not registered with this opaque pointer"));
+    assert_eq!(livemig_unregister_savevm(std::ptr::null(), op, std::ptr::null_mut()), -libc::EINVAL);
+}

@@ -232,8 +232,11 @@ pub extern "C" fn register_savevm(
     r
 }
 
-/// Removes the handlers registered as `idstr` with `opaque`. Do not call
-/// while a migration that uses them is in progress.
+/// Removes the handlers registered as `idstr` with `opaque`. A migration
+/// in progress calls them from its own copy of the list until it ends, so
+/// what they use must stay valid until then: a host that frees it at once
+/// (a device unplugged) calls `livemig_unregister_savevm`, which refuses
+/// while a migration is in progress, as QEMU 7.2 refuses `device_del`.
 #[no_mangle]
 pub extern "C" fn unregister_savevm(dev: *mut DeviceState, idstr: *const c_char, opaque: *mut c_void) {
     let _ = dev;
@@ -246,4 +249,20 @@ pub extern "C" fn unregister_savevm(dev: *mut DeviceState, idstr: *const c_char,
         Ok(())
     });
     super::errors::log_and_free(err, "unregister_savevm");
+}
+
+/// Removes the handlers registered as `idstr` with `opaque`, or refuses:
+/// -EBUSY while a migration (outgoing or incoming) is in progress, since it
+/// still calls them; -ENOENT when nothing is registered so; -EINVAL for a
+/// NULL `idstr`. Returns 0 on success; `errp` is set on failure. After a
+/// success no migration calls the handlers, and the host may free what
+/// they use.
+#[no_mangle]
+pub extern "C" fn livemig_unregister_savevm(idstr: *const c_char, opaque: *mut c_void, errp: *mut *mut Error) -> c_int {
+    guard_err("livemig_unregister_savevm", errp, -libc::EINVAL, || {
+        let r = cstr(idstr, "idstr")
+            .map_err(|e| MigError::with_errno(e.to_string(), libc::EINVAL))
+            .and_then(|idstr| savevm::unregister_checked(idstr, opaque as usize));
+        id_or_errno(r.map(|()| 0), errp)
+    })
 }
