@@ -260,17 +260,33 @@ fn an_exec_command_inherits_none_of_the_hosts_descriptors() {
     // SAFETY: open(2) of a NUL-terminated path, without O_CLOEXEC.
     let host_fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
     assert!(host_fd > 2);
-    // The descriptors of the one command running (the shell exec'd it).
+    // The descriptors of the one command running (the shell exec'd it),
+    // once they are stdin, stdout and stderr alone, or as they still are
+    // after 10 s: just after the exec, the dynamic loader may hold a
+    // library open for a moment, but an inherited descriptor stays.
     let command_fds = || -> Vec<String> {
         wait_until(10, "the command", || children().len() == 1);
         let pid = &children()[0];
         wait_until(10, "the shell to exec sleep", || {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
         });
-        let mut v: Vec<String> =
-            std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        v.sort();
-        v
+        let list = || {
+            let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let v = list();
+            if v == ["0", "1", "2"] || std::time::Instant::now() >= deadline {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     };
     STATE.store(RunState::Running as u32, Ordering::SeqCst);
     assert_eq!(migrate("exec:exec sleep 30"), "");
