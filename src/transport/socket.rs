@@ -467,17 +467,29 @@ fn remove_stale_socket(path: &str) -> io::Result<()> {
     }
 }
 
-/// Renames `from` to `to` unless `to` exists (then EEXIST).
+/// Renames `from` to `to` unless `to` exists (then EEXIST). Where the
+/// file system has no RENAME_NOREPLACE (EINVAL: NFS, some FUSE ones),
+/// `to` is made a hard link of `from`, which fails the same way when `to`
+/// exists, and `from` removed.
 fn rename_noreplace(from: &str, to: &str) -> io::Result<()> {
     let c = |s: &str| std::ffi::CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
-    let (from, to) = (c(from)?, c(to)?);
+    let (from_c, to_c) = (c(from)?, c(to)?);
     // SAFETY: two NUL-terminated paths, relative to the working directory.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE) };
     if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        return Ok(());
     }
+    match io::Error::last_os_error() {
+        e if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => link_then_unlink(from, to),
+        e => Err(e),
+    }
+}
+
+/// `rename_noreplace` without RENAME_NOREPLACE: a hard link (EEXIST when
+/// `to` exists), then `from` removed.
+fn link_then_unlink(from: &str, to: &str) -> io::Result<()> {
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
 }
 
 /// The size of `sockaddr_un.sun_path`: a path to bind is shorter.
@@ -523,6 +535,23 @@ pub fn listen_unix(path: &str, text: &str, abort: &Aborter) -> Result<SocketList
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where RENAME_NOREPLACE is missing, the socket still moves into
+    /// place without replacing what is there.
+    #[test]
+    fn the_socket_moves_into_place_without_rename_noreplace() {
+        let d = std::env::temp_dir().join(format!("livemig-link-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let (tmp, path) = (d.join("tmp.sock"), d.join("migrate.sock"));
+        let (tmp, path) = (tmp.to_str().unwrap(), path.to_str().unwrap());
+        let _l = std::os::unix::net::UnixListener::bind(tmp).unwrap();
+        link_then_unlink(tmp, path).expect("moved");
+        assert!(std::fs::symlink_metadata(tmp).is_err(), "the temporary name is gone");
+        std::os::unix::net::UnixStream::connect(path).expect("the listener is reached at its path");
+        let _l2 = std::os::unix::net::UnixListener::bind(tmp).unwrap();
+        assert_eq!(link_then_unlink(tmp, path).unwrap_err().kind(), io::ErrorKind::AlreadyExists, "what is there stays");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     fn bind_each(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
         bind_each_with(addrs, &mut |a| TcpListener::bind(a))
