@@ -1213,8 +1213,11 @@ int64_t migrate_xbzrle_cache_size(void);
  once; the connection is made on the migration thread. Refused while a
  migration runs, while a blocker is registered (with its message), while
  the VM waits for an incoming migration (its run state is inmigrate, as
- in QEMU) or is in postmigrate, for a bad URI, and for block migration
- (`blk`/`inc`). With `fd:N` livemig owns
+ in QEMU) or is in postmigrate, for block migration (`blk`/`inc`), and
+ for a URI that cannot be used (one that does not parse, an `fd:NAME`
+ not registered), reported after the others as QEMU 7.2 orders them:
+ then nothing changes (7.2 leaves its state FAILED for a bad URI;
+ livemig keeps the last migration's). With `fd:N` livemig owns
  descriptor N from the call on, and closes it when it refuses; a
  descriptor that is not open is refused at once. A named fd (`fd:NAME`,
  `livemig_fd_add`) is taken by the call once it is accepted, and stays

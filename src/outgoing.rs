@@ -177,6 +177,14 @@ pub enum Target {
 
 /// Starts a migration to `target`. Never blocks on the network.
 pub fn start(target: Target) -> Result<()> {
+    start_checked(Ok(target))
+}
+
+/// [`start`] with a target that could not be made (a URI that cannot be
+/// parsed): as in QEMU 7.2's `qmp_migrate`, a migration in progress, the
+/// run state and a blocker are reported first, then the target's error.
+/// Either way nothing changes.
+pub fn start_checked(target: Result<Target>) -> Result<()> {
     // Asked before OUT is taken: the migration thread takes OUT while it
     // holds the host lock, which a host's run-state callback may want. A
     // migration that ended or started meanwhile makes the answer stale (a
@@ -218,7 +226,7 @@ pub fn start(target: Target) -> Result<()> {
     // blocker or an incoming migration made meanwhile on another thread
     // would be refused. A named fd is taken by the call, as in QEMU.
     let prepared = (|| -> Result<(Target, Aborter)> {
-        let target = match target {
+        let target = match target? {
             Target::Uri(uri @ Uri::FdName(_), text) => Target::File(QemuFile::new(transport::fd_channel(&uri, &text)?, Direction::Write)),
             t => t,
         };
@@ -229,6 +237,9 @@ pub fn start(target: Target) -> Result<()> {
         };
         Ok((target, own.map_or_else(Aborter::new, Ok)?))
     })();
+    // A target that cannot be made is refused like the rest: nothing
+    // changes (QEMU 7.2 also leaves its state FAILED then; livemig keeps
+    // the last migration's state and figures, as for any bad input).
     let (target, aborter) = prepared?;
     if !OUTGOING.cas(prev, S::Setup) {
         return Err(MigError::new(IN_PROGRESS));

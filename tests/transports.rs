@@ -319,3 +319,37 @@ fn a_unix_path_too_long_to_connect_is_reported_as_qemu_reports_it() {
     );
     assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32);
 }
+
+/// A URI that cannot be used is reported after a migration in progress
+/// and a blocker, as QEMU 7.2 orders its refusals, and changes nothing:
+/// the last migration's state stays, the VM runs on.
+#[test]
+fn a_bad_uri_is_reported_after_the_other_refusals_and_changes_nothing() {
+    let (_g, ram) = host();
+    ram.fill_pattern();
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    // A migration in progress is reported first.
+    assert_eq!(migrate("exec:exec sleep 30"), "");
+    assert_eq!(migrate("blah:x"), "There's a migration process in progress");
+    api::qmp_migrate_cancel(null_mut());
+    assert_eq!(wait_final(false, 10), MigrationStatus::Cancelled);
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    // Then a blocker.
+    let reason = CString::new("device 'y' cannot migrate").unwrap();
+    let reason = livemig::ffi::errors::error_new(reason.as_ptr());
+    let mut err = null_mut();
+    assert_eq!(api::migrate_add_blocker(reason, &mut err), 0);
+    assert_eq!(migrate("blah:x"), "device 'y' cannot migrate");
+    assert_eq!(migrate("fd:nope"), "device 'y' cannot migrate");
+    api::migrate_del_blocker(reason);
+    error_free(reason);
+    // Then the URI, in QEMU's words for a name not registered.
+    for (uri, want) in [
+        ("fd:nope", "File descriptor named 'nope' has not been found"),
+        ("tcp:127.0.0.1", "invalid migration uri 'tcp:127.0.0.1': expected tcp:HOST:PORT"),
+    ] {
+        assert_eq!(migrate(uri), want);
+        assert_eq!(query(), (MigrationStatus::Cancelled, None), "{uri}: the last migration's state stays");
+        assert_eq!(STATE.load(Ordering::SeqCst), RunState::Running as u32);
+    }
+}

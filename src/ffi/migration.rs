@@ -99,8 +99,11 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// once; the connection is made on the migration thread. Refused while a
 /// migration runs, while a blocker is registered (with its message), while
 /// the VM waits for an incoming migration (its run state is inmigrate, as
-/// in QEMU) or is in postmigrate, for a bad URI, and for block migration
-/// (`blk`/`inc`). With `fd:N` livemig owns
+/// in QEMU) or is in postmigrate, for block migration (`blk`/`inc`), and
+/// for a URI that cannot be used (one that does not parse, an `fd:NAME`
+/// not registered), reported after the others as QEMU 7.2 orders them:
+/// then nothing changes (7.2 leaves its state FAILED for a bad URI;
+/// livemig keeps the last migration's). With `fd:N` livemig owns
 /// descriptor N from the call on, and closes it when it refuses; a
 /// descriptor that is not open is refused at once. A named fd (`fd:NAME`,
 /// `livemig_fd_add`) is taken by the call once it is accepted, and stays
@@ -129,16 +132,21 @@ pub extern "C" fn qmp_migrate(
     let _ = (has_detach, detach);
     guard_err("qmp_migrate", errp, (), || {
         let uri = cstr(uri, "uri")?;
-        let parsed = Uri::parse(uri)?;
-        // Owned from here on: dropped (closed) if the call is refused.
-        let target = match parsed {
-            Uri::FdNum(_) => outgoing::Target::File(QemuFile::new(crate::transport::fd_channel(&parsed, uri)?, Direction::Write)),
-            _ => outgoing::Target::Uri(parsed, uri.to_string()),
+        // A URI that cannot be parsed is reported after the other
+        // refusals (`start_checked`), as QEMU 7.2 orders them.
+        let target = match Uri::parse(uri) {
+            // Owned from here on: dropped (closed) if the call is refused;
+            // one that is not open is refused at once.
+            Ok(parsed @ Uri::FdNum(_)) => {
+                Ok(outgoing::Target::File(QemuFile::new(crate::transport::fd_channel(&parsed, uri)?, Direction::Write)))
+            }
+            Ok(parsed) => Ok(outgoing::Target::Uri(parsed, uri.to_string())),
+            Err(e) => Err(e),
         };
         if (has_blk && blk) || (has_inc && inc) {
             return Err(MigError::new("block migration is not supported by livemig"));
         }
-        outgoing::start(target)
+        outgoing::start_checked(target)
     })
 }
 

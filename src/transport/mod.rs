@@ -318,7 +318,7 @@ fn take_fd(uri: &Uri) -> Result<OwnedFd> {
             let i = fds
                 .iter()
                 .position(|(n, _)| n == name)
-                .ok_or_else(|| MigError::new(format!("file descriptor named '{name}' has not been found")))?;
+                .ok_or_else(|| MigError::new(format!("File descriptor named '{name}' has not been found")))?;
             Ok(fds.remove(i).1)
         }
         _ => unreachable!("take_fd on a non-fd uri"),
