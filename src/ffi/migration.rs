@@ -111,7 +111,11 @@ pub extern "C" fn migrate_xbzrle_cache_size() -> i64 {
 /// (the call never waits). `exec:CMD` runs `/bin/sh -c CMD` in a process
 /// group of its own: a command killed (on a cancel, or when it outlasts
 /// the io timeout) is killed with every process it started, and it does
-/// not get the terminal's signals (Ctrl-C) meant for the host. It gets
+/// not get the terminal's signals (Ctrl-C) meant for the host. Being in
+/// the background, it cannot read the terminal either: a command that
+/// would prompt (ssh asking for a password) stops, and the migration
+/// fails at the io timeout; give it what it needs without a prompt (ssh
+/// keys, `-o BatchMode=yes`). It gets
 /// stdin, stdout and stderr only (on both sides): none of the host's
 /// other descriptors, also those without FD_CLOEXEC. In a host
 /// that ignores SIGCHLD the command's exit status is lost (the kernel
