@@ -94,11 +94,12 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
                 f.check()?;
                 // Looked up (and shown) as the C string 7.2 reads it into.
                 let idstr = String::from_utf8_lossy(c_str(&idstr)).into_owned();
-                let l = loaded.iter_mut().find(|l| l.entry.idstr == idstr && l.entry.instance_id == instance_id).ok_or_else(|| {
+                let i = loaded.iter().position(|l| l.entry.idstr == idstr && l.entry.instance_id == instance_id).ok_or_else(|| {
                     MigError::new(format!(
                         "Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
                     ))
                 })?;
+                let l = &mut loaded[i];
                 if kind == QEMU_VM_SECTION_START && section_id == 0 {
                     // PART/END are found by id and every entry of a 7.2
                     // destination starts at id 0: such a stream is ambiguous
@@ -111,21 +112,28 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
                 l.load_section_id = Some(section_id);
                 l.load_version_id = version_id;
                 let sk = if kind == QEMU_VM_SECTION_START { SectionKind::Start } else { SectionKind::Full };
-                load_section(f, host, &l.entry, version_id, sk)
+                let device = load_section(f, host, &l.entry, version_id, sk)
                     .map_err(|e| e.context(format!("error while loading state for instance 0x{instance_id:x} of device '{idstr}'")))?;
                 check_footer(f, section_id, &idstr)?;
+                if device {
+                    device_section_loaded(loaded, i);
+                }
             }
             QEMU_VM_SECTION_PART | QEMU_VM_SECTION_END => {
                 let section_id = f.get_be32();
                 f.check()?;
-                let l = loaded
+                let i = loaded
                     .iter()
-                    .find(|l| l.load_section_id == Some(section_id))
+                    .position(|l| l.load_section_id == Some(section_id))
                     .ok_or_else(|| MigError::new(format!("Unknown savevm section {section_id}")))?;
+                let l = &loaded[i];
                 let sk = if kind == QEMU_VM_SECTION_PART { SectionKind::Part } else { SectionKind::End };
-                load_section(f, host, &l.entry, l.load_version_id, sk)
+                let device = load_section(f, host, &l.entry, l.load_version_id, sk)
                     .map_err(|e| e.context(format!("error while loading state section id {section_id}({})", l.entry.idstr)))?;
                 check_footer(f, section_id, &l.entry.idstr.clone())?;
+                if device {
+                    device_section_loaded(loaded, i);
+                }
             }
             QEMU_VM_COMMAND => {
                 if load_command(f, &mut advised)? {
@@ -150,9 +158,12 @@ fn load_sections(f: &mut QemuFile, host: Option<&Host>, loaded: &mut [Loaded]) -
     Ok(())
 }
 
-fn load_section(f: &mut QemuFile, host: Option<&Host>, e: &Entry, version_id: u32, kind: SectionKind) -> Result<()> {
+/// Loads one section's payload into its handler; `Ok(true)` when it was a
+/// device's (loaded with the host lock held).
+fn load_section(f: &mut QemuFile, host: Option<&Host>, e: &Entry, version_id: u32, kind: SectionKind) -> Result<bool> {
     let mut h = e.handler.lock();
-    let r = if h.load_without_host_lock() {
+    let device = !h.load_without_host_lock();
+    let r = if !device {
         h.load(f, version_id, kind)
     } else {
         // Released while the section waits for the source (as QEMU's
@@ -161,7 +172,21 @@ fn load_section(f: &mut QemuFile, host: Option<&Host>, e: &Entry, version_id: u3
         h.load(f, version_id, kind)
     };
     r?;
-    f.check()
+    f.check()?;
+    Ok(device)
+}
+
+/// The section of `loaded[i]`, a device's, was loaded: its load may have
+/// written guest RAM (as a QEMU device's may), so every other handler
+/// forgets what it knew of guest RAM's content. A zero page sent later is
+/// then checked against the page, as QEMU 7.2 checks it, and clears what
+/// the device wrote.
+fn device_section_loaded(loaded: &[Loaded], i: usize) {
+    for (j, l) in loaded.iter().enumerate() {
+        if j != i {
+            l.entry.handler.lock().guest_ram_may_have_changed();
+        }
+    }
 }
 
 fn check_footer(f: &mut QemuFile, section_id: u32, idstr: &str) -> Result<()> {

@@ -124,6 +124,11 @@ pub trait SaveVmHandler: Send {
     fn load_without_host_lock(&self) -> bool {
         false
     }
+    /// Another handler's section was just loaded with the host lock held:
+    /// a device's load, which may have written guest RAM, so what this
+    /// handler learnt about guest RAM's content during the load may no
+    /// longer hold (RAM forgets which pages it knew to read as zero).
+    fn guest_ram_may_have_changed(&mut self) {}
 }
 
 /// A shared handle to a handler.

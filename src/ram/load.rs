@@ -65,6 +65,13 @@ impl Loader {
         Ok(b.page_ptr((addr / PAGE as u64) as usize))
     }
 
+    /// Something other than this loader (a device's load) may have
+    /// written guest RAM: the pages known to read as zero untouched are
+    /// forgotten, and probed again when a zero page needs them.
+    pub fn guest_ram_may_have_changed(&mut self) {
+        self.residency.forget_zero_pages();
+    }
+
     /// Reads one section's records up to EOS.
     pub fn load(&mut self, f: &mut QemuFile, version_id: u32) -> Result<()> {
         if version_id != 4 {

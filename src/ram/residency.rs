@@ -13,9 +13,11 @@
 //!   file or memfd) are left alone. Other memory is checked by reading it,
 //!   as before.
 //!
-//! Contract (the design's, restated): while an incoming migration loads,
-//! nothing but the loader writes guest RAM, so what was learnt about a
-//! chunk stays true until the loader itself writes into it.
+//! Contract (the design's, restated): while an incoming migration loads
+//! RAM, nothing but the loader writes guest RAM, so what was learnt about
+//! a chunk stays true until the loader itself writes into it. A device's
+//! load may write guest RAM (as a QEMU device's may): after each device
+//! section, what was learnt is forgotten ([`Residency::forget_zero_pages`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +89,13 @@ impl Residency {
             let i = page % CHUNK_PAGES;
             bits[i / 64] &= !(1 << (i % 64));
         }
+    }
+
+    /// Forgets which pages were known to read as zero untouched: something
+    /// other than the loader (a device's load) may have written them since.
+    /// They are probed again when a zero page needs them.
+    pub fn forget_zero_pages(&mut self) {
+        self.absent.clear();
     }
 
     /// True when page `page` of `b` is known to read as zero without being

@@ -606,6 +606,10 @@ impl SaveVmHandler for RamSection {
     fn load_without_host_lock(&self) -> bool {
         true
     }
+
+    fn guest_ram_may_have_changed(&mut self) {
+        self.loader.guest_ram_may_have_changed();
+    }
 }
 
 #[cfg(test)]
