@@ -315,6 +315,11 @@ fn run(host: Host, source: Source) {
                     notify(S::Completed, true);
                 }
                 Err(e) => {
+                    // Said in full, and logged as a failed load is: the
+                    // host's own words do not tell that the stream was
+                    // loaded and only the start failed.
+                    let e = e.context("the incoming migration was loaded, but the VM could not be started");
+                    log::error!("{e}");
                     g.error = Some(e.to_string());
                     drop(g);
                     INCOMING.cas(S::Active, S::Failed);
