@@ -595,7 +595,8 @@ typedef struct XBZRLECacheStats {
    */
   int64_t overflow;
   /*
-   Misses / lookups of the last period.
+   Misses / pages sent (zero, normal or encoded) of the last period
+   that sent pages, as QEMU 7.2 counts it.
    */
   double cache_miss_rate;
   /*

@@ -219,7 +219,8 @@ pub struct XBZRLECacheStats {
     pub cache_miss: i64,
     /// Pages whose encoding overflowed (sent in full).
     pub overflow: i64,
-    /// Misses / lookups of the last period.
+    /// Misses / pages sent (zero, normal or encoded) of the last period
+    /// that sent pages, as QEMU 7.2 counts it.
     pub cache_miss_rate: f64,
     /// Raw bytes of the pages found in the cache / encoded bytes, of the
     /// last period (0 when it had none).

@@ -520,7 +520,8 @@ pub struct RamCounters {
     pub xbzrle_overflow: AtomicU64,
     /// Pages re-sent after the first pass.
     pub resent: AtomicU64,
-    /// Cache miss rate of the last period, as f64 bits.
+    /// Cache miss rate of the last period that sent pages (its misses
+    /// over the pages it sent, as QEMU 7.2), as f64 bits.
     pub xbzrle_cache_miss_rate: AtomicU64,
     /// Encoding rate of the last period, as f64 bits.
     pub xbzrle_encoding_rate: AtomicU64,

@@ -80,8 +80,8 @@ struct Xbzrle {
     last_pages: u64,
     last_miss: u64,
     last_bytes: u64,
-    last_lookups: u64,
-    lookups: u64,
+    /// Pages sent (zero, normal or encoded) at the last rate update.
+    last_sent: u64,
 }
 
 impl Drop for Xbzrle {
@@ -128,6 +128,11 @@ pub struct Saver {
 impl Saver {
     /// A saver over `blocks`, using `host`'s dirty log when it has one.
     pub fn new(blocks: Vec<Arc<RamBlock>>, host: Option<Host>) -> Result<Saver> {
+        Self::with_xbzrle(blocks, host, params::get().cap(MigrationCapability::Xbzrle))
+    }
+
+    /// [`new`](Self::new) with XBZRLE on or off whatever the capability.
+    fn with_xbzrle(blocks: Vec<Arc<RamBlock>>, host: Option<Host>, xbzrle: bool) -> Result<Saver> {
         super::begin_final_pass(&blocks);
         let mut base = 0;
         let blocks = blocks
@@ -143,8 +148,7 @@ impl Saver {
                 s
             })
             .collect::<Vec<_>>();
-        let p = params::get();
-        let xbzrle = if p.cap(MigrationCapability::Xbzrle) {
+        let xbzrle = if xbzrle {
             let (cache, token) = super::xbzrle_cache_for_migration()?;
             Some(Xbzrle {
                 cache,
@@ -154,8 +158,7 @@ impl Saver {
                 last_pages: 0,
                 last_miss: 0,
                 last_bytes: 0,
-                last_lookups: 0,
-                lookups: 0,
+                last_sent: 0,
             })
         } else {
             None
@@ -247,22 +250,28 @@ impl Saver {
             self.rate_dirtied = 0;
         }
         if let Some(x) = &mut self.xbzrle {
-            let lookups = x.lookups - x.last_lookups;
-            let miss = c.xbzrle_cache_miss.load(Ordering::Relaxed);
-            let pages = super::xbzrle_hits(c);
-            let bytes = c.xbzrle_bytes.load(Ordering::Relaxed);
-            if lookups > 0 {
-                c.xbzrle_cache_miss_rate.store(((miss - x.last_miss) as f64 / lookups as f64).to_bits(), Ordering::Relaxed);
-                // As QEMU 7.2 (migration_update_rates): 0 for a period
-                // with no page found in the cache or no bytes encoded.
+            // As QEMU 7.2 (migration_update_rates): over the pages sent
+            // since the last update (its target_page_count: zero, normal
+            // and encoded pages; an unchanged page is not sent); a period
+            // that sent none leaves the rates and their bases as they were.
+            let sent = [&c.duplicate, &c.normal, &c.xbzrle_pages].iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>();
+            let page_count = sent - x.last_sent;
+            x.last_sent = sent;
+            if page_count > 0 {
+                let miss = c.xbzrle_cache_miss.load(Ordering::Relaxed);
+                let pages = super::xbzrle_hits(c);
+                let bytes = c.xbzrle_bytes.load(Ordering::Relaxed);
+                c.xbzrle_cache_miss_rate.store(((miss - x.last_miss) as f64 / page_count as f64).to_bits(), Ordering::Relaxed);
+                // 0 for a period with no page found in the cache or no
+                // bytes encoded.
                 let rate = if pages == x.last_pages || bytes == x.last_bytes {
                     0.0
                 } else {
                     ((pages - x.last_pages) * PAGE as u64) as f64 / (bytes - x.last_bytes) as f64
                 };
                 c.xbzrle_encoding_rate.store(rate.to_bits(), Ordering::Relaxed);
+                (x.last_miss, x.last_pages, x.last_bytes) = (miss, pages, bytes);
             }
-            (x.last_lookups, x.last_miss, x.last_pages, x.last_bytes) = (x.lookups, miss, pages, bytes);
         }
         log::debug!("ram: dirty sync {n}: {} dirty pages ({newly} new)", self.dirty_pages);
         c.remaining.store(self.dirty_pages * PAGE as u64, Ordering::Relaxed);
@@ -387,7 +396,6 @@ impl Saver {
         // SAFETY: `ptr` is a page inside a registered block; the copy may
         // race with the guest, which the dirty log makes good.
         unsafe { std::ptr::copy_nonoverlapping(ptr, x.page.as_mut_ptr(), PAGE) };
-        x.lookups += 1;
         if !x.cache.is_cached(addr, generation) {
             c.xbzrle_cache_miss.fetch_add(1, Ordering::Relaxed);
             if !last_stage {
@@ -627,6 +635,10 @@ mod tests {
         p.cast()
     }
 
+    /// The tests here share the RAM counters (a migration's setup zeroes
+    /// them): one at a time.
+    static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
     fn present(p: *mut u8) -> bool {
         let e = super::super::backing::pagemap_entries(p as usize, 1, &mut None).expect("pagemap");
         e[0] & super::super::backing::PM_PRESENT != 0
@@ -637,6 +649,7 @@ mod tests {
     /// walk, in that chunk, goes with its data, not as the zero it was.
     #[test]
     fn a_probe_does_not_outlive_its_sync() {
+        let _g = SERIAL.lock();
         let len = 2 * 512 * PAGE;
         let src = map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
         // SAFETY: pages 0..8 lie inside the mapping.
@@ -690,6 +703,7 @@ mod tests {
     /// destination ends with the source's bytes.
     #[test]
     fn untouched_memory_is_sent_unread() {
+        let _g = SERIAL.lock();
         let len = 4 * 512 * PAGE; // 8 MiB: 4 probe chunks per block
         let dir = std::env::temp_dir().join(format!("livemig-save-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp dir");
@@ -775,5 +789,64 @@ mod tests {
             unsafe { libc::munmap(b.host_ptr().cast(), len) };
         }
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// As QEMU 7.2 (migration_update_rates): the cache miss rate of a
+    /// period is its misses over the pages it sent, zero pages included
+    /// and unchanged (skipped) pages not; a period that sent no page
+    /// leaves the rates as they were.
+    #[test]
+    fn the_cache_miss_rate_is_over_the_pages_sent() {
+        let _g = SERIAL.lock();
+        let len = 8 * PAGE;
+        let src = map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        // Pages 0..4 data, 4..8 zero (touched, so read and found zero).
+        // SAFETY: inside the mapping.
+        unsafe {
+            std::ptr::write_bytes(src, 0x11, 4 * PAGE);
+            std::ptr::write_bytes(src.add(4 * PAGE), 0, 4 * PAGE);
+        }
+        let block = Arc::new(RamBlock::for_test("ram", src, len as u64));
+        let (chan, _out) = MemChannel::sink();
+        let mut f = QemuFile::new(Box::new(chan), Direction::Write);
+        let mut s = Saver::with_xbzrle(vec![block.clone()], None, true).expect("saver");
+        s.setup(&mut f).expect("setup");
+        let rates = || {
+            let c = &*COUNTERS;
+            let ld = |a: &std::sync::atomic::AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+            (ld(&c.xbzrle_cache_miss_rate), ld(&c.xbzrle_encoding_rate))
+        };
+        let pass = |s: &mut Saver, f: &mut QemuFile| while !s.iterate(f).expect("iterate") {};
+        // The first round: no XBZRLE yet.
+        pass(&mut s, &mut f);
+        s.pending(u64::MAX); // syncs
+        assert_eq!(rates(), (0.0, 0.0));
+        // All 8 pages again: the 4 data pages miss the cache, the 4 zero
+        // pages go as zero pages: 4 misses in 8 pages sent.
+        block.marks.lock().set_range(0, 8);
+        s.pending(u64::MAX);
+        pass(&mut s, &mut f);
+        s.pending(u64::MAX);
+        assert_eq!(rates(), (0.5, 0.0), "4 misses over 8 pages sent");
+        // Again, page 0 changed, 1..4 unchanged: 4 hits, 1 page encoded
+        // and 3 skipped; the zero pages sent: no miss in 5 pages sent.
+        block.marks.lock().set_range(0, 8);
+        // SAFETY: inside the mapping.
+        unsafe { *src.add(3) = 0x22 };
+        s.pending(u64::MAX);
+        pass(&mut s, &mut f);
+        s.pending(u64::MAX);
+        let (miss, enc) = rates();
+        assert_eq!(miss, 0.0, "no miss over 5 pages sent");
+        assert!(enc > 100.0, "4 pages for one short encoding: {enc}");
+        // Only unchanged pages: all skipped, nothing sent; the rates stay.
+        block.marks.lock().set_range(1, 3);
+        s.pending(u64::MAX);
+        pass(&mut s, &mut f);
+        s.pending(u64::MAX);
+        assert_eq!(rates(), (miss, enc), "a period that sent nothing");
+        s.cleanup();
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(src.cast(), len) };
     }
 }
