@@ -6,6 +6,7 @@
  *   qemu_peer --migrate URI [--xbzrle] [--speed B/s] [--downtime-ms MS]
  *             [--dirty-pages N] [--dump FILE] [--paused]
  *             [--converge-after-syncs K] [--dirty-log] [--return-path]
+ *             [--cache-size BYTES]
  *   --prefault: touch all RAM before listening (like QEMU's prealloc=on)
  *   common:   [--ram-name NAME] [--ram-size SIZE[K|M|G]] [--ram-file FILE]
  *             [--memfd]
@@ -202,7 +203,7 @@ int main(int argc, char **argv)
 {
     const char *incoming = NULL, *migrate = NULL, *dump = NULL, *ram_file = NULL, *port_file = NULL;
     bool xbzrle = false, paused = false, return_path = false, prefault = false, use_memfd = false;
-    long long speed = -1, downtime_ms = -1, converge_after = 0;
+    long long speed = -1, downtime_ms = -1, converge_after = 0, cache_size = -1;
     Error *err = NULL;
     setvbuf(stdout, NULL, _IONBF, 0);
     for (int i = 1; i < argc; i++) {
@@ -220,6 +221,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--downtime-ms") && v) downtime_ms = atoll(argv[++i]);
         else if (!strcmp(a, "--dirty-pages") && v) dirty_pages = atol(argv[++i]);
         else if (!strcmp(a, "--converge-after-syncs") && v) converge_after = atoll(argv[++i]);
+        else if (!strcmp(a, "--cache-size") && v) cache_size = (long long)parse_size(argv[++i]);
         else if (!strcmp(a, "--dirty-log")) use_dirty_log = true;
         else if (!strcmp(a, "--return-path")) return_path = true;
         else if (!strcmp(a, "--prefault")) prefault = true;
@@ -323,6 +325,10 @@ int main(int argc, char **argv)
         MigrationCapabilityStatusList l2 = { NULL, &caps[1] };
         MigrationCapabilityStatusList l = { &l2, &caps[0] };
         qmp_migrate_set_capabilities(&l, &err);
+        CHECK_OK(err);
+    }
+    if (cache_size >= 0) {
+        qmp_migrate_set_cache_size(cache_size, &err);
         CHECK_OK(err);
     }
     if (speed >= 0) {

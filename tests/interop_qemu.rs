@@ -323,6 +323,39 @@ fn livemig_to_qemu_xbzrle_dirtying() {
     assert!(stat(&out, "dirty-sync-count") >= 3, "{out}");
 }
 
+/// livemig → QEMU with XBZRLE and a cache far smaller than RAM (64 KiB:
+/// 16 slots for 16384 pages) while 2048 pages are dirtied: pages
+/// collide in the cache, most re-sends miss, some are encoded; QEMU
+/// ends with the source's RAM.
+#[test]
+fn livemig_to_qemu_xbzrle_small_cache_dirtying() {
+    let _g = serial();
+    if !qemu_available() {
+        return;
+    }
+    let out = livemig_to_qemu(
+        "to-qemu-xbzrle-small-cache",
+        random(),
+        false,
+        &[
+            "--xbzrle",
+            "--cache-size",
+            "65536",
+            "--dirty-pages",
+            "2048",
+            "--speed",
+            "50000000",
+            "--downtime-ms",
+            "0",
+            "--converge-after-syncs",
+            "8",
+        ],
+    );
+    assert!(out.contains("xbzrle: pages "), "xbzrle stats: {out}");
+    assert!(stat(&out, "cache-miss") > 0, "a 16-page cache missed nothing: {out}");
+    assert!(stat(&out, "dirty-sync-count") >= 3, "{out}");
+}
+
 /// 64 MiB, zero but for 769 patterned pages (1 MiB at 0, 2 MiB at 20 MiB,
 /// the last page).
 fn mostly_zero() -> Vec<u8> {
