@@ -368,4 +368,59 @@ mod tests {
         assert_eq!(f.get_u8(), 0xee, "the section ends at EOS");
         assert!(mem[PAGE..].iter().all(|&b| b == 0x5a), "the page before EOS is loaded");
     }
+
+    /// Hostile XBZRLE records are refused with QEMU 7.2's texts, and
+    /// nothing is written: not the page (a bad record is decoded on a
+    /// copy), not the block's other page, not the memory around the block.
+    /// A record whose header comes before any block, names an unknown
+    /// block, or points past the block is refused before its payload is
+    /// read.
+    #[test]
+    fn hostile_xbzrle_records_write_nothing() {
+        // Guard pages around a 2-page block.
+        let mut mem = vec![0x5au8; 4 * PAGE];
+        let base = mem.as_mut_ptr().wrapping_add(PAGE);
+        let block = Arc::new(RamBlock::for_test("ram", base, 2 * PAGE as u64));
+        let rec = |header: u64, name: &[u8], enc_flag: u8, len: u16, data: &[u8]| {
+            let mut s = header.to_be_bytes().to_vec();
+            if !name.is_empty() {
+                s.push(name.len() as u8);
+                s.extend_from_slice(name);
+            }
+            s.push(enc_flag);
+            s.extend_from_slice(&len.to_be_bytes());
+            s.extend_from_slice(data);
+            s
+        };
+        let fail = |why: &str, at: u64| format!("Failed to load XBZRLE page - {why}: Failed to decompress XBZRLE page at {at:x}");
+        let x = flags::XBZRLE;
+        let mut long_nzrun = vec![0x00, 0x80, 0x20]; // zrun 0, nzrun 4096
+        long_nzrun.extend_from_slice(&[0xee; 4093]); // 3 bytes short
+        for (s, want) in [
+            // zrun 4095 then nzrun 2: past the page.
+            (rec(0x1000 | x, b"ram", 1, 5, &[0xff, 0x1f, 0x02, 0xee, 0xee]), fail("decode error!", 0x1000)),
+            // zrun 4096 then nzrun 1.
+            (rec(0x1000 | x, b"ram", 1, 4, &[0x80, 0x20, 0x01, 0xee]), fail("decode error!", 0x1000)),
+            // A good pair, then an nzrun past the input: the good pair is
+            // not applied either.
+            (rec(x, b"ram", 1, 7, &[0x00, 0x01, 0xee, 0x01, 0x05, 0xee, 0xee]), fail("decode error!", 0)),
+            // An nzrun longer than the data that follows.
+            (rec(x, b"ram", 1, 4096, &long_nzrun), fail("decode error!", 0)),
+            (rec(x, b"ram", 1, 4097, &[0xee; 4097]), fail("len overflow!", 0)),
+            (rec(x, b"ram", 2, 3, &[0x00, 0x01, 0xee]), fail("wrong compression!", 0)),
+            (rec(0x2000 | x, b"ram", 1, 3, &[0x00, 0x01, 0xee]), "Illegal RAM offset 2000".to_string()),
+            (rec(0xffff_ffff_ffff_f000 | x, b"ram", 1, 3, &[0x00, 0x01, 0xee]), "Illegal RAM offset fffffffffffff000".to_string()),
+            (rec(x, b"nosuch", 1, 3, &[0x00, 0x01, 0xee]), "Can't find block nosuch: Illegal RAM offset 0".to_string()),
+            (rec(x | flags::CONTINUE, b"", 1, 3, &[0x00, 0x01, 0xee]), "Ack, bad migration stream! Illegal RAM offset 0".to_string()),
+        ] {
+            let mut f = QemuFile::new(Box::new(MemChannel::source(s.clone())), Direction::Read);
+            let e = Loader::with_blocks(vec![block.clone()]).load(&mut f, 4).expect_err("refused");
+            assert_eq!(e.to_string(), want, "{:02x?}", &s[..s.len().min(24)]);
+        }
+        assert!(mem.iter().all(|&b| b == 0x5a), "nothing written");
+        // The same page with a good record: only its byte changes.
+        load_payload(block, rec(0x1000 | x, b"ram", 1, 4, &[0xff, 0x1f, 0x01, 0xee]));
+        let changed: Vec<usize> = mem.iter().enumerate().filter(|&(_, &b)| b != 0x5a).map(|(i, _)| i).collect();
+        assert_eq!(changed, [2 * PAGE + 4095]);
+    }
 }
