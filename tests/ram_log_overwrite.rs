@@ -9,10 +9,9 @@ mod common;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
-use livemig::host::RunState;
-use livemig::outgoing::{self, Target};
+use livemig::outgoing;
 use livemig::state::MigrationStatus;
-use livemig::transport::Uri;
+
 use parking_lot::lock_api::RawMutex as _;
 
 const PAGE: usize = 4096;
@@ -58,48 +57,25 @@ unsafe extern "C" fn log_sync(_: *mut c_void, _idstr: *const c_char, _host: *mut
     0
 }
 
-fn map() -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping, unmapped by the test.
-    let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), PAGES * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
-}
-
 #[test]
 fn a_dirty_log_written_over_the_bitmap_loses_no_page() {
     let ops = livemig::ffi::types::LivemigHostOps { dirty_log_sync: Some(log_sync), ..common::host_ops(lock, unlock) };
     livemig::host::set(ops, std::ptr::null_mut()).unwrap();
-    let src = map();
+    let src = common::map_pages(PAGES);
     for i in 0..PAGES {
         // SAFETY: page i lies inside the mapping.
         unsafe { std::ptr::write_bytes(src.add(i * PAGE), (i as u8) | 1, PAGE) };
     }
     SRC.store(src as u64, SeqCst);
-    livemig::ram::block_add("ram", src, (PAGES * PAGE) as u64).unwrap();
     let dir = common::tmpdir("ram-log-overwrite");
     let path = dir.join("s.bin");
-    let uri = format!("exec:cat > {}", path.display());
-    common::STATE.store(RunState::Running as u32, SeqCst);
-    outgoing::start(Target::Uri(Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
-    let st = common::wait_final(false, 30);
-    livemig::ram::block_remove("ram").unwrap();
+    let st = common::migrate_block_to_file(src, PAGES, &path);
     assert_eq!(st, MigrationStatus::Completed, "{:?}", outgoing::stats().error);
     assert!(SYNCS.load(SeqCst) >= 2, "the guest's write was logged");
     // The destination has every page, the one written too.
-    let dst = map();
-    livemig::ram::block_add("ram", dst, (PAGES * PAGE) as u64).unwrap();
-    common::STATE.store(RunState::Prelaunch as u32, SeqCst);
-    livemig::incoming::start_uri(&format!("exec:cat {}", path.display())).unwrap();
-    let ist = common::wait_final(true, 30);
-    livemig::ram::block_remove("ram").unwrap();
-    assert_eq!(ist, MigrationStatus::Completed, "{:?}", livemig::incoming::error());
-    // SAFETY: both mappings are PAGES pages; nothing writes them now.
-    let (a, b) = unsafe { (std::slice::from_raw_parts(src, PAGES * PAGE), std::slice::from_raw_parts(dst, PAGES * PAGE)) };
-    let diff = (0..PAGES).find(|&p| a[p * PAGE..(p + 1) * PAGE] != b[p * PAGE..(p + 1) * PAGE]);
-    assert_eq!(diff, None, "first page that differs on the destination");
-    assert_eq!(b[WRITTEN * PAGE], 0xee);
+    let dst = common::load_block_equal_to(&path, src, PAGES);
+    // SAFETY: page WRITTEN lies inside the destination mapping.
+    assert_eq!(unsafe { *dst.add(WRITTEN * PAGE) }, 0xee);
     // SAFETY: the mappings made above, no longer used.
     unsafe {
         libc::munmap(src.cast(), PAGES * PAGE);

@@ -296,3 +296,45 @@ pub fn migrate(uri: &str) -> String {
     livemig::ffi::errors::error_free(err);
     s
 }
+
+/// A private anonymous mapping of `pages` pages, to register as guest RAM
+/// (the caller unmaps it).
+pub fn map_pages(pages: usize) -> *mut u8 {
+    // SAFETY: a fresh private anonymous mapping, owned by the caller.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), pages * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p.cast()
+}
+
+/// Migrates `src` (`pages` pages, registered as block "ram" for the
+/// migration) into the file `path` over `exec:`, the VM running, with the
+/// host table already registered; the final state.
+pub fn migrate_block_to_file(src: *mut u8, pages: usize, path: &std::path::Path) -> MigrationStatus {
+    livemig::ram::block_add("ram", src, (pages * PAGE) as u64).unwrap();
+    let uri = format!("exec:cat > {}", path.display());
+    STATE.store(RunState::Running as u32, Ordering::SeqCst);
+    livemig::outgoing::start(livemig::outgoing::Target::Uri(livemig::transport::Uri::parse(&uri).unwrap(), uri.clone())).unwrap();
+    let st = wait_final(false, 30);
+    livemig::ram::block_remove("ram").unwrap();
+    st
+}
+
+/// Loads the stream in `path` into a fresh block "ram" of `pages` pages
+/// and returns it (the caller unmaps it), after checking that the load
+/// completed and that every page equals `src`'s.
+pub fn load_block_equal_to(path: &std::path::Path, src: *const u8, pages: usize) -> *mut u8 {
+    let dst = map_pages(pages);
+    livemig::ram::block_add("ram", dst, (pages * PAGE) as u64).unwrap();
+    STATE.store(RunState::Prelaunch as u32, Ordering::SeqCst);
+    livemig::incoming::start_uri(&format!("exec:cat {}", path.display())).unwrap();
+    let st = wait_final(true, 30);
+    livemig::ram::block_remove("ram").unwrap();
+    assert_eq!(st, MigrationStatus::Completed, "{:?}", livemig::incoming::error());
+    // SAFETY: both mappings are `pages` pages; nothing writes them now.
+    let (a, b) = unsafe { (std::slice::from_raw_parts(src, pages * PAGE), std::slice::from_raw_parts(dst, pages * PAGE)) };
+    let diff = (0..pages).find(|&p| a[p * PAGE..(p + 1) * PAGE] != b[p * PAGE..(p + 1) * PAGE]);
+    assert_eq!(diff, None, "first page that differs on the destination");
+    dst
+}
